@@ -1,0 +1,228 @@
+"""Find checkpoints (local directory or Hugging Face hub name) and load them strictly.
+
+A name that is not a local path is resolved through ``huggingface_hub``: its cache
+(``HF_HOME`` / ``HF_HUB_CACHE``) and offline switch (``HF_HUB_OFFLINE=1``) are honoured.
+Checkpoints use the transformers layout: ``config.json`` plus ``model.safetensors`` or
+``pytorch_model.bin`` (or their sharded ``*.index.json`` forms).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .models import CausalLM, build_model, config_from_json_file
+from .models.base import CONFIG_NAME
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+# Hub names that were renamed: the old name redirects online, but a cache made under one
+# name is not found under the other, so offline we try both.
+HUB_ALIASES = {
+    "openai-gpt": "openai-community/openai-gpt",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+_REVERSE_ALIASES = {v: k for k, v in HUB_ALIASES.items()}
+
+# Non-parameter buffers that older checkpoints carry: GPT-1/GPT-2 causal-mask ``attn.bias``
+# (not to be confused with ``attn.c_attn.bias``) and GPT-2's ``attn.masked_bias``.
+_LEGACY_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$|^position_ids$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found or does not match the model."""
+
+
+# -- resolution -------------------------------------------------------------------------------
+def hub_candidates(name: str) -> list[str]:
+    names = [name]
+    for alias in (HUB_ALIASES.get(name), _REVERSE_ALIASES.get(name)):
+        if alias and alias not in names:
+            names.append(alias)
+    return names
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def weights_present(directory: Path) -> bool:
+    return any((directory / f).exists() for f in WEIGHT_FILES)
+
+
+def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tuple[str, ...] = ()) -> Path:
+    """A local directory holding the files of ``name_or_path``.
+
+    A local directory is returned as it is. Otherwise ``name_or_path`` is a hub repo id
+    and the files in ``want`` that exist are fetched (or found in the cache) with
+    ``huggingface_hub``; ``required`` files must be among them.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{name}: not a directory (expected a checkpoint directory or a hub name)")
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as err:  # pragma: no cover - huggingface_hub comes with datasets
+        raise CheckpointError(f"{name}: not a local directory and huggingface_hub is not installed") from err
+
+    # After one failed network attempt (which costs huggingface_hub's retries) look only in the cache.
+    cache_only = _offline()
+    problems = []
+    for repo_id in hub_candidates(name):
+        snapshot: Path | None = None
+        for filename in want:
+            if snapshot is not None and filename in WEIGHT_FILES and weights_present(snapshot):
+                continue  # safetensors found: do not fetch the .bin as well
+            try:
+                snapshot = Path(hf_hub_download(repo_id, filename, local_files_only=cache_only)).parent
+            except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError) as err:
+                problems.append(f"{repo_id}/{filename}: {type(err).__name__}")
+                if isinstance(err, LocalEntryNotFoundError) and not cache_only:
+                    cache_only = True  # the hub did not answer and the cache does not have it
+                if isinstance(err, RepositoryNotFoundError) or filename in required:
+                    break
+            except Exception as err:  # gated repo, HTTP errors...
+                problems.append(f"{repo_id}/{filename}: {type(err).__name__}: {str(err).splitlines()[0]}")
+                break
+        if snapshot is not None and all((snapshot / f).exists() for f in required):
+            return snapshot
+    offline = _offline()
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    raise CheckpointError(
+        f"could not find {name!r} locally or on the Hugging Face hub "
+        f"({'HF_HUB_OFFLINE is set' if offline else 'no network or no such repo'}; cache: {cache}).\n"
+        f"Point at a local directory in the transformers layout instead "
+        f"(config.json + model.safetensors or pytorch_model.bin), or fill the cache where a network exists "
+        f"(`huggingface-cli download {hub_candidates(name)[-1]}`).\nTried: " + "; ".join(problems[:8]))
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    return resolve(name_or_path, want=(CONFIG_NAME,) + WEIGHT_FILES, required=(CONFIG_NAME,))
+
+
+# -- reading weights ------------------------------------------------------------------------------
+def _read_one(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(f"weights file missing: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except CheckpointError:
+        raise
+    except Exception as err:
+        hint = ""
+        if path.suffix != ".safetensors" and "weights_only" in str(err):
+            hint = " (the file holds pickled objects other than tensors; refusing to unpickle code)"
+        raise CheckpointError(f"cannot read weights file {path}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}{hint}") from err
+
+
+def weights_files(directory: Path) -> list[Path]:
+    """The weight file(s) of a checkpoint directory, safetensors preferred."""
+    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
+        if (directory / single).exists():
+            return [directory / single]
+        if (directory / index).exists():
+            try:
+                weight_map = json.loads((directory / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{directory / index}: not a valid shard index ({err})") from None
+            return [directory / shard for shard in sorted(set(weight_map.values()))]
+    raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def read_state_dict(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of a checkpoint directory, and for each key the file it came from."""
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for file in weights_files(directory):
+        part = _read_one(file)
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise CheckpointError(f"{file}: expected a mapping of names to tensors")
+        for key, value in part.items():
+            tensors[key] = value
+            origin[key] = file
+    return tensors, origin
+
+
+def normalize_keys(model: CausalLM, tensors: dict[str, torch.Tensor], origin: dict[str, Path]):
+    """Map checkpoint keys onto the model's: add the ``transformer.`` prefix where the file
+    was saved from the base model, drop legacy mask buffers, and drop ``lm_head.weight`` when
+    the head is tied (it is the token embedding)."""
+    out: dict[str, torch.Tensor] = {}
+    out_origin: dict[str, Path] = {}
+    tied = model.lm_head is None
+    for key, value in tensors.items():
+        bare = key[len("transformer."):] if key.startswith("transformer.") else key
+        if _LEGACY_BUFFER.match(bare):
+            continue
+        if key == "lm_head.weight":
+            if tied:
+                continue
+            new_key = key
+        else:
+            new_key = "transformer." + bare
+        out[new_key] = value
+        out_origin[new_key] = origin[key]
+    return out, out_origin
+
+
+def load_weights(model: CausalLM, directory: Path) -> None:
+    """Copy a checkpoint into ``model``: every key must exist on both sides with the same shape."""
+    tensors, origin = read_state_dict(directory)
+    tensors, origin = normalize_keys(model, tensors, origin)
+    expected = model.state_dict()
+    files = sorted({str(p) for p in origin.values()}) or [str(directory)]
+    problems = []
+    for key in expected.keys() - tensors.keys():
+        problems.append(f"missing key {key} (expected shape {tuple(expected[key].shape)}) in {', '.join(files)}")
+    for key in tensors.keys() - expected.keys():
+        problems.append(f"unexpected key {key} (shape {tuple(tensors[key].shape)}) in {origin[key]}")
+    for key in tensors.keys() & expected.keys():
+        if tensors[key].shape != expected[key].shape:
+            problems.append(f"shape mismatch for {key}: checkpoint {tuple(tensors[key].shape)} in {origin[key]}, "
+                            f"model expects {tuple(expected[key].shape)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} does not match the model config:\n  "
+                              + "\n  ".join(sorted(problems)))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True, assign=True)
+
+
+def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None, **config_overrides) -> CausalLM:
+    """Load a GPT-1 or GPT-2 checkpoint (local directory or hub name) in eval mode.
+
+    ``config_overrides`` replace config.json fields (e.g. ``resid_pdrop=0.0``).
+    """
+    directory = resolve_checkpoint(name_or_path)
+    config = config_from_json_file(directory / CONFIG_NAME)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    with torch.device("meta"):
+        model = build_model(config)
+    load_weights(model, directory)
+    model.eval()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    return model

@@ -1,0 +1,136 @@
+"""What GPT-1 and GPT-2 share as causal language models: the forward contract
+(logits, or summed loss + target count), the tied head, init, resize and save.
+
+Each architecture subclasses ``CausalLM`` and supplies ``self.transformer`` (a module
+whose ``forward(input_ids, position_ids, attn_bias)`` returns hidden states) and the name
+of its token embedding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import _JsonConfig
+from .layers import Conv1D, LossOutput, attention_bias, is_right_padded, lm_loss_sum
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class CausalLM(nn.Module):
+    config_class: type[_JsonConfig]
+    token_embedding_name: str  # attribute of self.transformer holding the token embedding
+    scaled_init_suffixes: tuple[str, ...] = ()  # weights GPT-2 inits with std / sqrt(2 n_layer)
+
+    def __init__(self, config: _JsonConfig):
+        super().__init__()
+        self.config = config
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    # -- the forward contract ---------------------------------------------------------------
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return getattr(self.transformer, self.token_embedding_name)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor | LossOutput:
+        """Without ``labels``: logits [B, T, vocab] at every position.
+
+        With ``labels`` (aligned with ``input_ids``, -100 = ignore; the shift happens here):
+        ``LossOutput(loss_sum, n_loss_targets)``, the summed next-token cross-entropy.
+
+        ``position_ids`` default to 0..T-1 (padding is on the right). ``document_ids`` [B, T]
+        confine attention to tokens of the same packed example.
+        """
+        batch, time = input_ids.shape
+        if time > self.config.n_positions:
+            raise ValueError(f"sequence length {time} exceeds n_positions={self.config.n_positions}")
+        # A key-padding mask only changes what we return when a real token could see a pad
+        # (left padding) or when logits at pad positions are returned.
+        if attention_mask is not None:
+            if labels is None:
+                needs_mask = not bool(attention_mask.all())
+            else:
+                needs_mask = not is_right_padded(attention_mask)
+            if not needs_mask:
+                attention_mask = None
+        bias = attention_bias(attention_mask, document_ids, time, input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(time, device=input_ids.device)[None, :]
+        hidden = self.transformer(input_ids, position_ids, bias)
+        if labels is None:
+            return F.linear(hidden, self.lm_head_weight)
+        return lm_loss_sum(hidden, self.lm_head_weight, labels)
+
+    # -- parameters -------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Distinct parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """transformers' random init: N(0, initializer_range) for embeddings and projections,
+        zero biases, LayerNorm 1/0; GPT-2 scales its residual projections by 1/sqrt(2 n_layer)."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, (Conv1D, nn.Linear)):
+                scale = std
+                if name.endswith(self.scaled_init_suffixes):
+                    scale = std / (2 * self.config.n_layer) ** 0.5
+                module.weight.normal_(0.0, scale, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_vocab_size: int) -> None:
+        """Grow (or shrink) the token embedding; new rows start at the mean of the old rows.
+        The head stays tied (it reads the embedding's weight)."""
+        old = self.token_embedding
+        old_size, width = old.weight.shape
+        if new_vocab_size == old_size:
+            return
+        if new_vocab_size <= 0:
+            raise ValueError(f"new vocabulary size must be positive, got {new_vocab_size}")
+        new = nn.Embedding(new_vocab_size, width, device=old.weight.device, dtype=old.weight.dtype)
+        keep = min(old_size, new_vocab_size)
+        new.weight[:keep] = old.weight[:keep]
+        if new_vocab_size > old_size:
+            new.weight[old_size:] = old.weight.float().mean(dim=0).to(old.weight.dtype)
+        setattr(self.transformer, self.token_embedding_name, new)
+        if self.lm_head is not None:
+            head = nn.Linear(width, new_vocab_size, bias=False, device=new.weight.device, dtype=new.weight.dtype)
+            head.weight[:keep] = self.lm_head.weight[:keep]
+            if new_vocab_size > old_size:
+                head.weight[old_size:] = self.lm_head.weight.float().mean(dim=0).to(head.weight.dtype)
+            self.lm_head = head
+        self.config.vocab_size = new_vocab_size
+
+    # -- saving ---------------------------------------------------------------------------------
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict under transformers' key names (``transformer.`` prefix, no tied head)."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` in the transformers layout."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_json(directory / CONFIG_NAME)
+        save_file(self.checkpoint_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        return directory

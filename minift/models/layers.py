@@ -1,0 +1,157 @@
+"""Layers shared by GPT-1 and GPT-2: Conv1D-layout projections, SDPA attention, the MLP,
+the attention-mask builder and the label-only language-model loss.
+
+Parameter names match transformers (``c_attn``, ``c_proj``, ``c_fc``) so a state dict
+maps onto the checkpoint key for key.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``gelu_new``: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return F.gelu(x, approximate="tanh")
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+# Names used by openai-gpt's ``afn`` and gpt2's ``activation_function``, as transformers maps them.
+ACTIVATIONS = {
+    "gelu": F.gelu,  # GPT-2's "gelu" is the exact erf GELU; GPT-1 remaps "gelu" below
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def activation_fn(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D: ``y = x @ W + b`` with W stored [in_features, out_features]."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_shape = x.shape[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(out_shape)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, attn_pdrop: float, resid_pdrop: float,
+                 scale: float | None = None):
+        super().__init__()
+        self.n_head = n_head
+        self.head_dim = n_embd // n_head
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
+        self.attn_pdrop = attn_pdrop
+        self.c_attn = Conv1D(n_embd, 3 * n_embd)
+        self.c_proj = Conv1D(n_embd, n_embd)
+        self.resid_dropout = nn.Dropout(resid_pdrop)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        """``attn_bias`` None means plain causal attention; otherwise an additive
+        [B, 1, T, T] bias that already contains the causal part (see ``attention_bias``)."""
+        batch, time, channels = x.shape
+        q, k, v = self.c_attn(x).split(channels, dim=2)
+        q, k, v = (t.view(batch, time, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if attn_bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype),
+                                               dropout_p=dropout_p, scale=self.scale)
+        y = y.transpose(1, 2).reshape(batch, time, channels)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, n_inner: int, activation: str, resid_pdrop: float):
+        super().__init__()
+        self.c_fc = Conv1D(n_embd, n_inner)
+        self.c_proj = Conv1D(n_inner, n_embd)
+        self.act = activation_fn(activation)
+        self.dropout = nn.Dropout(resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones followed by zeros: real tokens never see a pad."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def attention_bias(attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
+                   time: int, device: torch.device) -> torch.Tensor | None:
+    """Additive attention bias [B, 1, T, T]: 0 where query i may see key j, float32 min elsewhere.
+
+    Key j is visible to query i iff j <= i, ``attention_mask[j] == 1`` and (when packing)
+    ``document_ids[i] == document_ids[j]``. Returns None when only the causal part remains,
+    so SDPA can take its fast ``is_causal`` path.
+    """
+    if attention_mask is None and document_ids is None:
+        return None
+    visible = torch.ones(time, time, dtype=torch.bool, device=device).tril()[None, None]
+    if attention_mask is not None:
+        visible = visible & attention_mask.bool()[:, None, None, :]
+    if document_ids is not None:
+        visible = visible & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=device)
+    return bias.masked_fill_(~visible, torch.finfo(torch.float32).min)
+
+
+class LossOutput(NamedTuple):
+    """Summed next-token cross-entropy and the number of targets it sums over.
+
+    The loop divides by the total ``n_loss_targets`` of the whole accumulation window, so
+    K micro-batches equal one big batch whatever their lengths."""
+
+    loss_sum: torch.Tensor
+    n_loss_targets: int
+
+
+def lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                chunk_rows: int = 8192) -> LossOutput:
+    """Next-token CE summed over positions whose shifted label is not -100.
+
+    Only those rows go through the LM head: pads, the last position and ignored prompt
+    tokens never produce logits, and the rows are processed ``chunk_rows`` at a time so
+    the [tokens x vocab] logits are never materialized in one piece.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows = hidden[:, :-1][keep]
+    target_ids = targets[keep]
+    n_targets = int(target_ids.shape[0])
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n_targets, chunk_rows):
+        logits = F.linear(rows[start:start + chunk_rows], head_weight)
+        loss_sum = loss_sum + F.cross_entropy(logits.float(), target_ids[start:start + chunk_rows],
+                                              reduction="sum")
+    if n_targets == 0:
+        # keep the graph connected so backward() works on a batch with nothing to predict
+        loss_sum = loss_sum + 0.0 * hidden.sum()
+    return LossOutput(loss_sum, n_targets)

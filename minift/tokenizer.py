@@ -1,0 +1,196 @@
+"""The openai-gpt and GPT-2 BPE tokenizers, built with the ``tokenizers`` library.
+
+From ``tokenizer.json`` when a directory has one; otherwise from ``vocab.json`` +
+``merges.txt`` with the same pipeline transformers' fast tokenizers use:
+
+* openai-gpt: BertNormalizer(lowercase, strip accents) → BertPreTokenizer →
+  BPE(unk ``<unk>``, end-of-word suffix ``</w>``) → BPEDecoder(``</w>``);
+* gpt2: ByteLevel pre-tokenizer (no prefix space) → byte-level BPE → ByteLevel decoder,
+  with ``<|endoftext|>`` as a special token.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, normalizers, pre_tokenizers
+
+from .hub import TOKENIZER_FILES, resolve
+
+PAD_TOKEN = "[PAD]"
+GPT2_EOS = "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """A thin, explicit wrapper: ``encode`` adds no special tokens and never truncates."""
+
+    def __init__(self, backend: BackendTokenizer, pad_token: str | None = None, eos_token: str | None = None,
+                 source: str = "tokenizer"):
+        self.backend = backend
+        self.source = source
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.pad_token = pad_token if pad_token is not None and backend.token_to_id(pad_token) is not None else None
+        self.eos_token = eos_token if eos_token is not None and backend.token_to_id(eos_token) is not None else None
+
+    # -- ids --------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (what the model's embedding must hold)."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int | None:
+        return None if self.pad_token is None else self.backend.token_to_id(self.pad_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
+
+    # -- special tokens --------------------------------------------------------------------------
+    def add_pad_token(self, token: str = PAD_TOKEN) -> int:
+        """Add ``token`` as a special padding token (id = current vocab size) and return its id.
+        Call ``resize_model_embeddings`` afterwards so the model has a row for it."""
+        if self.backend.token_to_id(token) is None:
+            self.backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        self.pad_token = token
+        return self.backend.token_to_id(token)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {"pad_token": self.pad_token, "eos_token": self.eos_token}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return directory
+
+
+def resize_model_embeddings(model, tokenizer: Tokenizer) -> None:
+    """Make the model's vocabulary match the tokenizer (new rows = mean of the old rows, head tied)."""
+    model.resize_token_embeddings(tokenizer.vocab_size)
+
+
+def check_vocab_matches(model, tokenizer: Tokenizer) -> None:
+    """Refuse a tokenizer that emits ids the model has no row for."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise TokenizerError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the model's vocab_size is "
+            f"{model.config.vocab_size}: ids >= {model.config.vocab_size} would index past the embedding")
+
+
+# -- building from files ------------------------------------------------------------------------
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    merges = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.startswith("#version") or not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise TokenizerError(f"{path}:{line_no}: a merge needs two symbols, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TokenizerError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"{path}: expected a JSON object of token -> id")
+    return vocab
+
+
+def build_openai_gpt_tokenizer(vocab_file: Path, merges_file: Path) -> BackendTokenizer:
+    vocab, merges = _read_vocab(vocab_file), _read_merges(merges_file)
+    tok = BackendTokenizer(models.BPE(vocab, merges, unk_token="<unk>", end_of_word_suffix="</w>",
+                                      continuing_subword_prefix="", fuse_unk=False))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    if "<unk>" in vocab:
+        tok.add_special_tokens([AddedToken("<unk>", special=True, normalized=False)])
+    return tok
+
+
+def build_gpt2_tokenizer(vocab_file: Path, merges_file: Path) -> BackendTokenizer:
+    vocab, merges = _read_vocab(vocab_file), _read_merges(merges_file)
+    tok = BackendTokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="",
+                                      fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    if GPT2_EOS in vocab:
+        tok.add_special_tokens([AddedToken(GPT2_EOS, special=True, normalized=False)])
+    return tok
+
+
+def _special_tokens(directory: Path) -> dict:
+    out = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = directory / name
+        if file.exists():
+            try:
+                raw = json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise TokenizerError(f"{file}: not valid JSON ({err})") from None
+            for key in ("pad_token", "eos_token"):
+                value = raw.get(key)
+                if isinstance(value, dict):  # serialized AddedToken
+                    value = value.get("content")
+                if value is not None:
+                    out[key] = value
+    return out
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a local directory (or ``tokenizer.json`` file) or a hub name.
+
+    GPT-2 tokenizers get ``<|endoftext|>`` as their EOS; openai-gpt has none. The pad token
+    is whatever ``tokenizer_config.json`` names (``[PAD]`` for a fine-tuned openai-gpt), else
+    none: call ``add_pad_token``.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        directory, tokenizer_json = path.parent, path
+    else:
+        directory = resolve(name_or_path, want=TOKENIZER_FILES)
+        tokenizer_json = directory / "tokenizer.json"
+    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
+    if tokenizer_json.exists():
+        try:
+            backend = BackendTokenizer.from_file(str(tokenizer_json))
+        except Exception as err:
+            raise TokenizerError(f"cannot read {tokenizer_json}: {err}") from None
+    elif vocab_file.exists() and merges_file.exists():
+        vocab = _read_vocab(vocab_file)
+        byte_level = GPT2_EOS in vocab or "\u0120the" in vocab
+        build = build_gpt2_tokenizer if byte_level else build_openai_gpt_tokenizer
+        backend = build(vocab_file, merges_file)
+    else:
+        raise TokenizerError(f"{directory}: no tokenizer.json and no vocab.json + merges.txt")
+    special = _special_tokens(directory)
+    eos = special.get("eos_token")
+    if eos is None and backend.token_to_id(GPT2_EOS) is not None:
+        eos = GPT2_EOS
+    return Tokenizer(backend, pad_token=special.get("pad_token"), eos_token=eos, source=str(directory))
