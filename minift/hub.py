@@ -75,7 +75,8 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
         return path
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"{name}: not a directory (expected a checkpoint directory or a hub name)")
+        what = "is a file, not a directory" if path.exists() else "no such directory"
+        raise FileNotFoundError(f"{name}: {what} (expected a checkpoint directory or a hub name)")
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError

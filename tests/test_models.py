@@ -1,0 +1,199 @@
+"""The models against transformers' reference outputs (shared fixtures) and against
+independent computations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minift
+from minift.models import GPT2Config, GPTConfig, build_model
+from minift.models.layers import ACTIVATIONS, gelu_tanh, lm_loss_sum
+
+from conftest import requires_transformers, shared_path
+
+CASES = [  # checkpoint dir, reference dir, atol on real positions
+    ("tiny-openai-gpt", "tiny-openai-gpt", 1e-5),
+    ("tiny-openai-gpt-bin", "tiny-openai-gpt", 1e-5),
+    ("tiny-openai-gpt-perturbed", "tiny-openai-gpt-perturbed", 1e-5),
+    ("tiny-gpt2", "tiny-gpt2", 1e-5),
+    ("tiny-gpt2-base", "tiny-gpt2", 1e-5),
+]
+
+
+def _reference(name):
+    ref = np.load(shared_path("fixtures", name, "reference_logits.npz"))
+    return {k: torch.from_numpy(ref[k]) for k in ("input_ids", "attention_mask", "logits", "loss", "n_loss_targets")}
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("checkpoint,reference,atol", CASES)
+def test_logits_and_loss_match_transformers(checkpoint, reference, atol):
+    model = minift.from_pretrained(shared_path("fixtures", checkpoint))
+    ref = _reference(reference)
+    real = ref["attention_mask"].bool()
+    with torch.no_grad():
+        logits = model(ref["input_ids"], attention_mask=ref["attention_mask"])
+        labels = ref["input_ids"].masked_fill(~real, -100)
+        out = model(ref["input_ids"], attention_mask=ref["attention_mask"], labels=labels)
+    assert logits.shape == ref["logits"].shape
+    assert (logits - ref["logits"])[real].abs().max() < atol
+    # pads too: the key-padding mask is applied when logits at pads are returned
+    assert (logits - ref["logits"]).abs().max() < 1e-4
+    assert out.n_loss_targets == int(ref["n_loss_targets"])
+    assert abs(out.loss_sum.item() / out.n_loss_targets - ref["loss"].item()) < 1e-5
+
+
+@pytest.mark.shared
+def test_loss_path_equals_full_logits_cross_entropy():
+    """The label-only, chunked LM head gives the loss of the plain full-logits computation."""
+    model = minift.from_pretrained(shared_path("fixtures", "tiny-openai-gpt-perturbed"))
+    ref = _reference("tiny-openai-gpt-perturbed")
+    labels = ref["input_ids"].masked_fill(ref["attention_mask"] == 0, -100)
+    labels[0, :4] = -100  # a masked prompt
+    with torch.no_grad():
+        logits = model(ref["input_ids"])
+        plain = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                ignore_index=-100, reduction="sum")
+        hidden = model.transformer(ref["input_ids"], torch.arange(10)[None], None)
+        chunked = lm_loss_sum(hidden, model.lm_head_weight, labels, chunk_rows=3)
+        through_forward = model(ref["input_ids"], labels=labels)
+    assert chunked.n_loss_targets == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(chunked.loss_sum, plain, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(through_forward.loss_sum, plain, rtol=1e-6, atol=1e-5)
+
+
+def test_gelu_is_the_tanh_approximation():
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    expected = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    torch.testing.assert_close(gelu_tanh(x), expected, rtol=0, atol=1e-12)
+    assert (ACTIVATIONS["gelu"](x) - expected).abs().max() > 1e-5  # GPT-2 "gelu" is the exact one
+
+
+def test_gpt1_gelu_maps_to_tanh_gelu():
+    model = build_model(GPTConfig(vocab_size=50, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    assert model.transformer.h[0].mlp.act is gelu_tanh
+
+
+def _manual_gpt1_forward(model, ids):
+    """A second, loop-by-loop computation of GPT-1 from its parameters (no SDPA, no Conv1D)."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    cfg = model.config
+    T = ids.shape[1]
+    h = sd["transformer.tokens_embed.weight"][ids] + sd["transformer.positions_embed.weight"][:T]
+    d = cfg.n_embd // cfg.n_head
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        qkv = h @ sd[p + "attn.c_attn.weight"] + sd[p + "attn.c_attn.bias"]
+        q, k, v = qkv.split(cfg.n_embd, -1)
+        heads = []
+        for j in range(cfg.n_head):
+            qs, ks, vs = (t[..., j * d:(j + 1) * d] for t in (q, k, v))
+            w = qs @ ks.transpose(-1, -2) / math.sqrt(d)
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            w = w * causal - 1e4 * (~causal)
+            heads.append(torch.softmax(w, -1) @ vs)
+        a = torch.cat(heads, -1) @ sd[p + "attn.c_proj.weight"] + sd[p + "attn.c_proj.bias"]
+        n = F.layer_norm(h + a, (cfg.n_embd,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], cfg.layer_norm_epsilon)
+        m = gelu_tanh(n @ sd[p + "mlp.c_fc.weight"] + sd[p + "mlp.c_fc.bias"])
+        m = m @ sd[p + "mlp.c_proj.weight"] + sd[p + "mlp.c_proj.bias"]
+        h = F.layer_norm(n + m, (cfg.n_embd,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], cfg.layer_norm_epsilon)
+    return h @ sd["transformer.tokens_embed.weight"].T
+
+
+def test_gpt1_matches_a_loop_by_loop_computation():
+    torch.manual_seed(3)
+    model = build_model(GPTConfig(vocab_size=97, n_positions=16, n_embd=24, n_layer=2, n_head=3))
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial biases and LayerNorms
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        got = model(ids).double()
+    torch.testing.assert_close(got, _manual_gpt1_forward(model, ids), rtol=0, atol=1e-4)
+
+
+def test_right_padding_leaves_real_positions_unchanged():
+    torch.manual_seed(0)
+    model = build_model(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    padded = torch.cat([ids, torch.full((1, 4), 5)], dim=1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], dim=1).long()
+    with torch.no_grad():
+        alone = model(ids)
+        both = model(padded, attention_mask=mask)
+    torch.testing.assert_close(both[:, :6], alone, rtol=0, atol=1e-6)
+
+
+def test_full_openai_gpt_shape_builds_and_trains_a_step():
+    config = GPTConfig(vocab_size=40479)
+    model = build_model(config)
+    # 116.5 M parameters with [PAD]: the number quoted for openai-gpt
+    assert model.num_parameters() == 40479 * 768 + 512 * 768 + 12 * (
+        768 * 2304 + 2304 + 768 * 768 + 768 + 2 * 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 2 * 768)
+    ids = torch.randint(0, 40478, (2, 12))
+    out = model(ids, labels=ids)
+    (out.loss_sum / out.n_loss_targets).backward()
+    assert out.n_loss_targets == 22
+    grad = model.transformer.tokens_embed.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_too_long_input_is_refused():
+    model = build_model(GPTConfig(vocab_size=10, n_positions=4, n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="exceeds n_positions=4"):
+        model(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_resize_token_embeddings_mean_init_and_tied_head():
+    model = build_model(GPTConfig(vocab_size=30, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    old = model.transformer.tokens_embed.weight.detach().clone()
+    model.resize_token_embeddings(32)
+    new = model.transformer.tokens_embed.weight
+    assert new.shape == (32, 8) and model.config.vocab_size == 32
+    torch.testing.assert_close(new[:30], old)
+    torch.testing.assert_close(new[30], old.mean(0))
+    torch.testing.assert_close(new[31], old.mean(0))
+    assert model.lm_head_weight is new
+    assert model(torch.tensor([[31, 1]])).shape == (1, 2, 32)
+
+
+@requires_transformers
+@pytest.mark.transformers
+@pytest.mark.parametrize("model_type", ["openai-gpt", "gpt2"])
+@pytest.mark.parametrize("variant", ["plain", "relu", "scaled"])
+def test_random_configs_match_transformers(tmp_path, model_type, variant):
+    """Other shapes and settings than the fixtures: build with transformers, load with minift."""
+    import transformers
+
+    torch.manual_seed(1)
+    if model_type == "openai-gpt":
+        kwargs = dict(vocab_size=123, n_positions=24, n_embd=48, n_layer=3, n_head=6)
+        if variant == "relu":
+            kwargs["afn"] = "relu"
+        ref = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(**kwargs))
+    else:
+        kwargs = dict(vocab_size=123, n_positions=24, n_embd=48, n_layer=3, n_head=6, n_inner=80)
+        if variant == "relu":
+            kwargs["activation_function"] = "relu"
+        if variant == "scaled":
+            kwargs["scale_attn_by_inverse_layer_idx"] = True
+        ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kwargs))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.eval().save_pretrained(tmp_path)
+    model = minift.from_pretrained(tmp_path)
+    ids = torch.randint(0, 123, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (got - expected)[real].abs().max() < 1e-5
