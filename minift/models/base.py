@@ -52,9 +52,6 @@ class CausalLM(nn.Module):
         ``position_ids`` default to 0..T-1 (padding is on the right). ``document_ids`` [B, T]
         confine attention to tokens of the same packed example.
         """
-        batch, time = input_ids.shape
-        if time > self.config.n_positions:
-            raise ValueError(f"sequence length {time} exceeds n_positions={self.config.n_positions}")
         # A key-padding mask only changes what we return when a real token could see a pad
         # (left padding) or when logits at pad positions are returned.
         if attention_mask is not None:
@@ -64,13 +61,23 @@ class CausalLM(nn.Module):
                 needs_mask = not is_right_padded(attention_mask)
             if not needs_mask:
                 attention_mask = None
-        bias = attention_bias(attention_mask, document_ids, time, input_ids.device)
-        if position_ids is None:
-            position_ids = torch.arange(time, device=input_ids.device)[None, :]
-        hidden = self.transformer(input_ids, position_ids, bias)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, document_ids)
         if labels is None:
             return F.linear(hidden, self.lm_head_weight)
         return lm_loss_sum(hidden, self.lm_head_weight, labels)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The last hidden states [B, T, C] (before the LM head). ``attention_mask`` is
+        applied as given (pass None when right padding makes it unnecessary)."""
+        time = input_ids.shape[1]
+        if time > self.config.n_positions:
+            raise ValueError(f"sequence length {time} exceeds n_positions={self.config.n_positions}")
+        bias = attention_bias(attention_mask, document_ids, time, input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(time, device=input_ids.device)[None, :]
+        return self.transformer(input_ids, position_ids, bias)
 
     # -- parameters -------------------------------------------------------------------------
     def num_parameters(self) -> int:

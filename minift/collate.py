@@ -1,0 +1,134 @@
+"""Collation: examples -> padded tensors plus the counts the training loop needs.
+
+Right padding to the longest sequence of the batch (optionally to a multiple of N), or to a
+fixed ``max_length`` (only to reproduce the classic Trainer recipe). Labels are the input
+ids with -100 on pads (and, under the ``completion`` objective, on the prompt); the model
+shifts them. ``pack`` concatenates examples into rows with per-example positions and
+attention confined to each example.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .models.layers import IGNORE_INDEX
+
+OBJECTIVES = ("all", "completion")
+
+
+@dataclass
+class Collator:
+    pad_id: int
+    objective: str = "all"  # "all": loss on every real token; "completion": only after the prompt
+    pad_to_multiple_of: int | None = None
+    padding: str = "longest"  # or "max_length" (the classic recipe)
+    max_length: int | None = None
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {self.padding!r}")
+        if self.padding == "max_length" and not self.max_length:
+            raise ValueError("padding='max_length' needs max_length")
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has no pad token: add one (tokenizer.add_pad_token()) or use EOS")
+
+    def padded_length(self, longest: int) -> int:
+        length = self.max_length if self.padding == "max_length" else longest
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return length
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        time = self.padded_length(max(lengths))
+        input_ids = torch.full((len(examples), time), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), time), dtype=torch.long)
+        labels = torch.full((len(examples), time), IGNORE_INDEX, dtype=torch.long)
+        for row, (example, length) in enumerate(zip(examples, lengths)):
+            ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            input_ids[row, :length] = ids
+            attention_mask[row, :length] = 1
+            first_label = example.get("prompt_length", 0) if self.objective == "completion" else 0
+            labels[row, first_label:length] = ids[first_label:]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "n_real_tokens": sum(lengths),
+            "n_padded_tokens": input_ids.numel(),
+            # a label at position t is predicted from t-1: the first position is never a target
+            "n_loss_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+            # Trainer's count for GPT-1 (unshifted labels, first tokens included); see docs
+            "n_label_tokens": int((labels != IGNORE_INDEX).sum()),
+        }
+
+
+@dataclass
+class PackingCollator(Collator):
+    """Packs the batch's examples greedily (in order) into rows of at most ``row_length``
+    tokens; an example never splits across rows. Each example keeps positions 0..n-1, sees
+    only itself (``document_ids``), and its first token is never a target, so no attention
+    and no loss crosses an example boundary."""
+
+    row_length: int = 128
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        rows: list[list[int]] = [[]]
+        used = 0
+        for i, example in enumerate(examples):
+            n = len(example["input_ids"])
+            if n > self.row_length:
+                raise ValueError(f"example of {n} tokens does not fit a packed row of {self.row_length}")
+            if used + n > self.row_length:
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += n
+        time = self.padded_length(max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows))
+        shape = (len(rows), time)
+        input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        document_ids = torch.full(shape, -1, dtype=torch.long)  # -1: padding
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for doc, i in enumerate(row):
+                ids = torch.as_tensor(examples[i]["input_ids"], dtype=torch.long)
+                end = start + len(ids)
+                input_ids[r, start:end] = ids
+                position_ids[r, start:end] = torch.arange(len(ids))
+                document_ids[r, start:end] = doc
+                attention_mask[r, start:end] = 1
+                first_label = examples[i].get("prompt_length", 0) if self.objective == "completion" else 0
+                # the example's first token is predicted by nothing of its own: never a target
+                labels[r, start + max(first_label, 1):end] = ids[max(first_label, 1):]
+                start = end
+        n_real = int(attention_mask.sum())
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "position_ids": position_ids, "document_ids": document_ids, "n_real_tokens": n_real,
+                "n_padded_tokens": input_ids.numel(),
+                "n_loss_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+                "n_label_tokens": int((labels != IGNORE_INDEX).sum())}
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "document_ids")
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The tensors of a batch that the model takes, moved to ``device``."""
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+
+
+def padding_efficiency(lengths: Sequence[int], batches: Sequence[Sequence[int]], collator: Collator) -> float:
+    """Real tokens / padded tokens over ``batches`` (index lists), computed from lengths alone."""
+    real = padded = 0
+    for batch in batches:
+        batch_lengths = [lengths[i] for i in batch]
+        real += sum(batch_lengths)
+        padded += len(batch) * collator.padded_length(max(batch_lengths))
+    return real / padded

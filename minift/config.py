@@ -1,0 +1,217 @@
+"""Run configuration: TOML (stdlib ``tomllib``) mapped onto typed dataclasses.
+
+Sections ``[model]``, ``[data]``, ``[train]``, ``[eval]``; ``--set section.key=value``
+overrides (values parsed as TOML, bare words as strings). Unknown keys and wrong types are
+errors naming the key; ``describe()`` lists every option with its default for ``--help``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class RunConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    name: str = "openai-gpt"  # hub name or local checkpoint directory; "random" = init from `config`
+    tokenizer: str = ""  # hub name or directory; "" = same as `name`
+    config: dict = field(default_factory=dict)  # model config.json fields (random init) or overrides
+    model_type: str = "openai-gpt"  # architecture for name = "random"
+    pad_token: str = "auto"  # "auto": [PAD] when the tokenizer has none and no EOS; "eos": pad with EOS
+    dtype: str = "float32"  # storage dtype of the weights
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class DataSection:
+    source: str = "mteb/tweet_sentiment_extraction"  # hub id, local dir/file/glob, or "synthetic"
+    train_split: str = "train"
+    eval_split: str = "test"
+    validation_fraction: float = 0.0  # > 0: carve a seeded validation split from train and evaluate on it
+    text_column: str = "text"
+    label_column: str = "label_text"
+    labels: list = field(default_factory=lambda: ["negative", "neutral", "positive"])
+    template: str = "{text} sentiment: {label}"
+    objective: str = "all"  # "all" (loss on every real token, as Trainer) or "completion" (label only)
+    max_length: int = 128  # truncation, <= the model's n_positions
+    append_eos: str = "auto"  # "auto" (when the tokenizer has EOS), "yes", "no"
+    padding: str = "longest"  # "longest" or "max_length" (the classic recipe, benchmarks only)
+    pad_to_multiple_of: int = 0
+    sampler: str = "length_grouped"  # "random", "sequential" or "length_grouped"
+    packing: bool = False
+    max_train_examples: int = 0  # 0 = all
+    num_workers: int = 0
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/minift"
+    seed: int = 0
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 4  # micro-batches per optimizer step
+    lr: float = 5e-5
+    schedule: str = "linear"  # "constant", "linear", "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    fused_adamw: str = "auto"  # "auto", "yes", "no"
+    precision: str = "fp32"  # "fp32", "bf16", "fp16"
+    loss_denominator: str = "targets"  # "targets" (next-token targets) or "trainer" (Trainer's count)
+    device: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    log_every: int = 1
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"  # "stop" or "skip" a step whose loss is NaN/inf
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = 32
+    max_examples: int = 0  # 0 = the whole eval split
+    before_training: bool = True
+    accuracy: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        t, d = self.train, self.data
+        checks = [
+            (t.batch_size > 0, "train.batch_size must be positive"),
+            (t.grad_accum > 0, "train.grad_accum must be positive"),
+            (t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive"),
+            (t.max_steps >= 0, "train.max_steps must be >= 0"),
+            (math.isfinite(t.lr) and t.lr >= 0, f"train.lr must be a finite number >= 0, got {t.lr}"),
+            (t.warmup_steps >= 0 and 0 <= t.warmup_ratio < 1, "train.warmup_steps >= 0 and 0 <= warmup_ratio < 1"),
+            (t.weight_decay >= 0 and t.max_grad_norm >= 0, "train.weight_decay and max_grad_norm must be >= 0"),
+            (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1 and t.eps > 0, "train.beta1/beta2 in [0, 1), eps > 0"),
+            (t.schedule in ("constant", "linear", "cosine"), f"train.schedule {t.schedule!r} unknown"),
+            (t.precision in ("fp32", "bf16", "fp16"), f"train.precision {t.precision!r}: fp32, bf16 or fp16"),
+            (t.fused_adamw in ("auto", "yes", "no"), "train.fused_adamw must be auto, yes or no"),
+            (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
+            (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),
+            (t.log_every > 0 and t.eval_every >= 0 and t.checkpoint_every >= 0 and t.keep_checkpoints > 0,
+             "train.log_every and keep_checkpoints must be positive, eval_every/checkpoint_every >= 0"),
+            (d.max_length > 0, "data.max_length must be positive"),
+            (d.objective in ("all", "completion"), f"data.objective {d.objective!r}: all or completion"),
+            (d.sampler in ("random", "sequential", "length_grouped"), f"data.sampler {d.sampler!r} unknown"),
+            (d.padding in ("longest", "max_length"), "data.padding must be longest or max_length"),
+            (d.append_eos in ("auto", "yes", "no"), "data.append_eos must be auto, yes or no"),
+            (d.pad_to_multiple_of >= 0 and d.max_train_examples >= 0 and d.num_workers >= 0,
+             "data.pad_to_multiple_of, max_train_examples, num_workers must be >= 0"),
+            (0 <= d.validation_fraction < 1, "data.validation_fraction must be in [0, 1)"),
+            (len(d.labels) >= 2 and all(isinstance(x, str) for x in d.labels), "data.labels: two or more strings"),
+            (self.eval.batch_size > 0 and self.eval.max_examples >= 0, "eval.batch_size > 0, max_examples >= 0"),
+            (self.model.pad_token in ("auto", "eos") or self.model.pad_token.strip() != "",
+             "model.pad_token must be auto, eos or a token"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RunConfigError(message)
+        return self
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+_SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
+
+
+def _check_value(section: str, key: str, value: Any, default: Any, source: str) -> Any:
+    where = f"{source}: [{section}] {key}"
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        raise RunConfigError(f"{where} must be a number, got the string {value!r}")
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise RunConfigError(f"{where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise RunConfigError(f"{where} must be a finite number, got {value!r}")
+    return value
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    config = RunConfig()
+    for section, values in raw.items():
+        if section not in _SECTION_CLASSES:
+            raise RunConfigError(f"{source}: unknown section [{section}]; sections are {sorted(_SECTION_CLASSES)}")
+        if not isinstance(values, dict):
+            raise RunConfigError(f"{source}: [{section}] must be a table")
+        target = getattr(config, section)
+        names = {f.name for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in names:
+                raise RunConfigError(f"{source}: unknown key [{section}] {key}; known keys: {sorted(names)}")
+            setattr(target, key, _check_value(section, key, value, getattr(target, key), source))
+    return config.validate()
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise RunConfigError(f"--set {text!r}: expected section.key=value")
+    dotted, raw_value = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value  # a bare word: a string
+    return section, key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RunConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise RunConfigError(f"{path}: invalid TOML ({err})") from None
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise RunConfigError(f"--set {text!r}: [{section}] is not a table")
+        if key.startswith("config.") and section == "model":
+            raw[section].setdefault("config", {})[key[len("config."):]] = value
+        else:
+            raw[section][key] = value
+    return from_dict(raw, source=source if not overrides else f"{source} (with --set)")
+
+
+def describe() -> str:
+    """Every option with its default, for ``minift train --help``."""
+    lines = []
+    for section, cls in _SECTION_CLASSES.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name} = {default!r}")
+    return "\n".join(lines)

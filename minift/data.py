@@ -1,0 +1,276 @@
+"""From rows to token ids: load (``datasets``), clean, format a prompt, tokenize (cached).
+
+The stages, each a function:
+
+    load_splits      hub id or local files -> DatasetDict(train, test[, validation])
+    clean_split      drop empty texts (counted), refuse missing columns and unknown labels
+    tokenize_split   ``datasets.map(batched=True)``: input_ids, prompt_length, length, label_index
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+log = logging.getLogger("minift.data")
+
+DEFAULT_DATASET = "mteb/tweet_sentiment_extraction"
+DEFAULT_TEMPLATE = "{text} sentiment: {label}"
+DEFAULT_LABELS = ("negative", "neutral", "positive")
+_EXTENSION_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, split, row or column."""
+
+
+@dataclass
+class SplitReport:
+    """What cleaning and tokenization did to one split (printed at the start of a run)."""
+
+    split: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped_empty: list[int] = field(default_factory=list)  # row numbers of empty texts
+    truncated: int = 0
+    tokens: int = 0
+    completion_lost: int = 0  # rows whose label tokens were cut by truncation
+
+    def line(self) -> str:
+        parts = [f"{self.split}: {self.rows_read} rows read, {self.rows_kept} kept"]
+        if self.skipped_empty:
+            shown = ", ".join(str(r) for r in self.skipped_empty[:5])
+            more = "..." if len(self.skipped_empty) > 5 else ""
+            parts.append(f"{len(self.skipped_empty)} skipped (empty text; rows {shown}{more})")
+        parts.append(f"{self.tokens} tokens")
+        parts.append(f"{self.truncated} truncated")
+        if self.completion_lost:
+            parts.append(f"{self.completion_lost} lost their label to truncation")
+        return ", ".join(parts)
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _expand(pattern: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not paths:
+        raise DataError(f"no data file matches {pattern!r}")
+    return paths
+
+
+def _builder_for(paths: list[str]) -> str:
+    suffixes = {Path(p).suffix.lower() for p in paths}
+    builders = {_EXTENSION_BUILDERS.get(s) for s in suffixes}
+    if None in builders or len(builders) != 1:
+        raise DataError(f"cannot read {paths}: use one of {sorted(_EXTENSION_BUILDERS)} files, all of one kind")
+    return builders.pop()
+
+
+def _local_files(source: str) -> dict[str, list[str]] | None:
+    """``source`` as local files per split, or None when it is not a local path."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files: dict[str, list[str]] = {}
+        for split in ("train", "validation", "test"):
+            found = sorted(str(p) for p in path.iterdir()
+                           if p.stem == split and p.suffix.lower() in _EXTENSION_BUILDERS)
+            if found:
+                files[split] = found
+        if "train" not in files:
+            raise DataError(f"{path}: expected train.jsonl / train.csv / train.parquet (and test.*) in it")
+        return files
+    if path.is_file() or any(ch in source for ch in "*?["):
+        return {"train": _expand(source)}
+    if path.suffix.lower() in _EXTENSION_BUILDERS or source.startswith((".", "/", "~")):
+        raise DataError(f"data file not found: {source}")
+    return None
+
+
+def load_splits(source: str = DEFAULT_DATASET, data_files: dict[str, str] | None = None,
+                validation_fraction: float = 0.0, seed: int = 0,
+                cache_dir: str | None = None) -> datasets.DatasetDict:
+    """Load a dataset by hub id, local directory, file or glob (or explicit ``data_files``
+    per split) with ``datasets.load_dataset``. With ``validation_fraction`` > 0 a seeded
+    validation split is carved from train."""
+    if data_files:
+        files = {split: _expand(pattern) for split, pattern in data_files.items()}
+    else:
+        files = _local_files(source)
+    try:
+        if files is None:
+            dsd = datasets.load_dataset(source, cache_dir=cache_dir)
+        else:
+            builder = _builder_for([p for paths in files.values() for p in paths])
+            dsd = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
+    except DataError:
+        raise
+    except Exception as err:
+        where = files if files is not None else source
+        raise DataError(f"cannot load {where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                        ) from err
+    if not isinstance(dsd, datasets.DatasetDict):
+        dsd = datasets.DatasetDict({"train": dsd})
+    if "train" not in dsd:
+        raise DataError(f"{source}: no train split (found {sorted(dsd)})")
+    if validation_fraction:
+        if not 0.0 < validation_fraction < 1.0:
+            raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+        parts = dsd["train"].train_test_split(test_size=validation_fraction, seed=seed, shuffle=True)
+        dsd["train"], dsd["validation"] = parts["train"], parts["test"]
+    return dsd
+
+
+# -- cleaning ---------------------------------------------------------------------------------------
+def clean_split(ds: datasets.Dataset, split: str, text_column: str = "text", label_column: str = "label_text",
+                labels: tuple[str, ...] = DEFAULT_LABELS) -> tuple[datasets.Dataset, SplitReport]:
+    """Keep rows with usable text; a ``row`` column keeps each row's number in the source.
+
+    Empty, whitespace-only and None texts are skipped and counted. A missing column, a text
+    that is not a string, or a label outside ``labels`` is an error naming the row."""
+    for column in (text_column, label_column):
+        if column not in ds.column_names:
+            raise DataError(f"split {split!r} has no column {column!r}; columns are {ds.column_names}")
+    report = SplitReport(split, rows_read=len(ds))
+    texts, label_values = ds[text_column], ds[label_column]
+    keep = []
+    known = set(labels)
+    for row, (text, label) in enumerate(zip(texts, label_values)):
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"split {split!r} row {row}: {text_column!r} must be a string, got {text!r}")
+        if text is None or not text.strip():
+            report.skipped_empty.append(row)
+            continue
+        if label not in known:
+            raise DataError(f"split {split!r} row {row}: unknown label {label!r} in column {label_column!r}; "
+                            f"expected one of {list(labels)}")
+        keep.append(row)
+    if not keep:
+        raise DataError(f"split {split!r} has no usable rows ({report.rows_read} read, all empty)")
+    cleaned = ds.add_column("row", list(range(len(ds)))).select(keep)
+    report.rows_kept = len(cleaned)
+    return cleaned, report
+
+
+# -- formatting and tokenization ---------------------------------------------------------------------
+def split_template(template: str) -> tuple[str, str]:
+    """``"{text} sentiment: {label}"`` -> prompt template ``"{text} sentiment:"`` and the
+    completion template ``" {label}"``: the completion is everything from the space before
+    ``{label}`` on."""
+    if "{text}" not in template or "{label}" not in template:
+        raise DataError(f"template {template!r} must contain {{text}} and {{label}}")
+    head, tail = template.split("{label}", 1)
+    if "{text}" not in head:
+        raise DataError(f"template {template!r}: {{text}} must come before {{label}}")
+    stripped = head.rstrip(" ")
+    return stripped, head[len(stripped):] + "{label}" + tail
+
+
+def format_prompt(text: str, template: str) -> str:
+    return split_template(template)[0].format(text=text.strip())
+
+
+def format_example(text: str, label: str, template: str) -> str:
+    return template.format(text=text.strip(), label=label)
+
+
+def label_token_ids(tokenizer, template: str, labels: tuple[str, ...]) -> list[list[int]]:
+    """The token ids each label adds after the prompt (checked on a sample prompt)."""
+    prompt = format_prompt("example", template)
+    prompt_ids = tokenizer.encode(prompt)
+    out = []
+    for label in labels:
+        full = tokenizer.encode(format_example("example", label, template))
+        if full[:len(prompt_ids)] != prompt_ids:
+            raise DataError(f"template {template!r}: the prompt's tokens are not a prefix of the full text's")
+        out.append(full[len(prompt_ids):])
+    return out
+
+
+def tokenize_split(ds: datasets.Dataset, tokenizer, template: str, labels: tuple[str, ...], max_length: int,
+                   text_column: str = "text", label_column: str = "label_text", append_eos: bool = True,
+                   report: SplitReport | None = None, num_proc: int | None = None) -> datasets.Dataset:
+    """Tokenize with ``datasets.map(batched=True)``; the result is cached on disk by
+    ``datasets`` (keyed by the input and this function's arguments) and reused.
+
+    Columns: ``input_ids`` (truncated to ``max_length``), ``prompt_length`` (tokens before
+    the label), ``length``, ``label_index`` (position of the label in ``labels``), ``row``.
+    """
+    label_index = {label: i for i, label in enumerate(labels)}
+    eos = tokenizer.eos_id if append_eos else None
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        texts = [format_example(t, lab, template) for t, lab in zip(batch[text_column], batch[label_column])]
+        prompts = [format_prompt(t, template) for t in batch[text_column]]
+        full_ids = tokenizer.encode_batch(texts)
+        prompt_ids = tokenizer.encode_batch(prompts)
+        out: dict[str, list[Any]] = {"input_ids": [], "prompt_length": [], "length": [], "label_index": [],
+                                     "n_untruncated": []}
+        for ids, p_ids, lab in zip(full_ids, prompt_ids, batch[label_column]):
+            common = 0  # the prompt's tokens are a prefix of the full text's (checked per row)
+            for a, b in zip(ids, p_ids):
+                if a != b:
+                    break
+                common += 1
+            if eos is not None:
+                ids = ids + [eos]
+            out["n_untruncated"].append(len(ids))
+            ids = ids[:max_length]
+            out["input_ids"].append(ids)
+            out["prompt_length"].append(min(common, len(ids)))
+            out["length"].append(len(ids))
+            out["label_index"].append(label_index[lab])
+        return out
+
+    keep_columns = {"row"}
+    remove = [c for c in ds.column_names if c not in keep_columns]
+    tokenized = ds.map(encode, batched=True, batch_size=1000, remove_columns=remove, num_proc=num_proc,
+                       desc="tokenizing")
+    if report is not None:
+        n_untruncated = tokenized["n_untruncated"]
+        lengths = tokenized["length"]
+        prompt_lengths = tokenized["prompt_length"]
+        report.truncated = sum(n > max_length for n in n_untruncated)
+        report.tokens = sum(lengths)
+        report.completion_lost = sum(p >= n for p, n in zip(prompt_lengths, lengths))
+    return tokenized.remove_columns("n_untruncated")
+
+
+class TokenizedExamples:
+    """A map-style dataset of python lists (fast to index, cheap to send to workers)."""
+
+    def __init__(self, tokenized: datasets.Dataset):
+        self.input_ids: list[list[int]] = tokenized["input_ids"]
+        self.prompt_length: list[int] = tokenized["prompt_length"]
+        self.lengths: list[int] = tokenized["length"]
+        self.label_index: list[int] = tokenized["label_index"]
+        self.rows: list[int] = tokenized["row"]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` examples (quick runs)."""
+        for name in ("input_ids", "prompt_length", "lengths", "label_index", "rows"):
+            setattr(self, name, getattr(self, name)[:n])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "prompt_length": self.prompt_length[i]}
+
+
+def prepare_split(dsd: datasets.DatasetDict, split: str, tokenizer, template: str = DEFAULT_TEMPLATE,
+                  labels: tuple[str, ...] = DEFAULT_LABELS, max_length: int = 128, text_column: str = "text",
+                  label_column: str = "label_text", append_eos: bool | None = None
+                  ) -> tuple[TokenizedExamples, datasets.Dataset, SplitReport]:
+    """Clean + tokenize one split. ``append_eos`` None means: when the tokenizer has an EOS."""
+    if split not in dsd:
+        raise DataError(f"no {split!r} split (found {sorted(dsd)})")
+    if append_eos is None:
+        append_eos = tokenizer.eos_id is not None
+    cleaned, report = clean_split(dsd[split], split, text_column, label_column, labels)
+    tokenized = tokenize_split(cleaned, tokenizer, template, labels, max_length, text_column, label_column,
+                               append_eos=append_eos, report=report)
+    return TokenizedExamples(tokenized), cleaned, report

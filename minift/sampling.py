@@ -1,0 +1,122 @@
+"""Batch samplers: which examples form each micro-batch, reproducibly, with a position that
+can be saved and restored so a run resumes mid-epoch on exactly the next batch.
+
+Every sampler computes an epoch's whole batch list from (seed, epoch) alone; its state is
+``{"epoch", "consumed"}`` where ``consumed`` counts the batches of this epoch the training
+loop has used (the loop increments it; a DataLoader may prefetch further ahead).
+
+Under torchrun each rank takes ``rank::world_size`` of the global batches of an epoch.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+
+class BatchSampler:
+    def __init__(self, n_examples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if n_examples <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.n_examples = n_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.consumed = 0
+
+    # subclasses: the order of all examples for an epoch, cut into global batches
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``. With several ranks the global batch list is dealt
+        round robin; the last ``len % world_size`` batches (fewer than one per rank) are
+        dealt too, so ranks can differ by one batch — the loop handles a ragged end."""
+        return self.global_batches(epoch)[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)[self.consumed:]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"kind": type(self).__name__, "epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "batch_size": self.batch_size, "n_examples": self.n_examples, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("kind", "seed", "batch_size", "n_examples", "world_size"):
+            mine = type(self).__name__ if key == "kind" else getattr(self, key)
+            if state.get(key, mine) != mine:
+                raise ValueError(f"sampler state has {key}={state.get(key)!r} but this run has {mine!r}: "
+                                 f"resume with the same data, batch size, seed and world size")
+        self.epoch = state["epoch"]
+        self.consumed = state["consumed"]
+
+    @staticmethod
+    def _cut(order: Sequence[int], batch_size: int) -> list[list[int]]:
+        return [list(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_examples, generator=generator).tolist()
+
+
+class SequentialSampler(BatchSampler):
+    """Examples in dataset order (what the Trainer trace uses)."""
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        return self._cut(range(self.n_examples), self.batch_size)
+
+
+class RandomSampler(BatchSampler):
+    """A new seeded permutation every epoch."""
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        return self._cut(self._permutation(epoch), self.batch_size)
+
+
+class LengthGroupedSampler(BatchSampler):
+    """Trainer's ``group_by_length`` idea: shuffle, split into megabatches of
+    ``megabatch_factor`` batches, sort each megabatch by length (longest first), cut into
+    batches, then shuffle the batches so the order stays random (the batch holding the
+    longest example goes first, so an out-of-memory shows at once)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, megabatch_factor: int = 50,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(len(lengths), batch_size, seed, rank, world_size)
+        self.lengths = list(lengths)
+        self.megabatch_factor = megabatch_factor
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        order = self._permutation(epoch)
+        mega = self.batch_size * self.megabatch_factor
+        batches: list[list[int]] = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            batches.extend(self._cut(chunk, self.batch_size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7919)
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        longest = max(range(len(shuffled)), key=lambda b: max(self.lengths[i] for i in shuffled[b]))
+        shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
+        return shuffled
+
+
+SAMPLERS = {"sequential": SequentialSampler, "random": RandomSampler, "length_grouped": LengthGroupedSampler}
+
+
+def make_sampler(kind: str, lengths: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> BatchSampler:
+    if kind == "length_grouped":
+        return LengthGroupedSampler(lengths, batch_size, seed, rank=rank, world_size=world_size)
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler {kind!r}; choose from {sorted(SAMPLERS)}")
+    return SAMPLERS[kind](len(lengths), batch_size, seed, rank=rank, world_size=world_size)
