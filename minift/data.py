@@ -62,6 +62,17 @@ def _expand(pattern: str) -> list[str]:
     return paths
 
 
+def check_utf8(path: str) -> None:
+    """Refuse a text file with invalid UTF-8 (``datasets`` would replace the bytes silently)."""
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: line {line_no} is not valid UTF-8 (byte {err.start}: "
+                                f"{line[err.start:err.start + 1]!r}); fix or re-encode the file") from None
+
+
 def _builder_for(paths: list[str]) -> str:
     suffixes = {Path(p).suffix.lower() for p in paths}
     builders = {_EXTENSION_BUILDERS.get(s) for s in suffixes}
@@ -105,6 +116,10 @@ def load_splits(source: str = DEFAULT_DATASET, data_files: dict[str, str] | None
             dsd = datasets.load_dataset(source, cache_dir=cache_dir)
         else:
             builder = _builder_for([p for paths in files.values() for p in paths])
+            if builder in ("json", "csv"):
+                for paths in files.values():
+                    for path in paths:
+                        check_utf8(path)
             dsd = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
     except DataError:
         raise

@@ -207,7 +207,10 @@ def load_weights(model: CausalLM, directory: Path) -> None:
     if problems:
         raise CheckpointError(f"checkpoint {directory} does not match the model config:\n  "
                               + "\n  ".join(sorted(problems)))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True, assign=True)
+    # A model built on the meta device takes the loaded tensors as its parameters; a real one
+    # is copied into in place, so an optimizer holding its parameters stays attached.
+    on_meta = any(p.is_meta for p in model.parameters())
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True, assign=on_meta)
 
 
 def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,

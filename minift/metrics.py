@@ -72,7 +72,7 @@ def summarize_steps(records: list[dict[str, Any]], skip_first: int = 1) -> dict[
     real = sum(r["real_tokens"] for r in timed)
     padded = sum(r["padded_tokens"] for r in timed)
     return {
-        "steps": len(steps),
+        "logged_steps": len(steps),
         "real_tokens_per_s": real / seconds,
         "padded_tokens_per_s": padded / seconds,
         "loss_tokens_per_s": sum(r["loss_tokens"] for r in timed) / seconds,

@@ -1,0 +1,15 @@
+"""A tiny, fast run config on the project's own synthetic data (no shared material)."""
+from __future__ import annotations
+
+from minift.config import load_config
+
+from conftest import REPO
+
+
+def tiny_config(output_dir, *overrides):
+    return load_config(REPO / "configs" / "offline-default.toml", [
+        f'train.output_dir="{output_dir}"', "train.progress=false", "train.plot=false",
+        "model.config.resid_pdrop=0.1", "model.config.embd_pdrop=0.1", "model.config.attn_pdrop=0.1",
+        "data.max_train_examples=200", "data.sampler=random", "train.batch_size=8", "train.grad_accum=2",
+        "train.max_steps=20", "train.eval_every=0", "eval.max_examples=40", "eval.before_training=false",
+        *overrides])
