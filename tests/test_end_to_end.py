@@ -1,0 +1,73 @@
+"""Whole runs: the offline default (the README's second command), a short real run on the
+shared tweets, predict and generate."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minift.config import load_config
+from minift.finetune import run
+
+from conftest import REPO, SHARED, shared_path
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("offline")
+    result = subprocess.run([sys.executable, "-m", "minift", "train", "configs/offline-default.toml",
+                             "--set", f'train.output_dir="{out}"', "--set", "train.progress=false"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_offline_default_loss_falls_and_accuracy_rises(offline_run):
+    out, stdout = offline_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["last_loss"] < summary["first_loss"] - 2.0
+    assert summary["eval_after"]["accuracy"] > summary["eval_before"]["accuracy"] + 0.3
+    assert summary["eval_after"]["accuracy"] >= 0.9
+    assert "eval_before" in stdout and "throughput" in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if "step_time" in r)
+    for key in ("step", "epoch", "loss", "lr", "grad_norm", "real_tokens", "padded_tokens", "loss_tokens",
+                "step_time"):
+        assert key in step
+
+
+def test_predict_and_generate_on_the_trained_model(offline_run):
+    out, _ = offline_run
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "minift", "predict", "--model", str(out / "model"),
+                             "i love the concert so much", "i hate this weather, awful"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.strip().splitlines()
+    assert first.startswith("positive") and second.startswith("negative")
+    probs = [float(x.split()[-1]) for x in first.split("(")[1].split(")")[0].split(",")]
+    assert sum(probs) == pytest.approx(1.0, abs=2e-3)
+    result = subprocess.run([sys.executable, "-m", "minift", "generate", "--model", str(out / "model"),
+                             "i love", "--max-new-tokens", "5", "--temperature", "0"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("i love")
+
+
+@pytest.mark.shared
+def test_short_real_run_tiny_checkpoint_real_tweets(tmp_path):
+    cfg = load_config(REPO / "configs" / "openai-gpt-tweets.toml", [
+        f'model.name="{shared_path("fixtures", "tiny-openai-gpt")}"',
+        f'data.source="{SHARED / "data" / "tweet_sentiment_extraction"}"',
+        f'train.output_dir="{tmp_path}"', "train.max_steps=40", "train.lr=3e-3", "train.batch_size=16",
+        "train.grad_accum=2", "train.progress=false", "train.plot=false", "train.checkpoint_every=0",
+        "train.eval_every=0", "eval.max_examples=600", "eval.batch_size=100"])
+    summary = run(cfg, log=print)
+    assert summary["steps"] == 40
+    assert summary["last_loss"] < summary["first_loss"]
+    assert 0.0 <= summary["eval_after"]["accuracy"] <= 1.0 and summary["eval_after"]["n_scored"] == 600
+    assert summary["padding_efficiency"] > 0.9
+    assert summary["eval_after"]["loss"] < summary["eval_before"]["loss"]
