@@ -150,7 +150,8 @@ def clean_split(ds: datasets.Dataset, split: str, text_column: str = "text", lab
         if column not in ds.column_names:
             raise DataError(f"split {split!r} has no column {column!r}; columns are {ds.column_names}")
     report = SplitReport(split, rows_read=len(ds))
-    texts, label_values = ds[text_column], ds[label_column]
+    columns = ds.select_columns([text_column, label_column]).to_dict()
+    texts, label_values = columns[text_column], columns[label_column]
     keep = []
     known = set(labels)
     for row, (text, label) in enumerate(zip(texts, label_values)):
@@ -245,9 +246,8 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, template: str, labels: tuple
     tokenized = ds.map(encode, batched=True, batch_size=1000, remove_columns=remove, num_proc=num_proc,
                        desc="tokenizing")
     if report is not None:
-        n_untruncated = tokenized["n_untruncated"]
-        lengths = tokenized["length"]
-        prompt_lengths = tokenized["prompt_length"]
+        counts = tokenized.select_columns(["n_untruncated", "length", "prompt_length"]).to_dict()
+        n_untruncated, lengths, prompt_lengths = counts["n_untruncated"], counts["length"], counts["prompt_length"]
         report.truncated = sum(n > max_length for n in n_untruncated)
         report.tokens = sum(lengths)
         report.completion_lost = sum(p >= n for p, n in zip(prompt_lengths, lengths))
@@ -258,11 +258,13 @@ class TokenizedExamples:
     """A map-style dataset of python lists (fast to index, cheap to send to workers)."""
 
     def __init__(self, tokenized: datasets.Dataset):
-        self.input_ids: list[list[int]] = tokenized["input_ids"]
-        self.prompt_length: list[int] = tokenized["prompt_length"]
-        self.lengths: list[int] = tokenized["length"]
-        self.label_index: list[int] = tokenized["label_index"]
-        self.rows: list[int] = tokenized["row"]
+        # to_dict(): plain lists (datasets >= 4 returns lazy Column objects for ds["name"])
+        columns = tokenized.select_columns(["input_ids", "prompt_length", "length", "label_index", "row"]).to_dict()
+        self.input_ids: list[list[int]] = columns["input_ids"]
+        self.prompt_length: list[int] = columns["prompt_length"]
+        self.lengths: list[int] = columns["length"]
+        self.label_index: list[int] = columns["label_index"]
+        self.rows: list[int] = columns["row"]
 
     def __len__(self) -> int:
         return len(self.input_ids)
