@@ -72,6 +72,7 @@ class TrainSection:
     loss_denominator: str = "targets"  # "targets" (next-token targets) or "trainer" (Trainer's count)
     device: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    keep_large_allocations: bool = True  # CPU: reuse big buffers instead of re-faulting them (minift/runtime.py)
     log_every: int = 1
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after
     checkpoint_every: int = 0  # 0 = only at the end

@@ -33,6 +33,7 @@ from .hub import from_pretrained, load_weights
 from .loop import TrainState, autocast_for, train
 from .metrics import MetricsLogger, environment_line, peak_memory_bytes, plot_curves, summarize_steps
 from .models import CONFIG_CLASSES, build_model
+from .runtime import keep_large_allocations
 from .optim import make_adamw, make_scheduler, warmup_steps_for, warn_slow_bf16
 from .tokenizer import check_vocab_matches, load_tokenizer
 
@@ -161,6 +162,8 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
     device = dist.device if dist.enabled else pick_device(t.device)
     if t.threads:
         torch.set_num_threads(t.threads)
+    if t.keep_large_allocations and device.type == "cpu":
+        keep_large_allocations()
     if t.precision == "bf16":
         warn_slow_bf16(device)
 

@@ -1,0 +1,112 @@
+"""transformers.Trainer on the same model shape and tweets, timed step by step, for the
+side-by-side in benchmarks/throughput.py. Only benchmarks import transformers; minift never does.
+
+Two contenders:
+- the classic recipe: every tweet padded to 512 tokens, batch 1, gradient accumulation 4;
+- Trainer at its best: dynamic padding to a multiple of 8, train_sampling_strategy="group_by_length",
+  batch 16, gradient accumulation 2.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from minift.bench import PeakRSS, Row, shared_dir
+
+
+def _transformers_tokenizer(model_type: str):
+    import transformers
+
+    # transformers 5.x: build from the folder; the vocab_file=/merges_file= constructor silently
+    # builds a 1-token vocabulary.
+    cls = transformers.OpenAIGPTTokenizerFast if model_type == "openai-gpt" else transformers.GPT2TokenizerFast
+    tok = cls.from_pretrained(str(shared_dir() / "tokenizers" / model_type))
+    if tok.pad_token is None:
+        if model_type == "openai-gpt":
+            tok.add_special_tokens({"pad_token": "[PAD]"})
+        else:
+            tok.pad_token = tok.eos_token
+    return tok
+
+
+def _model(model_type: str, vocab_size: int):
+    import transformers
+
+    torch.manual_seed(0)
+    if model_type == "openai-gpt":
+        config = transformers.OpenAIGPTConfig(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.OpenAIGPTLMHeadModel(config)
+    config = transformers.GPT2Config(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def run_trainer(name: str, model_type: str, examples, *, max_length_padding: bool, batch_size: int,
+                grad_accum: int, group_by_length: bool, steps: int, warmup: int, output_dir: str) -> Row:
+    import datasets
+    import transformers
+
+    tok = _transformers_tokenizer(model_type)
+    ids = examples.input_ids
+    if max_length_padding:  # random batches need no big pool: 4096 tweets keep the 512-padded copy small
+        ids = ids[:4096]  # tokenize with padding="max_length", as the classic recipe does
+        rows = {"input_ids": [x + [tok.pad_token_id] * (512 - len(x)) for x in ids],
+                "attention_mask": [[1] * len(x) + [0] * (512 - len(x)) for x in ids]}
+    else:
+        rows = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+    rows["length"] = [len(x) for x in ids]
+    dataset = datasets.Dataset.from_dict(rows)
+
+    inner = transformers.DataCollatorForLanguageModeling(tok, mlm=False,
+                                                         pad_to_multiple_of=None if max_length_padding else 8)
+    counts: list[tuple[int, int, int, int]] = []
+
+    def collate(features):
+        features = [{k: v for k, v in f.items() if k != "length"} for f in features]
+        batch = inner(features)
+        real = int(batch["attention_mask"].sum())
+        counts.append((real, batch["input_ids"].numel(), int((batch["labels"][:, 1:] != -100).sum()),
+                       batch["input_ids"].shape[0]))
+        return batch
+
+    ends: list[float] = []
+
+    class StepTimes(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+        max_steps=warmup + steps, learning_rate=5e-5, report_to="none", save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0,
+        train_sampling_strategy="group_by_length" if group_by_length else "random", length_column_name="length",
+        remove_unused_columns=False)
+    model = _model(model_type, len(tok))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
+                                   callbacks=[StepTimes()])
+    with PeakRSS() as mem:
+        trainer.train()
+    step_times = [b - a for a, b in zip(ends, ends[1:])][warmup:]
+    per_step = [counts[s * grad_accum:(s + 1) * grad_accum] for s in range(warmup, warmup + steps)]
+    row = Row(name, step_times, [sum(c[0] for c in s) for s in per_step], [sum(c[1] for c in s) for s in per_step],
+              [sum(c[2] for c in s) for s in per_step], [sum(c[3] for c in s) for s in per_step])
+    row.peak_memory = mem.peak
+    return row
+
+
+def trainer_contenders(args, examples, output_dir: str) -> list:
+    classic_steps = max(1, args.steps // 2) if not args.quick else 1
+    steps, warmup = (1, 1) if args.quick else (args.steps, args.warmup)
+    return [
+        ("Trainer, classic recipe (max_length 512, 1x4)",
+         lambda: run_trainer("Trainer, classic recipe (max_length 512, 1x4)", args.model_type, examples,
+                             max_length_padding=True, batch_size=1, grad_accum=4, group_by_length=False,
+                             steps=classic_steps, warmup=warmup, output_dir=output_dir)),
+        ("Trainer at its best (dynamic /8 + group_by_length, 16x2)",
+         lambda: run_trainer("Trainer at its best (dynamic /8 + group_by_length, 16x2)", args.model_type, examples,
+                             max_length_padding=False, batch_size=16, grad_accum=2, group_by_length=True,
+                             steps=steps, warmup=warmup, output_dir=output_dir)),
+    ]

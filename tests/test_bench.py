@@ -1,0 +1,38 @@
+"""The benchmark harness runs (a smoke test: no speed assertions)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minift.bench import Row, gemm_peak_flops, markdown_table
+
+from conftest import REPO, SHARED, shared_path
+
+
+def test_row_summary_arithmetic():
+    row = Row("x", step_times=[1.0, 3.0], real_tokens=[100, 300], padded_tokens=[200, 400], loss_tokens=[90, 290],
+              sequences=[4, 4], phases={"forward": [0.5, 1.0]})
+    s = row.summary(n_params=1000, peak_flops=6e6)
+    assert s["real_tokens_per_s"] == 100 and s["padded_tokens_per_s"] == 150 and s["samples_per_s"] == 2
+    assert s["padding_efficiency"] == pytest.approx(400 / 600)
+    assert s["mfu_real"] == pytest.approx(6 * 1000 * 100 / 6e6) and s["median_step_s"] == 2.0
+    assert "| x | 100.0 (1.00x) |" in markdown_table([s], baseline="x")
+    assert gemm_peak_flops(__import__("torch").device("cpu"), n=256, repeats=2) > 1e8
+
+
+@pytest.mark.shared
+def test_quick_benchmark_writes_a_record(tmp_path):
+    shared_path("data", "tweet_sentiment_extraction")
+    result = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--no-trainer",
+                             "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "MINIFT_SHARED": str(SHARED), "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert record["n_params"] == 116_535_552 and record["model_type"] == "openai-gpt"
+    run = record["runs"][0]
+    assert run["timed_steps"] == 2 and run["padding_efficiency"] > 0.9 and run["real_tokens_per_s"] > 0
+    assert "| minift (length-grouped 32x1, fused AdamW) |" in result.stdout
