@@ -69,15 +69,15 @@ def wrap_model(model, dist: DistInfo):
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def count_reducer(dist: DistInfo, device: torch.device):
-    """Sum of an integer over ranks (the loss-target count of a step)."""
+def sum_reducer(dist: DistInfo):
+    """Sum of a tensor over ranks (the loss-target count and the summed loss of a step)."""
     if not dist.enabled:
-        return lambda n: n
+        return lambda t: t
 
-    def reduce(n: int) -> int:
-        t = torch.tensor([n], dtype=torch.int64, device=device)
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
         torch_dist.all_reduce(t)
-        return int(t.item())
+        return t
 
     return reduce
 

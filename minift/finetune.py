@@ -195,6 +195,9 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
                           num_workers=d.num_workers, pin_memory=device.type == "cuda",
                           generator=loader_generator, persistent_workers=False)
 
+    if dist.enabled and sampler.dropped_examples(0):
+        say(f"data: {sampler.dropped_examples(0)} examples per epoch (the last global batches, too few for "
+            f"every one of {dist.world_size} ranks) are left out; each epoch's shuffle leaves out others")
     steps_per_epoch = math.ceil(len(sampler) / t.grad_accum)
     total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
     say(f"steps: {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
@@ -269,7 +272,8 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
         state = train(train_model, optimizer, scheduler, sampler, make_loader, total_steps=total_steps,
                       grad_accum=t.grad_accum, device=device, precision=t.precision,
                       max_grad_norm=t.max_grad_norm, scaler=scaler, state=state, count_key=count_key,
-                      reduce_count=dist_utils.count_reducer(dist, device), on_nonfinite=t.on_nonfinite,
+                      all_reduce_sum=dist_utils.sum_reducer(dist), world_size=dist.world_size,
+                      on_nonfinite=t.on_nonfinite,
                       log=metrics, evaluate=lambda s: run_eval(s.step), eval_every=t.eval_every,
                       checkpoint=save, checkpoint_every=t.checkpoint_every, should_stop=stop,
                       sync=dist_utils.device_sync(device))

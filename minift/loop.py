@@ -71,7 +71,8 @@ def micro_batch_windows(sampler, make_loader: Callable, grad_accum: int) -> Iter
 def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_steps: int, grad_accum: int,
           device: torch.device, precision: str = "fp32", max_grad_norm: float = 1.0,
           scaler: torch.amp.GradScaler | None = None, state: TrainState | None = None,
-          count_key: str = "n_loss_targets", reduce_count: Callable[[int], int] = lambda n: n,
+          count_key: str = "n_loss_targets", all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+          world_size: int = 1,
           on_nonfinite: str = "stop", log: Callable[[dict], None] = lambda record: None,
           evaluate: Callable[[TrainState], None] | None = None, eval_every: int = 0,
           checkpoint: Callable[[TrainState], None] | None = None, checkpoint_every: int = 0,
@@ -82,8 +83,9 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
     ``model`` may be wrapped in DDP (``no_sync`` is used on all but the last micro-batch).
     ``count_key`` selects the loss denominator from the collator's counts: ``n_loss_targets``
     (next-token targets) or ``n_label_tokens`` (Trainer's GPT-1 count, see docs).
-    ``reduce_count`` sums the window's count over ranks. ``sync`` waits for the device (for
-    honest timings on CUDA).
+    ``all_reduce_sum`` sums a tensor over ranks (identity in one process); DDP averages
+    gradients over ``world_size`` ranks, so each rank's share is scaled back up by it.
+    ``sync`` waits for the device (for honest timings on CUDA).
     """
     state = state or TrainState()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
@@ -96,8 +98,8 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
         t_data = time.perf_counter()
 
         # 1. the denominator: every loss target of the whole window, on every rank
-        n_targets = reduce_count(sum(batch[count_key] for batch in window))
-        denominator = max(n_targets, 1)
+        n_targets = int(all_reduce_sum(torch.tensor(sum(batch[count_key] for batch in window), device=device)))
+        denominator = max(n_targets, 1) / world_size  # DDP divides the summed gradients by world_size
 
         # 2. K micro-batches: forward, summed CE, backward of its share of the mean
         loss_sum = torch.zeros((), device=device)
@@ -120,7 +122,7 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
 
         # 3. non-finite loss: stop (default) or drop this step's gradients and go on
         t_opt = time.perf_counter()
-        loss_value = float(loss_sum) / denominator  # mean CE per counted target, this rank
+        loss_value = float(all_reduce_sum(loss_sum)) / max(n_targets, 1)  # mean CE per counted target
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             if on_nonfinite == "stop":

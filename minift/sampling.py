@@ -33,10 +33,17 @@ class BatchSampler:
         raise NotImplementedError
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches of ``epoch``. With several ranks the global batch list is dealt
-        round robin; the last ``len % world_size`` batches (fewer than one per rank) are
-        dealt too, so ranks can differ by one batch — the loop handles a ragged end."""
-        return self.global_batches(epoch)[self.rank::self.world_size]
+        """This rank's batches of ``epoch``: the global batch list dealt round robin. Every rank
+        must run the same number of steps, so the last ``len % world_size`` global batches
+        (too few to give every rank one) are left out of this epoch; ``dropped_examples``
+        counts them, the run reports it, and the next epoch's shuffle leaves out others."""
+        batches = self.global_batches(epoch)
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[:usable][self.rank::self.world_size]
+
+    def dropped_examples(self, epoch: int) -> int:
+        batches = self.global_batches(epoch)
+        return sum(len(b) for b in batches[len(batches) - len(batches) % self.world_size:])
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches(self.epoch)[self.consumed:]
