@@ -122,7 +122,12 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
 
         # 3. non-finite loss: stop (default) or drop this step's gradients and go on
         t_opt = time.perf_counter()
-        loss_value = float(all_reduce_sum(loss_sum)) / max(n_targets, 1)  # mean CE per counted target
+        real = sum(b["n_real_tokens"] for b in window)
+        padded = sum(b["n_padded_tokens"] for b in window)
+        totals = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(real, dtype=torch.float64, device=device),
+                                             torch.tensor(padded, dtype=torch.float64, device=device)]))
+        loss_value = float(totals[0]) / max(n_targets, 1)  # mean CE per counted target, all ranks
+        real, padded = int(totals[1]), int(totals[2])
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             if on_nonfinite == "stop":
@@ -150,8 +155,6 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
         # 5. bookkeeping: the sampler position moves only once the step is complete
         sampler.consumed += len(window)
         state.step += 1
-        real = sum(b["n_real_tokens"] for b in window)
-        padded = sum(b["n_padded_tokens"] for b in window)
         state.real_tokens += real
         state.padded_tokens += padded
         log({"step": state.step, "epoch": sampler.epoch + sampler.consumed / max(1, len(sampler)),
