@@ -13,3 +13,24 @@ def tiny_config(output_dir, *overrides):
         "data.max_train_examples=200", "data.sampler=random", "train.batch_size=8", "train.grad_accum=2",
         "train.max_steps=20", "train.eval_every=0", "eval.max_examples=40", "eval.before_training=false",
         *overrides])
+
+
+def cli_command(config, *extra):
+    """``python -m minift train`` with every value of ``config`` passed by --set."""
+    import json
+    import sys
+
+    sets = []
+    for section in ("model", "data", "train", "eval"):
+        for key, value in getattr(config, section).__dict__.items():
+            if key != "config":
+                sets += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    for key, value in config.model.config.items():
+        sets += ["--set", f"model.config.{key}={json.dumps(value)}"]
+    return [sys.executable, "-m", "minift", "train", str(REPO / "configs" / "offline-default.toml"), *sets, *extra]
+
+
+def subprocess_env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO)}

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,8 +14,7 @@ from minift import checkpoint as ckpt
 from minift import finetune
 from minift.finetune import run
 
-from conftest import REPO
-from helpers import tiny_config
+from helpers import cli_command, subprocess_env, tiny_config
 
 
 def _weights(path):
@@ -71,17 +68,9 @@ def test_resume_after_a_crash_mid_epoch_is_bit_identical(tmp_path, uninterrupted
 
 
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted):
-    args = [sys.executable, "-m", "minift", "train", str(REPO / "configs" / "offline-default.toml")]
     config = tiny_config(tmp_path, "train.checkpoint_every=3")
-    sets = []
-    for section in ("model", "data", "train", "eval"):
-        for key, value in getattr(config, section).__dict__.items():
-            if key != "config":
-                sets += ["--set", f"{section}.{key}={json.dumps(value)}"]
-    for key, value in config.model.config.items():
-        sets += ["--set", f"model.config.{key}={json.dumps(value)}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(args + sets, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = subprocess_env()
+    proc = subprocess.Popen(cli_command(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     metrics = tmp_path / "metrics.jsonl"
     while time.time() < deadline:
@@ -91,7 +80,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupt
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.find_resumable(tmp_path, log=lambda *_: None) is not None
-    result = subprocess.run(args + sets + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cli_command(config, "--resume"), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_bitwise_equal(_weights(tmp_path / "checkpoint-20"), _weights(uninterrupted / "checkpoint-20"))
 
