@@ -21,8 +21,8 @@ def _load_for_inference(model_dir: str):
     run_config_path = Path(model_dir) / "run_config.json"
     data = RunConfig().data
     if run_config_path.exists():
-        data.template = json.loads(run_config_path.read_text())["data"]["template"]
-        data.labels = json.loads(run_config_path.read_text())["data"]["labels"]
+        saved = json.loads(run_config_path.read_text())["data"]
+        data.template, data.labels = saved["template"], saved["labels"]
     return model, tokenizer, data
 
 

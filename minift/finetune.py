@@ -13,7 +13,6 @@ import json
 import math
 import random
 import signal
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -91,6 +90,27 @@ def build_model_for(cfg: RunConfig, tokenizer, device: torch.device):
         raise DataError(f"data.max_length ({cfg.data.max_length}) exceeds the model's n_positions "
                         f"({model.config.n_positions})")
     return model.to(device=device, dtype=dtype)
+
+
+def load_data(cfg: RunConfig):
+    """The dataset's splits (the synthetic one is written first when asked for)."""
+    d = cfg.data
+    source = str(synthetic.prepare(synthetic_dir(cfg), seed=cfg.train.seed)[0]) if d.source == SYNTHETIC else d.source
+    return load_splits(source, validation_fraction=d.validation_fraction, seed=cfg.train.seed)
+
+
+def eval_split_name(cfg: RunConfig) -> str:
+    return "validation" if cfg.data.validation_fraction else cfg.data.eval_split
+
+
+def prepare(cfg: RunConfig, splits, split: str, tokenizer):
+    """Clean, format and tokenize one split as the config says."""
+    d = cfg.data
+    examples, _, report = prepare_split(splits, split, tokenizer, template=d.template, labels=tuple(d.labels),
+                                        max_length=d.max_length, text_column=d.text_column,
+                                        label_column=d.label_column,
+                                        append_eos={"auto": None, "yes": True, "no": False}[d.append_eos])
+    return examples, report
 
 
 def build_collator(cfg: RunConfig, pad_id: int) -> Collator:
@@ -174,14 +194,9 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
         f"tokenizer: {tokenizer.source} ({tokenizer.vocab_size} ids, pad {tokenizer.pad_token!r} = {tokenizer.pad_id})")
 
     # 2. data
-    source = str(synthetic.prepare(synthetic_dir(cfg), seed=t.seed)[0]) if d.source == SYNTHETIC else d.source
-    splits = load_splits(source, validation_fraction=d.validation_fraction, seed=t.seed)
-    append_eos = {"auto": None, "yes": True, "no": False}[d.append_eos]
-    common = dict(template=d.template, labels=tuple(d.labels), max_length=d.max_length, text_column=d.text_column,
-                  label_column=d.label_column, append_eos=append_eos)
-    train_examples, _, train_report = prepare_split(splits, d.train_split, tokenizer, **common)
-    eval_split = "validation" if d.validation_fraction else d.eval_split
-    eval_examples, _, eval_report = prepare_split(splits, eval_split, tokenizer, **common)
+    splits = load_data(cfg)
+    train_examples, train_report = prepare(cfg, splits, d.train_split, tokenizer)
+    eval_examples, eval_report = prepare(cfg, splits, eval_split_name(cfg), tokenizer)
     if d.max_train_examples:
         train_examples.truncate(d.max_train_examples)
     say("data: " + train_report.line())
@@ -349,14 +364,7 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
     device = pick_device(cfg.train.device)
     tokenizer = build_tokenizer(cfg)
     model = build_model_for(cfg, tokenizer, device)
-    d = cfg.data
-    source = str(synthetic.prepare(synthetic_dir(cfg), seed=cfg.train.seed)[0]) if d.source == SYNTHETIC else d.source
-    splits = load_splits(source, validation_fraction=d.validation_fraction, seed=cfg.train.seed)
-    eval_split = "validation" if d.validation_fraction else d.eval_split
-    append_eos = {"auto": None, "yes": True, "no": False}[d.append_eos]
-    examples, _, report = prepare_split(splits, eval_split, tokenizer, template=d.template, labels=tuple(d.labels),
-                                        max_length=d.max_length, text_column=d.text_column,
-                                        label_column=d.label_column, append_eos=append_eos)
+    examples, report = prepare(cfg, load_data(cfg), eval_split_name(cfg), tokenizer)
     print("data: " + report.line())
     data = build_eval_data(cfg, examples, tokenizer, build_collator(cfg, tokenizer.pad_id))
     return evaluate(model, data.batches, data.prompts, data.gold, data.label_ids, tokenizer.pad_id, device,
