@@ -57,6 +57,20 @@ def test_predict_and_generate_on_the_trained_model(offline_run):
     assert result.returncode == 0 and result.stdout.startswith("i love")
 
 
+def test_eval_command_scores_the_trained_model(offline_run):
+    out, _ = offline_run
+    summary = json.loads((out / "summary.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "minift", "eval", "configs/offline-default.toml",
+                             "--model", str(out / "model"), "--set", f'train.output_dir="{out}"'],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    # the same model on the same eval split as the run's final evaluation
+    assert report["loss"] == pytest.approx(summary["eval_after"]["loss"], rel=1e-5)
+    assert report["accuracy"] == summary["eval_after"]["accuracy"]
+
+
 @pytest.mark.shared
 def test_short_real_run_tiny_checkpoint_real_tweets(tmp_path):
     cfg = load_config(REPO / "configs" / "openai-gpt-tweets.toml", [
