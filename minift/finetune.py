@@ -197,10 +197,11 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
     splits = load_data(cfg)
     train_examples, train_report = prepare(cfg, splits, d.train_split, tokenizer)
     eval_examples, eval_report = prepare(cfg, splits, eval_split_name(cfg), tokenizer)
-    if d.max_train_examples:
-        train_examples.truncate(d.max_train_examples)
     say("data: " + train_report.line())
     say("data: " + eval_report.line())
+    if d.max_train_examples and d.max_train_examples < len(train_examples):
+        train_examples.truncate(d.max_train_examples)
+        say(f"data: training on the first {d.max_train_examples} kept examples (data.max_train_examples)")
     collator = build_collator(cfg, tokenizer.pad_id)
     sampler = dist_utils.make_rank_sampler(d.sampler, train_examples.lengths, t.batch_size, t.seed, dist)
     loader_generator = torch.Generator()  # keeps DataLoader seeding off the global RNG (exact resume)
