@@ -2,11 +2,23 @@
 
 The public API, re-exported here and nothing else.
 """
+from .config import RunConfig, load_config
 from .hub import CheckpointError, from_pretrained
+from .loop import TrainState, train
 from .models import GPT1LMHeadModel, GPT2Config, GPT2LMHeadModel, GPTConfig, build_model
 from .tokenizer import Tokenizer, load_tokenizer, resize_model_embeddings
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # the recipe pulls in `datasets`: import it only when asked for
+    if name == "run":
+        from .finetune import run
+
+        return run
+    raise AttributeError(f"module 'minift' has no attribute {name!r}")
+
 __all__ = ["from_pretrained", "load_tokenizer", "resize_model_embeddings", "Tokenizer", "GPTConfig",
-           "GPT2Config", "GPT1LMHeadModel", "GPT2LMHeadModel", "build_model", "CheckpointError"]
+           "GPT2Config", "GPT1LMHeadModel", "GPT2LMHeadModel", "build_model", "CheckpointError", "train",
+           "TrainState", "run", "load_config", "RunConfig"]
