@@ -17,8 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from minift.bench import shared_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIFT_SHARED", REPO.parent / "shared"))
+SHARED = shared_dir()
 
 
 def config(path: Path, output_dir: Path, batch_size: int, steps: int) -> Path:

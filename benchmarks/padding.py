@@ -8,15 +8,12 @@ max_length=512 padding, padding to a multiple of 8, and packing into 128-token r
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
+from minift.bench import shared_dir
 from minift.collate import Collator, PackingCollator, padding_efficiency
 from minift.data import load_splits, prepare_split
 from minift.sampling import LengthGroupedSampler, RandomSampler
-from minift.tokenizer import load_tokenizer
-
-SHARED = Path(os.environ.get("MINIFT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from minift.tokenizer import ensure_pad_token, load_tokenizer
 
 
 def packing_efficiency(lengths, batches, row_length: int) -> tuple[float, float]:
@@ -36,10 +33,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tokenizer", default="openai-gpt", choices=["openai-gpt", "gpt2"])
     args = parser.parse_args()
-    tokenizer = load_tokenizer(SHARED / "tokenizers" / args.tokenizer)
-    if tokenizer.pad_id is None:
-        tokenizer.add_pad_token()
-    splits = load_splits(str(SHARED / "data" / "tweet_sentiment_extraction"))
+    tokenizer = ensure_pad_token(load_tokenizer(shared_dir() / "tokenizers" / args.tokenizer))
+    splits = load_splits(str(shared_dir() / "data" / "tweet_sentiment_extraction"))
     examples, _, report = prepare_split(splits, "train", tokenizer, max_length=128)
     lengths = examples.lengths
     random_batches = RandomSampler(len(lengths), args.batch_size, seed=0).batches(0)

@@ -24,13 +24,14 @@ from typing import Any, Callable
 import torch
 
 from .collate import Collator
+from .distributed import device_sync
 from .data import DEFAULT_LABELS, DEFAULT_TEMPLATE, TokenizedExamples, load_splits, prepare_split
 from .loop import train
 from .models import GPT2Config, GPTConfig, build_model
 from .optim import make_adamw, make_scheduler
 from .runtime import keep_large_allocations
 from .sampling import make_sampler
-from .tokenizer import load_tokenizer
+from .tokenizer import ensure_pad_token, load_tokenizer
 
 # dense bf16 / fp32 peak FLOP/s of known accelerators (vendor figures, no sparsity)
 KNOWN_PEAKS = {"H100": {"bf16": 989e12, "fp32": 67e12}, "H200": {"bf16": 989e12, "fp32": 67e12},
@@ -39,12 +40,23 @@ SHAPES = {"openai-gpt": lambda vocab: GPTConfig(vocab_size=vocab, resid_pdrop=0.
           "gpt2": lambda vocab: GPT2Config(vocab_size=vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 
 
+def known_peak_flops(device: torch.device, precision: str) -> float | None:
+    """The vendor's dense peak for a known GPU (``KNOWN_PEAKS``), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for model, peaks in KNOWN_PEAKS.items():
+        if model in name:
+            return peaks[precision]
+    return None
+
+
 def gemm_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 9) -> float:
     """FLOP/s of the fastest of ``repeats`` n x n x n matmuls: the ceiling MFU is measured against.
     The best, not the median: on a shared machine a slow probe would inflate MFU past 100 %."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     torch.mm(a, b)
     sync()
     times = []
@@ -126,12 +138,7 @@ def shared_dir() -> Path:
 def tweet_examples(model_type: str, max_length: int = 128) -> tuple[TokenizedExamples, Any]:
     """The real train tweets, formatted and tokenized as in training."""
     shared = shared_dir()
-    tokenizer = load_tokenizer(shared / "tokenizers" / model_type)
-    if tokenizer.pad_id is None:
-        if tokenizer.eos_id is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        else:
-            tokenizer.add_pad_token()
+    tokenizer = ensure_pad_token(load_tokenizer(shared / "tokenizers" / model_type))
     splits = load_splits(str(shared / "data" / "tweet_sentiment_extraction"))
     examples, _, _ = prepare_split(splits, "train", tokenizer, DEFAULT_TEMPLATE, DEFAULT_LABELS, max_length)
     return examples, tokenizer
@@ -147,7 +154,7 @@ def run_minift(name: str, model, examples: TokenizedExamples, pad_id: int, *, ba
     optimizer = make_adamw(model, lr=5e-5, fused=fused)
     scheduler = make_scheduler(optimizer, "constant", warmup + steps)
     records: list[dict] = []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batch_sampler, collate_fn=collator)
     with PeakRSS() as mem:
         if device.type == "cuda":
@@ -229,10 +236,14 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
             m.phases.setdefault(phase, []).extend(values)
         m.peak_memory = max(m.peak_memory, row.peak_memory)
     peak_flops = max(peak_flops, gemm_peak_flops(device, torch.float32 if args.precision == "fp32" else torch.bfloat16))
+    peak_source = "GEMM probe"
+    if known_peak_flops(device, args.precision):  # MFU against the vendor's figure on a known GPU
+        peak_flops, peak_source = known_peak_flops(device, args.precision), "vendor table"
     summaries = [r.summary(n_params, peak_flops) for r in merged.values()]
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": _device_name(device),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "model_type": args.model_type,
               "n_params": n_params, "precision": args.precision, "peak_gemm_flops": peak_flops,
+              "peak_source": peak_source,
               "ceiling_real_tokens_per_s": peak_flops / (6 * n_params), "steps": steps, "warmup": warmup,
               "rounds": args.rounds, "runs": summaries}
     return record

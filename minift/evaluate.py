@@ -6,6 +6,7 @@ prompts when every label is a single token; otherwise one sequence per (example,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -51,7 +52,7 @@ def loss_sums(model, batches: Iterable[dict], device, autocast=None) -> tuple[fl
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            with autocast if autocast is not None else torch.autocast(device_type="cpu", enabled=False):
+            with autocast if autocast is not None else contextlib.nullcontext():
                 out = model(**model_inputs(batch, device))
             total += float(out.loss_sum)
             count += out.n_loss_targets

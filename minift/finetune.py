@@ -34,7 +34,7 @@ from .metrics import MetricsLogger, environment_line, peak_memory_bytes, plot_cu
 from .models import CONFIG_CLASSES, build_model
 from .runtime import keep_large_allocations
 from .optim import make_adamw, make_scheduler, warmup_steps_for, warn_slow_bf16
-from .tokenizer import check_vocab_matches, load_tokenizer
+from .tokenizer import check_vocab_matches, ensure_pad_token, load_tokenizer
 
 SYNTHETIC = "synthetic"
 
@@ -62,16 +62,7 @@ def build_tokenizer(cfg: RunConfig):
         name = synthetic.prepare(synthetic_dir(cfg), seed=cfg.train.seed)[1]
     if name == "random":
         raise DataError("model.name = \"random\" needs model.tokenizer")
-    tokenizer = load_tokenizer(name)
-    policy = cfg.model.pad_token
-    if policy == "eos" or (policy == "auto" and tokenizer.pad_id is None and tokenizer.eos_id is not None):
-        if tokenizer.eos_id is None:
-            raise DataError(f"model.pad_token = \"eos\" but tokenizer {tokenizer.source} has no EOS token")
-        tokenizer.pad_token = tokenizer.eos_token  # pads never get loss: labels come from the lengths
-    elif policy == "auto" and tokenizer.pad_id is None:
-        tokenizer.add_pad_token("[PAD]")
-    elif policy not in ("auto", "eos"):
-        tokenizer.add_pad_token(policy)
+    tokenizer = ensure_pad_token(load_tokenizer(name), cfg.model.pad_token)
     return tokenizer
 
 

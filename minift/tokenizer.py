@@ -87,6 +87,21 @@ class Tokenizer:
         return directory
 
 
+def ensure_pad_token(tokenizer: Tokenizer, policy: str = "auto") -> Tokenizer:
+    """Give ``tokenizer`` a pad token. ``"auto"``: keep the one it has, else pad with EOS when it has
+    one (GPT-2), else add ``[PAD]`` (GPT-1; resize the model after). ``"eos"``: pad with EOS.
+    Any other string: add that token. Pads never get loss: labels come from the lengths."""
+    if policy == "eos" or (policy == "auto" and tokenizer.pad_id is None and tokenizer.eos_id is not None):
+        if tokenizer.eos_id is None:
+            raise TokenizerError(f"pad with EOS asked for, but tokenizer {tokenizer.source} has no EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    elif policy == "auto" and tokenizer.pad_id is None:
+        tokenizer.add_pad_token(PAD_TOKEN)
+    elif policy not in ("auto", "eos"):
+        tokenizer.add_pad_token(policy)
+    return tokenizer
+
+
 def resize_model_embeddings(model, tokenizer: Tokenizer) -> None:
     """Make the model's vocabulary match the tokenizer (new rows = mean of the old rows, head tied)."""
     model.resize_token_embeddings(tokenizer.vocab_size)
