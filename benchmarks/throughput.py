@@ -19,9 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from minift import bench  # noqa: E402
 
-BASELINE = "Trainer at its best (dynamic /8 + group_by_length, 16x2)"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_arguments(parser)
@@ -30,21 +27,32 @@ def main(argv=None) -> int:
     if not (bench.shared_dir() / "data" / "tweet_sentiment_extraction").exists():
         print(f"needs the shared tweets: set MINIFT_SHARED (looked in {bench.shared_dir()})")
         return 2
+    if args.memory_of:  # a fresh process measuring one contender's peak memory: 1 warm-up + 1 step
+        args.steps, args.warmup, args.rounds = 1, 1, 1
     extra = []
     try:
+        if args.memory_of and not args.memory_of.startswith("Trainer"):
+            raise ImportError  # minift's own figure must not carry transformers' import
         import transformers  # noqa: F401
         have_transformers = True
     except ImportError:
         have_transformers = False
-        print("transformers is not installed: minift rows only (pip install -e '.[bench]')")
+        if not args.memory_of:
+            print("transformers is not installed: minift rows only (pip install -e '.[bench]')")
     with tempfile.TemporaryDirectory() as tmp:
         if have_transformers and not args.no_trainer:
             from compare_trainer import trainer_contenders
 
             examples, _ = bench.tweet_examples(args.model_type)
             extra = trainer_contenders(args, examples, tmp)
-        record = bench.run_benchmark(args, extra)
-    baseline = BASELINE if any(r["name"] == BASELINE for r in record["runs"]) else None
+        if args.memory_of:
+            bench.report_own_peak_memory(args, extra)
+            return 0
+        memory = None if args.no_isolated_memory else (
+            [sys.executable, str(Path(__file__).resolve())] + bench.forwarded_arguments(args)
+            + (["--no-trainer"] if args.no_trainer else []))
+        record = bench.run_benchmark(args, extra, memory_command=memory)
+    baseline = next((r["name"] for r in record["runs"] if r["name"].startswith("Trainer at its best")), None)
     print(bench.write_outputs(record, args.out, baseline))
     if args.profile:
         print(bench.profile_steps(args, args.profile))

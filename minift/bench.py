@@ -15,6 +15,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -110,7 +112,7 @@ class Row:
     loss_tokens: list[int]
     sequences: list[int]
     phases: dict[str, list[float]] = field(default_factory=dict)  # data / forward / backward / optimizer
-    peak_memory: int = 0
+    peak_memory: int | None = 0  # bytes; None where not measured in isolation
 
     def summary(self, n_params: int, peak_flops: float) -> dict[str, Any]:
         total = sum(self.step_times)
@@ -124,7 +126,7 @@ class Row:
             "loss_tokens_per_s": sum(self.loss_tokens) / total, "samples_per_s": sum(self.sequences) / total,
             "padding_efficiency": sum(self.real_tokens) / max(1, sum(self.padded_tokens)),
             "mfu_real": 6 * n_params * real_s / peak_flops, "mfu_padded": 6 * n_params * padded_s / peak_flops,
-            "peak_memory_mb": self.peak_memory / 2**20,
+            "peak_memory_mb": None if self.peak_memory is None else self.peak_memory / 2**20,
         }
         for phase, values in self.phases.items():
             out[f"{phase}_s"] = statistics.median(values)
@@ -147,7 +149,9 @@ def tweet_examples(model_type: str, max_length: int = 128) -> tuple[TokenizedExa
 def run_minift(name: str, model, examples: TokenizedExamples, pad_id: int, *, batch_size: int, grad_accum: int,
                sampler: str, steps: int, warmup: int, device: torch.device, padding: str = "longest",
                pad_to_multiple_of: int | None = None, fused: str = "auto", precision: str = "fp32",
-               seed: int = 0) -> Row:
+               seed: int = 0, hot_path: dict[str, str] | None = None) -> Row:
+    if hot_path:  # switch a lever off (CausalLM.set_hot_path); the loss stays the same
+        model.set_hot_path(**hot_path)
     collator = Collator(pad_id=pad_id, padding=padding, max_length=512 if padding == "max_length" else None,
                         pad_to_multiple_of=pad_to_multiple_of)
     batch_sampler = make_sampler(sampler, examples.lengths, batch_size, seed=seed)
@@ -172,7 +176,7 @@ def run_minift(name: str, model, examples: TokenizedExamples, pad_id: int, *, ba
 
 def markdown_table(summaries: list[dict[str, Any]], baseline: str | None = None) -> str:
     head = ("| run | real tok/s | padded tok/s | loss tok/s | samples/s | pad eff | median step s [min, max] "
-            "| data / fwd / bwd / opt s | MFU real / padded | peak MB |")
+            "| data / fwd / bwd / opt s | MFU real / padded | peak MB* |")
     lines = [head, "|" + "---|" * 10]
     base = next((s for s in summaries if s["name"] == baseline), None)
     for s in summaries:
@@ -182,25 +186,47 @@ def markdown_table(summaries: list[dict[str, Any]], baseline: str | None = None)
                      f"{s['loss_tokens_per_s']:.1f} | {s['samples_per_s']:.2f} | {s['padding_efficiency']:.3f} | "
                      f"{s['median_step_s']:.2f} [{s['spread_step_s'][0]:.2f}, {s['spread_step_s'][1]:.2f}] | "
                      f"{phases} | {100 * s['mfu_real']:.1f}% / {100 * s['mfu_padded']:.1f}% | "
-                     f"{s['peak_memory_mb']:.0f} |")
+                     f"{'–' if s['peak_memory_mb'] is None else format(s['peak_memory_mb'], '.0f')} |")
     return "\n".join(lines)
 
 
 # The configurations `minift bench` compares: the hot path against plainer paths.
-def minift_contenders(quick: bool) -> list[dict[str, Any]]:
-    """The hot path first, then one lever removed at a time (the allocator lever is
-    process-wide, so it is compared in separate processes: see benchmarks/RESULTS.md)."""
-    rows = [dict(name="minift (length-grouped 32x1, fused AdamW)", batch_size=32, grad_accum=1,
-                 sampler="length_grouped")]
+def minift_contenders(quick: bool, sequences: int = 32, compile_model: bool = False) -> list[dict[str, Any]]:
+    """The hot path first, then one lever removed at a time, all at ``sequences`` per optimizer
+    step (the allocator lever is process-wide, so it is compared in separate processes: see
+    benchmarks/RESULTS.md)."""
+    full, half = f"{sequences}x1", f"{sequences // 2}x2"
+    hot = dict(batch_size=sequences, grad_accum=1, sampler="length_grouped")
+    # memory=True: its peak memory is also measured in a fresh process (CPU; see run_benchmark)
+    rows = [dict(name=f"minift (length-grouped {full}, fused AdamW)", memory=True, **hot)]  # the hot path
+    if compile_model:  # lengths padded to a multiple of 16 keep recompiles few
+        rows.append(dict(name=f"minift (length-grouped {full}, torch.compile, lengths /16)", compile_model=True,
+                         pad_to_multiple_of=16, **hot))
     if not quick:
-        rows += [dict(name="minift (length-grouped 16x2)", batch_size=16, grad_accum=2, sampler="length_grouped"),
-                 dict(name="minift (random order 16x2)", batch_size=16, grad_accum=2, sampler="random"),
-                 dict(name="minift (length-grouped 32x1, for-loop AdamW)", batch_size=32, grad_accum=1,
-                      sampler="length_grouped", fused="no")]
+        rows += [dict(name=f"minift (length-grouped {half})", batch_size=sequences // 2, grad_accum=2,
+                      sampler="length_grouped"),
+                 dict(name=f"minift (random order {half})", batch_size=sequences // 2, grad_accum=2, sampler="random"),
+                 dict(name=f"minift (length-grouped {full}, for-loop AdamW)", fused="no", **hot),
+                 dict(name=f"minift (length-grouped {full}, LM head at every position)",
+                      hot_path={"loss_rows": "all"}, memory=True, **hot),
+                 dict(name=f"minift (length-grouped {full}, eager attention + mask)",
+                      hot_path={"attention": "eager"}, **hot)]
     return rows
 
 
-def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = ()) -> dict[str, Any]:
+def step_counts(args) -> tuple[int, int]:
+    """(timed steps, warm-up steps): 6 and 1 by default, 2 and 1 under --quick, unless given."""
+    steps = args.steps if args.steps is not None else (2 if args.quick else 6)
+    return steps, args.warmup if args.warmup is not None else 1
+
+
+def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = (),
+                  memory_command: list[str] | None = None, only: str | None = None) -> dict[str, Any]:
+    """Time every contender (minift's configurations, then ``extra_contenders``) in this process,
+    interleaved round by round. On CPU the peak memory of the hot path and of the extra
+    contenders is measured each in a fresh process (``memory_command`` + ``--memory-of NAME``):
+    in one long-lived process the resident set only grows, so a later contender would be
+    charged for an earlier one's heap. ``only`` runs a single contender (that fresh process)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,22 +234,32 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
         keep_large_allocations()  # process-wide: the Trainer rows of the same run get it too
     examples, tokenizer = tweet_examples(args.model_type)
     config = SHAPES[args.model_type](tokenizer.vocab_size)
-    peak_flops = gemm_peak_flops(device, torch.float32 if args.precision == "fp32" else torch.bfloat16)  # and at the end
-    steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
+    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    peak_flops = gemm_peak_flops(device, dtype) if only is None else 0.0  # and again at the end
+    steps, warmup = step_counts(args)
     rows: list[Row] = []
     n_params = 0
     for round_index in range(args.rounds):  # interleaved: every contender once per round
-        for spec in minift_contenders(args.quick):
+        for spec in minift_contenders(args.quick, args.sequences_per_step, args.compile):
+            spec = dict(spec)
+            spec.pop("memory", None)
+            if only is not None and spec["name"] != only:
+                continue
             torch.manual_seed(0)
             model = build_model(config).to(device)
             n_params = model.num_parameters()
-            row = run_minift(spec["name"], model, examples, tokenizer.pad_id, steps=steps, warmup=warmup,
-                             device=device, precision=args.precision, seed=round_index,
-                             **{k: v for k, v in spec.items() if k != "name"})
+            if spec.pop("compile_model", False):
+                model.set_hot_path(**spec.pop("hot_path", {}))
+                model = torch.compile(model)
+            row = run_minift(spec.pop("name"), model, examples, tokenizer.pad_id, steps=steps, warmup=warmup,
+                             device=device, precision=args.precision, seed=round_index, **spec)
             rows.append(row)
             del model
         for name, fn in extra_contenders:
-            rows.append(fn())
+            if only is None or name == only:
+                rows.append(fn())
+    if only is not None:
+        return {"runs": [r.name for r in rows]}
     merged: dict[str, Row] = {}
     for row in rows:  # pool the timed steps of every round
         if row.name not in merged:
@@ -234,8 +270,15 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
             getattr(m, attr).extend(getattr(row, attr))
         for phase, values in row.phases.items():
             m.phases.setdefault(phase, []).extend(values)
-        m.peak_memory = max(m.peak_memory, row.peak_memory)
-    peak_flops = max(peak_flops, gemm_peak_flops(device, torch.float32 if args.precision == "fp32" else torch.bfloat16))
+        m.peak_memory = max(m.peak_memory or 0, row.peak_memory or 0)
+    if device.type == "cpu":
+        isolated = [spec["name"] for spec in minift_contenders(args.quick, args.sequences_per_step, args.compile)
+                    if spec.get("memory")] + [name for name, _ in extra_contenders]
+        for name, row in merged.items():
+            row.peak_memory = None
+            if memory_command and name in isolated:
+                row.peak_memory = peak_memory_in_fresh_process(memory_command, name)
+    peak_flops = max(peak_flops, gemm_peak_flops(device, dtype))
     peak_source = "GEMM probe"
     if known_peak_flops(device, args.precision):  # MFU against the vendor's figure on a known GPU
         peak_flops, peak_source = known_peak_flops(device, args.precision), "vendor table"
@@ -249,6 +292,37 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
     return record
 
 
+def peak_memory_in_fresh_process(command: list[str], name: str) -> int | None:
+    """Peak RSS (bytes) of a new process that loads the data, builds the model and runs one
+    warm-up + one step of contender ``name`` (the longest batch comes first in both length-grouped
+    samplers). The same data loading is in every contender's figure."""
+    result = subprocess.run(command + ["--memory-of", name], capture_output=True, text=True)
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("{") and "peak_rss_bytes" in line:
+            return json.loads(line)["peak_rss_bytes"]
+    print(f"memory of {name!r}: no figure (exit {result.returncode}): {result.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def report_own_peak_memory(args, extra_contenders=()) -> None:
+    """The ``--memory-of NAME`` side of ``peak_memory_in_fresh_process``."""
+    args.steps, args.warmup, args.rounds = 1, 1, 1
+    ran = run_benchmark(args, extra_contenders, only=args.memory_of)["runs"]
+    if not ran:
+        raise SystemExit(f"--memory-of: no contender named {args.memory_of!r}")
+    print(json.dumps({"name": args.memory_of, "peak_rss_bytes": high_water_rss()}))
+
+
+def high_water_rss() -> int:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that across
+    fork + exec, so a child started by a 4 GB parent would report at least 4 GB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -257,17 +331,39 @@ def _device_name(device: torch.device) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-type", choices=sorted(SHAPES), default="openai-gpt")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per contender and round")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per contender and round (default 6; "
+                        "--quick: 2)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
+    parser.add_argument("--sequences-per-step", type=int, default=32,
+                        help="sequences per optimizer step (the issue's CPU setting is 32; a GPU wants more)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a torch.compile row (its compile time falls in the warm-up steps)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds over all contenders")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--no-keep-large-allocations", action="store_true",
                         help="leave glibc's mmap/trim thresholds alone (minift/runtime.py)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 contender, 1 warm-up + 2 steps")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the hot path only (and the --compile row), 1 warm-up + 2 steps")
     parser.add_argument("--profile", metavar="TRACE_JSON", help="also write a torch.profiler Chrome trace")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON record and table")
+    parser.add_argument("--no-isolated-memory", action="store_true",
+                        help="skip the per-contender peak-memory runs in fresh processes (CPU)")
+    parser.add_argument("--memory-of", metavar="NAME", help=argparse.SUPPRESS)  # internal: one contender's peak
+
+
+def forwarded_arguments(args) -> list[str]:
+    """The options a fresh memory-measuring process needs to build the same contenders."""
+    out = ["--model-type", args.model_type, "--precision", args.precision, "--device", args.device,
+           "--sequences-per-step", str(args.sequences_per_step)]
+    if args.threads:
+        out += ["--threads", str(args.threads)]
+    if args.no_keep_large_allocations:
+        out.append("--no-keep-large-allocations")
+    if args.quick:
+        out.append("--quick")
+    return out
 
 
 def profile_steps(args, path: str) -> str:
@@ -300,7 +396,9 @@ def write_outputs(record: dict[str, Any], out_dir: str, baseline: str | None) ->
               f"{record['ceiling_real_tokens_per_s']:.1f} real tokens/s; {record['warmup']} warm-up + "
               f"{record['steps']} timed steps x {record['rounds']} rounds per run")
     (out / f"bench-{stamp}.md").write_text(header + "\n\n" + table + "\n")
-    return header + "\n\n" + table
+    note = ("\n\n*peak MB: CUDA max_memory_allocated; on CPU the peak RSS of a fresh process running that "
+            "contender alone (1 warm-up + 1 step, data loading included), – where not measured")
+    return header + "\n\n" + table + note
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (shared_dir() / "data" / "tweet_sentiment_extraction").exists():
         print(f"the benchmark needs the shared tweets: set MINIFT_SHARED (looked in {shared_dir()})")
         return 2
-    record = run_benchmark(args)
+    if args.memory_of:
+        report_own_peak_memory(args)
+        return 0
+    memory = None if args.no_isolated_memory else [sys.executable, "-m", "minift", "bench"] + forwarded_arguments(args)
+    record = run_benchmark(args, memory_command=memory)
     print(write_outputs(record, args.out, baseline=None))
     if args.profile:
         print(profile_steps(args, args.profile))

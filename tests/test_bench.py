@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from minift.bench import Row, gemm_peak_flops, markdown_table
+from minift.bench import Row, gemm_peak_flops, high_water_rss, markdown_table
 
 from conftest import REPO, SHARED, shared_path
 
@@ -36,3 +36,18 @@ def test_quick_benchmark_writes_a_record(tmp_path):
     run = record["runs"][0]
     assert run["timed_steps"] == 2 and run["padding_efficiency"] > 0.9 and run["real_tokens_per_s"] > 0
     assert "| minift (length-grouped 32x1, fused AdamW) |" in result.stdout
+    # peak memory from a fresh process: at least weights + gradients + two AdamW moments in fp32
+    assert run["peak_memory_mb"] > 4 * record["n_params"] * 4 / 2**20
+
+
+def test_peak_memory_of_a_child_is_its_own():
+    """ru_maxrss survives fork + exec on Linux; the harness reads VmHWM, which starts afresh."""
+    import torch
+
+    ballast = torch.ones(400 * 2**20 // 4)  # 400 MB resident in this process
+    ballast.add_(1)
+    parent = high_water_rss()
+    child = subprocess.run([sys.executable, "-c", "from minift.bench import high_water_rss as h; print(h())"],
+                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert parent > 400 * 2**20
+    assert int(child.stdout) < parent - 300 * 2**20, (int(child.stdout), parent)

@@ -197,3 +197,64 @@ def test_random_configs_match_transformers(tmp_path, model_type, variant):
         got = model(ids, attention_mask=mask)
     real = mask.bool()
     assert (got - expected)[real].abs().max() < 1e-5
+
+
+HOT_PATHS = [("labelled", "sdpa"), ("all", "sdpa"), ("labelled", "eager"), ("all", "eager")]
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("loss_rows,attention", HOT_PATHS)
+def test_every_hot_path_setting_matches_transformers(loss_rows, attention):
+    """The benchmark's lever switches change speed only: the transformers reference still holds."""
+    model = minift.from_pretrained(shared_path("fixtures", "tiny-openai-gpt-perturbed"))
+    model.set_hot_path(loss_rows=loss_rows, attention=attention)
+    ref = _reference("tiny-openai-gpt-perturbed")
+    real = ref["attention_mask"].bool()
+    with torch.no_grad():
+        logits = model(ref["input_ids"], attention_mask=ref["attention_mask"])
+        out = model(ref["input_ids"], attention_mask=ref["attention_mask"],
+                    labels=ref["input_ids"].masked_fill(~real, -100))
+    assert (logits - ref["logits"])[real].abs().max() < 1e-5
+    assert out.n_loss_targets == int(ref["n_loss_targets"])
+    assert abs(out.loss_sum.item() / out.n_loss_targets - ref["loss"].item()) < 1e-5
+
+
+@pytest.mark.parametrize("config", [GPTConfig(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2),
+                                    GPT2Config(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2)],
+                         ids=["gpt1", "gpt2"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_hot_path_levers_keep_loss_and_gradients(config, padding):
+    """Each lever (label-only LM head, mask-free SDPA) against its plain path: same loss and
+    same gradients, in float64, on a batch with uneven lengths and a masked prompt."""
+    lengths = [9, 4, 12, 7]
+    ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if padding == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, 12 - n:] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :3] = -100
+    results = {}
+    for loss_rows, attention in HOT_PATHS:
+        torch.manual_seed(0)
+        model = build_model(config).double().set_hot_path(loss_rows=loss_rows, attention=attention)
+        out = model(ids, attention_mask=mask, labels=labels)
+        (out.loss_sum / out.n_loss_targets).backward()
+        results[loss_rows, attention] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
+    base_out, base_grads = results["labelled", "sdpa"]
+    assert base_out.n_loss_targets == int((labels[:, 1:] != -100).sum())
+    for key, (out, grads) in results.items():
+        assert out.n_loss_targets == base_out.n_loss_targets, key
+        torch.testing.assert_close(out.loss_sum, base_out.loss_sum, rtol=1e-10, atol=1e-10, msg=str(key))
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, base_grads[name], rtol=1e-8, atol=1e-10, msg=f"{key} {name}")
+
+
+def test_hot_path_refuses_unknown_settings():
+    model = build_model(GPTConfig(vocab_size=10, n_positions=4, n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="attention 'sdpa' or 'eager' \\(got 'flash'\\)"):
+        model.set_hot_path(attention="flash")
+    with pytest.raises(ValueError, match="loss_rows must be 'labelled' or 'all' \\(got 'some'\\)"):
+        model.set_hot_path(loss_rows="some")

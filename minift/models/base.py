@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import _JsonConfig
-from .layers import Conv1D, LossOutput, attention_bias, is_right_padded, lm_loss_sum
+from .layers import (CausalSelfAttention, Conv1D, LossOutput, attention_bias, is_right_padded, lm_loss_sum,
+                     lm_loss_sum_all_positions)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -31,6 +32,27 @@ class CausalLM(nn.Module):
         self.lm_head: nn.Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_rows = "labelled"  # see set_hot_path
+        self.attention = "sdpa"
+
+    # -- the hot path's levers, each one switchable to measure what it buys ---------------------
+    def set_hot_path(self, loss_rows: str = "labelled", attention: str = "sdpa") -> "CausalLM":
+        """``loss_rows="labelled"``: the LM head runs only on rows that have a label, chunked
+        (``lm_loss_sum``); ``"all"``: logits at every position, then cross-entropy with
+        ignore_index (``lm_loss_sum_all_positions``, transformers' way).
+        ``attention="sdpa"``: ``scaled_dot_product_attention`` with ``is_causal`` and no mask
+        when right padding makes one unnecessary; ``"eager"``: matmul, mask, softmax, matmul,
+        with the padding mask always applied (transformers' openai-gpt way).
+        Every setting gives the same loss within float error (tests/test_models.py); only the
+        speed differs (benchmarks/RESULTS.md)."""
+        if loss_rows not in ("labelled", "all") or attention not in ("sdpa", "eager"):
+            raise ValueError(f"set_hot_path: loss_rows must be 'labelled' or 'all' (got {loss_rows!r}), "
+                             f"attention 'sdpa' or 'eager' (got {attention!r})")
+        self.loss_rows, self.attention = loss_rows, attention
+        for module in self.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.impl = attention
+        return self
 
     # -- the forward contract ---------------------------------------------------------------
     @property
@@ -54,7 +76,7 @@ class CausalLM(nn.Module):
         """
         # A key-padding mask only changes what we return when a real token could see a pad
         # (left padding) or when logits at pad positions are returned.
-        if attention_mask is not None:
+        if attention_mask is not None and self.attention == "sdpa":
             if labels is None:
                 needs_mask = not bool(attention_mask.all())
             else:
@@ -64,6 +86,8 @@ class CausalLM(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, document_ids)
         if labels is None:
             return F.linear(hidden, self.lm_head_weight)
+        if self.loss_rows == "all":
+            return lm_loss_sum_all_positions(hidden, self.lm_head_weight, labels)
         return lm_loss_sum(hidden, self.lm_head_weight, labels)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

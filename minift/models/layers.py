@@ -67,6 +67,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = n_embd // n_head
         self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.attn_pdrop = attn_pdrop
+        self.impl = "sdpa"  # or "eager": see CausalLM.set_hot_path
         self.c_attn = Conv1D(n_embd, 3 * n_embd)
         self.c_proj = Conv1D(n_embd, n_embd)
         self.resid_dropout = nn.Dropout(resid_pdrop)
@@ -78,13 +79,30 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(channels, dim=2)
         q, k, v = (t.view(batch, time, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if attn_bias is None:
+        if self.impl == "eager":
+            y = eager_attention(q, k, v, attn_bias, self.scale, dropout_p)
+        elif attn_bias is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype),
                                                dropout_p=dropout_p, scale=self.scale)
         y = y.transpose(1, 2).reshape(batch, time, channels)
         return self.resid_dropout(self.c_proj(y))
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor | None,
+                    scale: float, dropout_p: float) -> torch.Tensor:
+    """Textbook attention, the way transformers' openai-gpt computes it: scores, causal (and
+    padding) bias, softmax, dropout, weighted sum. The plain path SDPA is benchmarked against."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if attn_bias is None:
+        time = q.shape[-2]
+        causal = torch.ones(time, time, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attn_bias.to(scores.dtype)
+    weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p)
+    return weights @ v
 
 
 class MLP(nn.Module):
@@ -146,12 +164,24 @@ def lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.T
     rows = hidden[:, :-1][keep]
     target_ids = targets[keep]
     n_targets = int(target_ids.shape[0])
-    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    loss_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 under bf16/fp16, fp64 kept
+    loss_sum = hidden.new_zeros((), dtype=loss_dtype)
     for start in range(0, n_targets, chunk_rows):
         logits = F.linear(rows[start:start + chunk_rows], head_weight)
-        loss_sum = loss_sum + F.cross_entropy(logits.float(), target_ids[start:start + chunk_rows],
+        loss_sum = loss_sum + F.cross_entropy(logits.to(loss_dtype), target_ids[start:start + chunk_rows],
                                               reduction="sum")
     if n_targets == 0:
         # keep the graph connected so backward() works on a batch with nothing to predict
         loss_sum = loss_sum + 0.0 * hidden.sum()
     return LossOutput(loss_sum, n_targets)
+
+
+def lm_loss_sum_all_positions(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+    """The plain path ``lm_loss_sum`` is measured against: logits [B, T, vocab] at every position
+    (pads and the last one included), then cross-entropy with ``ignore_index``, as transformers does."""
+    logits = F.linear(hidden, head_weight)
+    targets = labels[:, 1:]
+    loss_dtype = torch.promote_types(logits.dtype, torch.float32)
+    loss_sum = F.cross_entropy(logits[:, :-1].to(loss_dtype).reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return LossOutput(loss_sum, int((targets != IGNORE_INDEX).sum()))
