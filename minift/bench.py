@@ -12,6 +12,7 @@ side-by-side with ``transformers.Trainer`` (minift itself never imports transfor
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -113,6 +114,7 @@ class Row:
     sequences: list[int]
     phases: dict[str, list[float]] = field(default_factory=dict)  # data / forward / backward / optimizer
     peak_memory: int | None = 0  # bytes; None where not measured in isolation
+    local_peaks: list[float] = field(default_factory=list)  # GEMM probes just before and after this contender
 
     def summary(self, n_params: int, peak_flops: float) -> dict[str, Any]:
         total = sum(self.step_times)
@@ -128,6 +130,9 @@ class Row:
             "mfu_real": 6 * n_params * real_s / peak_flops, "mfu_padded": 6 * n_params * padded_s / peak_flops,
             "peak_memory_mb": None if self.peak_memory is None else self.peak_memory / 2**20,
         }
+        if self.local_peaks:  # against the machine's speed at the time: corrects for drift during a run
+            out["local_gemm_flops"] = statistics.median(self.local_peaks)
+            out["mfu_real_local"] = 6 * n_params * real_s / out["local_gemm_flops"]
         for phase, values in self.phases.items():
             out[f"{phase}_s"] = statistics.median(values)
         return out
@@ -137,8 +142,9 @@ def shared_dir() -> Path:
     return Path(os.environ.get("MINIFT_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
 
+@functools.lru_cache(maxsize=2)
 def tweet_examples(model_type: str, max_length: int = 128) -> tuple[TokenizedExamples, Any]:
-    """The real train tweets, formatted and tokenized as in training."""
+    """The real train tweets, formatted and tokenized as in training (once per process)."""
     shared = shared_dir()
     tokenizer = ensure_pad_token(load_tokenizer(shared / "tokenizers" / model_type))
     splits = load_splits(str(shared / "data" / "tweet_sentiment_extraction"))
@@ -182,6 +188,8 @@ def markdown_table(summaries: list[dict[str, Any]], baseline: str | None = None)
     for s in summaries:
         phases = " / ".join(f"{s.get(p + '_s', float('nan')):.2f}" for p in ("data", "forward", "backward", "optimizer"))
         ratio = f" ({s['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x)" if base else ""
+        if base and "mfu_real_local" in s and "mfu_real_local" in base:
+            ratio = ratio[:-1] + f"; {s['mfu_real_local'] / base['mfu_real_local']:.2f}x at equal GEMM speed)"
         lines.append(f"| {s['name']} | {s['real_tokens_per_s']:.1f}{ratio} | {s['padded_tokens_per_s']:.1f} | "
                      f"{s['loss_tokens_per_s']:.1f} | {s['samples_per_s']:.2f} | {s['padding_efficiency']:.3f} | "
                      f"{s['median_step_s']:.2f} [{s['spread_step_s'][0]:.2f}, {s['spread_step_s'][1]:.2f}] | "
@@ -199,9 +207,8 @@ def minift_contenders(quick: bool, sequences: int = 32, compile_model: bool = Fa
     hot = dict(batch_size=sequences, grad_accum=1, sampler="length_grouped")
     # memory=True: its peak memory is also measured in a fresh process (CPU; see run_benchmark)
     rows = [dict(name=f"minift (length-grouped {full}, fused AdamW)", memory=True, **hot)]  # the hot path
-    if compile_model:  # lengths padded to a multiple of 16 keep recompiles few
-        rows.append(dict(name=f"minift (length-grouped {full}, torch.compile, lengths /16)", compile_model=True,
-                         pad_to_multiple_of=16, **hot))
+    if compile_model:  # dynamic shapes: one graph for every length, no padding to buckets
+        rows.append(dict(name=f"minift (length-grouped {full}, torch.compile dynamic)", compile_model=True, **hot))
     if not quick:
         rows += [dict(name=f"minift (length-grouped {half})", batch_size=sequences // 2, grad_accum=2,
                       sampler="length_grouped"),
@@ -215,8 +222,8 @@ def minift_contenders(quick: bool, sequences: int = 32, compile_model: bool = Fa
 
 
 def step_counts(args) -> tuple[int, int]:
-    """(timed steps, warm-up steps): 6 and 1 by default, 2 and 1 under --quick, unless given."""
-    steps = args.steps if args.steps is not None else (2 if args.quick else 6)
+    """(timed steps, warm-up steps): 5 and 1 by default, 2 and 1 under --quick, unless given."""
+    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
     return steps, args.warmup if args.warmup is not None else 1
 
 
@@ -237,6 +244,10 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
     dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
     peak_flops = gemm_peak_flops(device, dtype) if only is None else 0.0  # and again at the end
     steps, warmup = step_counts(args)
+
+    def local_probe() -> float:  # the machine's speed right next to each contender (drift check)
+        return gemm_peak_flops(device, dtype, repeats=5) if only is None else 0.0
+
     rows: list[Row] = []
     n_params = 0
     for round_index in range(args.rounds):  # interleaved: every contender once per round
@@ -250,14 +261,18 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
             n_params = model.num_parameters()
             if spec.pop("compile_model", False):
                 model.set_hot_path(**spec.pop("hot_path", {}))
-                model = torch.compile(model)
+                model = torch.compile(model, dynamic=True)
+            probe_before = local_probe()
             row = run_minift(spec.pop("name"), model, examples, tokenizer.pad_id, steps=steps, warmup=warmup,
                              device=device, precision=args.precision, seed=round_index, **spec)
+            row.local_peaks = [probe_before, local_probe()]
             rows.append(row)
             del model
         for name, fn in extra_contenders:
             if only is None or name == only:
+                probe_before = local_probe()
                 rows.append(fn())
+                rows[-1].local_peaks = [probe_before, local_probe()]
     if only is not None:
         return {"runs": [r.name for r in rows]}
     merged: dict[str, Row] = {}
@@ -271,6 +286,7 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
         for phase, values in row.phases.items():
             m.phases.setdefault(phase, []).extend(values)
         m.peak_memory = max(m.peak_memory or 0, row.peak_memory or 0)
+        m.local_peaks.extend(row.local_peaks)
     if device.type == "cpu":
         isolated = [spec["name"] for spec in minift_contenders(args.quick, args.sequences_per_step, args.compile)
                     if spec.get("memory")] + [name for name, _ in extra_contenders]
@@ -331,7 +347,7 @@ def _device_name(device: torch.device) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-type", choices=sorted(SHAPES), default="openai-gpt")
-    parser.add_argument("--steps", type=int, help="timed optimizer steps per contender and round (default 6; "
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per contender and round (default 5; "
                         "--quick: 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
     parser.add_argument("--sequences-per-step", type=int, default=32,
@@ -397,7 +413,9 @@ def write_outputs(record: dict[str, Any], out_dir: str, baseline: str | None) ->
               f"{record['steps']} timed steps x {record['rounds']} rounds per run")
     (out / f"bench-{stamp}.md").write_text(header + "\n\n" + table + "\n")
     note = ("\n\n*peak MB: CUDA max_memory_allocated; on CPU the peak RSS of a fresh process running that "
-            "contender alone (1 warm-up + 1 step, data loading included), – where not measured")
+            "contender alone (1 warm-up + 1 step, data loading included), – where not measured. "
+            "'at equal GEMM speed': the ratio of real tokens/s each divided by the median GEMM probe taken just "
+            "before and after that contender (the machine's speed drifts during a run).")
     return header + "\n\n" + table + note
 
 

@@ -24,6 +24,16 @@ def test_row_summary_arithmetic():
     assert gemm_peak_flops(__import__("torch").device("cpu"), n=256, repeats=2) > 1e8
 
 
+def test_ratio_at_equal_gemm_speed_corrects_for_drift():
+    """A contender timed while the machine ran twice as fast gets half the credit in the drift-corrected ratio."""
+    slow = Row("base", [2.0], [200], [200], [200], [8], local_peaks=[5e6, 7e6])
+    fast = Row("fast", [2.0], [300], [300], [300], [8], local_peaks=[12e6, 12e6])
+    summaries = [slow.summary(1000, 6e6), fast.summary(1000, 6e6)]
+    assert summaries[0]["local_gemm_flops"] == 6e6
+    assert summaries[1]["mfu_real_local"] == pytest.approx(6 * 1000 * 150 / 12e6)
+    assert "| fast | 150.0 (1.50x; 0.75x at equal GEMM speed) |" in markdown_table(summaries, baseline="base")
+
+
 @pytest.mark.shared
 def test_quick_benchmark_writes_a_record(tmp_path):
     shared_path("data", "tweet_sentiment_extraction")
