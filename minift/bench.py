@@ -222,8 +222,8 @@ def minift_contenders(quick: bool, sequences: int = 32, compile_model: bool = Fa
 
 
 def step_counts(args) -> tuple[int, int]:
-    """(timed steps, warm-up steps): 5 and 1 by default, 2 and 1 under --quick, unless given."""
-    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
+    """(timed steps, warm-up steps): 4 and 1 by default, 2 and 1 under --quick, unless given."""
+    steps = args.steps if args.steps is not None else (2 if args.quick else 4)
     return steps, args.warmup if args.warmup is not None else 1
 
 
@@ -347,7 +347,7 @@ def _device_name(device: torch.device) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-type", choices=sorted(SHAPES), default="openai-gpt")
-    parser.add_argument("--steps", type=int, help="timed optimizer steps per contender and round (default 5; "
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per contender and round (default 4; "
                         "--quick: 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
     parser.add_argument("--sequences-per-step", type=int, default=32,
