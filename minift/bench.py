@@ -186,7 +186,8 @@ def markdown_table(summaries: list[dict[str, Any]], baseline: str | None = None)
     lines = [head, "|" + "---|" * 10]
     base = next((s for s in summaries if s["name"] == baseline), None)
     for s in summaries:
-        phases = " / ".join(f"{s.get(p + '_s', float('nan')):.2f}" for p in ("data", "forward", "backward", "optimizer"))
+        names = ("data", "forward", "backward", "optimizer")  # Trainer rows have no phase split: "–"
+        phases = " / ".join(f"{s[p + '_s']:.2f}" for p in names) if all(p + "_s" in s for p in names) else "–"
         ratio = f" ({s['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x)" if base else ""
         if base and "mfu_real_local" in s and "mfu_real_local" in base:
             ratio = ratio[:-1] + f"; {s['mfu_real_local'] / base['mfu_real_local']:.2f}x at equal GEMM speed)"
