@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compare_trainer import BEST  # noqa: E402  (imports transformers only when a Trainer row runs)
 from minift import bench  # noqa: E402
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,8 +29,6 @@ def main(argv=None) -> int:
     if not (bench.shared_dir() / "data" / "tweet_sentiment_extraction").exists():
         print(f"needs the shared tweets: set MINIFT_SHARED (looked in {bench.shared_dir()})")
         return 2
-    if args.memory_of:  # a fresh process measuring one contender's peak memory: 1 warm-up + 1 step
-        args.steps, args.warmup, args.rounds = 1, 1, 1
     extra = []
     try:
         if args.memory_of and not args.memory_of.startswith("Trainer"):
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             [sys.executable, str(Path(__file__).resolve())] + bench.forwarded_arguments(args)
             + (["--no-trainer"] if args.no_trainer else []))
         record = bench.run_benchmark(args, extra, memory_command=memory)
-    baseline = next((r["name"] for r in record["runs"] if r["name"].startswith("Trainer at its best")), None)
+    baseline = next((r["name"] for r in record["runs"] if r["name"].startswith(BEST)), None)
     print(bench.write_outputs(record, args.out, baseline))
     if args.profile:
         print(bench.profile_steps(args, args.profile))

@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,37 +70,6 @@ def gemm_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n:
     return 2 * n**3 / min(times)
 
 
-class PeakRSS:
-    """Peak resident memory while a block runs (sampled from /proc every 5 ms)."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def current() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            return 0
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self.peak = self.current()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 @dataclass
 class Row:
     """One contender's timed steps, and what the report derives from them."""
@@ -113,7 +81,7 @@ class Row:
     loss_tokens: list[int]
     sequences: list[int]
     phases: dict[str, list[float]] = field(default_factory=dict)  # data / forward / backward / optimizer
-    peak_memory: int | None = 0  # bytes; None where not measured in isolation
+    peak_memory: int | None = None  # bytes; None where not measured
     local_peaks: list[float] = field(default_factory=list)  # GEMM probes just before and after this contender
 
     def summary(self, n_params: int, peak_flops: float) -> dict[str, Any]:
@@ -155,9 +123,7 @@ def tweet_examples(model_type: str, max_length: int = 128) -> tuple[TokenizedExa
 def run_minift(name: str, model, examples: TokenizedExamples, pad_id: int, *, batch_size: int, grad_accum: int,
                sampler: str, steps: int, warmup: int, device: torch.device, padding: str = "longest",
                pad_to_multiple_of: int | None = None, fused: str = "auto", precision: str = "fp32",
-               seed: int = 0, hot_path: dict[str, str] | None = None) -> Row:
-    if hot_path:  # switch a lever off (CausalLM.set_hot_path); the loss stays the same
-        model.set_hot_path(**hot_path)
+               seed: int = 0) -> Row:
     collator = Collator(pad_id=pad_id, padding=padding, max_length=512 if padding == "max_length" else None,
                         pad_to_multiple_of=pad_to_multiple_of)
     batch_sampler = make_sampler(sampler, examples.lengths, batch_size, seed=seed)
@@ -166,17 +132,17 @@ def run_minift(name: str, model, examples: TokenizedExamples, pad_id: int, *, ba
     records: list[dict] = []
     sync = device_sync(device)
     loader = torch.utils.data.DataLoader(examples, batch_sampler=batch_sampler, collate_fn=collator)
-    with PeakRSS() as mem:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        train(model, optimizer, scheduler, batch_sampler, lambda s: loader, total_steps=warmup + steps,
-              grad_accum=grad_accum, device=device, precision=precision, log=records.append, sync=sync)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train(model, optimizer, scheduler, batch_sampler, lambda s: loader, total_steps=warmup + steps,
+          grad_accum=grad_accum, device=device, precision=precision, log=records.append, sync=sync)
     timed = records[warmup:]
     row = Row(name, [r["step_time"] for r in timed], [r["real_tokens"] for r in timed],
               [r["padded_tokens"] for r in timed], [r["loss_tokens"] for r in timed],
               [r["sequences"] for r in timed],
               {p: [r[f"{p}_time"] for r in timed] for p in ("data", "forward", "backward", "optimizer")})
-    row.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.peak
+    # CPU: measured in a fresh process instead (peak_memory_in_fresh_process)
+    row.peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return row
 
 
@@ -223,7 +189,10 @@ def minift_contenders(quick: bool, sequences: int = 32, compile_model: bool = Fa
 
 
 def step_counts(args) -> tuple[int, int]:
-    """(timed steps, warm-up steps): 4 and 1 by default, 2 and 1 under --quick, unless given."""
+    """(timed steps, warm-up steps): 4 and 1 by default, 2 and 1 under --quick, unless given;
+    1 and 1 in a ``--memory-of`` process."""
+    if args.memory_of:
+        return 1, 1
     steps = args.steps if args.steps is not None else (2 if args.quick else 4)
     return steps, args.warmup if args.warmup is not None else 1
 
@@ -249,19 +218,20 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
     def local_probe() -> float:  # the machine's speed right next to each contender (drift check)
         return gemm_peak_flops(device, dtype, repeats=5) if only is None else 0.0
 
+    contenders = minift_contenders(args.quick, args.sequences_per_step, args.compile)
     rows: list[Row] = []
     n_params = 0
-    for round_index in range(args.rounds):  # interleaved: every contender once per round
-        for spec in minift_contenders(args.quick, args.sequences_per_step, args.compile):
+    for round_index in range(1 if only else args.rounds):  # interleaved: every contender once per round
+        for spec in contenders:
             spec = dict(spec)
             spec.pop("memory", None)
             if only is not None and spec["name"] != only:
                 continue
             torch.manual_seed(0)
-            model = build_model(config).to(device)
+            # a lever switched off (CausalLM.set_hot_path) changes speed only, never the loss
+            model = build_model(config).to(device).set_hot_path(**spec.pop("hot_path", {}))
             n_params = model.num_parameters()
             if spec.pop("compile_model", False):
-                model.set_hot_path(**spec.pop("hot_path", {}))
                 model = torch.compile(model, dynamic=True)
             probe_before = local_probe()
             row = run_minift(spec.pop("name"), model, examples, tokenizer.pad_id, steps=steps, warmup=warmup,
@@ -286,15 +256,14 @@ def run_benchmark(args, extra_contenders: list[tuple[str, Callable[[], Row]]] = 
             getattr(m, attr).extend(getattr(row, attr))
         for phase, values in row.phases.items():
             m.phases.setdefault(phase, []).extend(values)
-        m.peak_memory = max(m.peak_memory or 0, row.peak_memory or 0)
+        if row.peak_memory is not None:
+            m.peak_memory = max(m.peak_memory or 0, row.peak_memory)
         m.local_peaks.extend(row.local_peaks)
-    if device.type == "cpu":
-        isolated = [spec["name"] for spec in minift_contenders(args.quick, args.sequences_per_step, args.compile)
-                    if spec.get("memory")] + [name for name, _ in extra_contenders]
-        for name, row in merged.items():
-            row.peak_memory = None
-            if memory_command and name in isolated:
-                row.peak_memory = peak_memory_in_fresh_process(memory_command, name)
+    if device.type == "cpu" and memory_command:
+        isolated = [spec["name"] for spec in contenders if spec.get("memory")] + [name for name, _ in extra_contenders]
+        for name in isolated:
+            if name in merged:
+                merged[name].peak_memory = peak_memory_in_fresh_process(memory_command, name)
     peak_flops = max(peak_flops, gemm_peak_flops(device, dtype))
     peak_source = "GEMM probe"
     if known_peak_flops(device, args.precision):  # MFU against the vendor's figure on a known GPU
@@ -323,7 +292,6 @@ def peak_memory_in_fresh_process(command: list[str], name: str) -> int | None:
 
 def report_own_peak_memory(args, extra_contenders=()) -> None:
     """The ``--memory-of NAME`` side of ``peak_memory_in_fresh_process``."""
-    args.steps, args.warmup, args.rounds = 1, 1, 1
     ran = run_benchmark(args, extra_contenders, only=args.memory_of)["runs"]
     if not ran:
         raise SystemExit(f"--memory-of: no contender named {args.memory_of!r}")
@@ -412,12 +380,13 @@ def write_outputs(record: dict[str, Any], out_dir: str, baseline: str | None) ->
               f"GEMM peak {record['peak_gemm_flops'] / 1e9:.1f} GFLOP/s -> ceiling "
               f"{record['ceiling_real_tokens_per_s']:.1f} real tokens/s; {record['warmup']} warm-up + "
               f"{record['steps']} timed steps x {record['rounds']} rounds per run")
-    (out / f"bench-{stamp}.md").write_text(header + "\n\n" + table + "\n")
     note = ("\n\n*peak MB: CUDA max_memory_allocated; on CPU the peak RSS of a fresh process running that "
             "contender alone (1 warm-up + 1 step, data loading included), – where not measured. "
             "'at equal GEMM speed': the ratio of real tokens/s each divided by the median GEMM probe taken just "
             "before and after that contender (the machine's speed drifts during a run).")
-    return header + "\n\n" + table + note
+    report = header + "\n\n" + table + note
+    (out / f"bench-{stamp}.md").write_text(report + "\n")
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
