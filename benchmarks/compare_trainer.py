@@ -8,11 +8,12 @@ Two contenders:
 """
 from __future__ import annotations
 
+import tempfile
 import time
 
 import torch
 
-from minift.bench import Row, shared_dir, step_counts
+from harness import Contender, Row, shared_dir, tokenized_tweets
 
 
 def _transformers_tokenizer(model_type: str):
@@ -41,9 +42,9 @@ def _model(model_type: str, vocab_size: int):
     return transformers.GPT2LMHeadModel(config)
 
 
-def run_trainer(name: str, model_type: str, examples, *, max_length_padding: bool, batch_size: int,
+def run_trainer(id_: str, name: str, model_type: str, examples, *, max_length_padding: bool, batch_size: int,
                 grad_accum: int, group_by_length: bool, steps: int, warmup: int, output_dir: str,
-                precision: str = "fp32") -> Row:
+                precision: str = "fp32", seed: int = 0) -> Row:
     import datasets
     import transformers
 
@@ -82,7 +83,7 @@ def run_trainer(name: str, model_type: str, examples, *, max_length_padding: boo
     args = transformers.TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         max_steps=warmup + steps, learning_rate=5e-5, report_to="none", save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0,
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=seed,
         train_sampling_strategy="group_by_length" if group_by_length else "random", length_column_name="length",
         remove_unused_columns=False, bf16=precision == "bf16")
     model = _model(model_type, len(tok))
@@ -94,28 +95,34 @@ def run_trainer(name: str, model_type: str, examples, *, max_length_padding: boo
     trainer.train()
     step_times = [b - a for a, b in zip(ends, ends[1:])][warmup:]
     per_step = [counts[s * grad_accum:(s + 1) * grad_accum] for s in range(warmup, warmup + steps)]
-    row = Row(name, step_times, [sum(c[0] for c in s) for s in per_step], [sum(c[1] for c in s) for s in per_step],
-              [sum(c[2] for c in s) for s in per_step], [sum(c[3] for c in s) for s in per_step])
-    row.peak_memory = torch.cuda.max_memory_allocated() if cuda else None  # CPU: a fresh process measures it
-    return row
+    records = [{"step_time": t, "real_tokens": sum(c[0] for c in s), "padded_tokens": sum(c[1] for c in s),
+                "loss_tokens": sum(c[2] for c in s), "sequences": sum(c[3] for c in s)}
+               for t, s in zip(step_times, per_step)]
+    # CPU: a fresh process measures the peak memory instead
+    return Row(id_, name, records, peak_memory=torch.cuda.max_memory_allocated() if cuda else None)
 
 
-BEST = "Trainer at its best"  # the baseline every ratio is relative to
+BEST = "trainer-best"  # the baseline every ratio is relative to
 
 
-def trainer_contenders(args, examples, output_dir: str) -> list:
+def trainer_contenders(args) -> list[Contender]:
     """The classic recipe (fixed: 1 x 4 at 512 tokens) and Trainer at its best with the same
-    sequences per optimizer step as minift, as (sequences / 2) x 2."""
-    steps, warmup = step_counts(args)
-    classic_steps = max(1, steps // 2)  # a classic step is 4 tweets padded to 512: slow on a CPU
+    sequences per optimizer step as minift, as (sequences / 2) x 2. Both measured for memory."""
     half = args.sequences_per_step // 2
-    classic = "Trainer, classic recipe (max_length 512, 1x4)"
-    best = f"{BEST} (dynamic /8 + group_by_length, {half}x2)"
-    return [
-        (classic, lambda: run_trainer(classic, args.model_type, examples, max_length_padding=True, batch_size=1,
-                                      grad_accum=4, group_by_length=False, steps=classic_steps, warmup=warmup,
-                                      output_dir=output_dir, precision=args.precision)),
-        (best, lambda: run_trainer(best, args.model_type, examples, max_length_padding=False, batch_size=half,
-                                   grad_accum=2, group_by_length=True, steps=steps, warmup=warmup,
-                                   output_dir=output_dir, precision=args.precision)),
-    ]
+
+    def classic(args, round_index):
+        with tempfile.TemporaryDirectory() as out:  # a classic step is 4 tweets padded to 512: slow on a CPU
+            return run_trainer("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", args.model_type,
+                               tokenized_tweets(args.model_type)[1], max_length_padding=True, batch_size=1,
+                               grad_accum=4, group_by_length=False, steps=max(1, args.steps // 2),
+                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index)
+
+    def best(args, round_index):
+        with tempfile.TemporaryDirectory() as out:
+            return run_trainer(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)",
+                               args.model_type, tokenized_tweets(args.model_type)[1], max_length_padding=False,
+                               batch_size=half, grad_accum=2, group_by_length=True, steps=args.steps,
+                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index)
+
+    return [Contender("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", classic, memory=True),
+            Contender(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)", best, memory=True)]

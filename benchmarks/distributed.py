@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from minift.bench import shared_dir
+from harness import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = shared_dir()

@@ -9,9 +9,9 @@
 # 512 sequences per optimizer step (minift 512x1; Trainer at its best 256x2): at the CPU setting of
 # 32 tweets (~800 tokens) a step is a few hundred kernel launches and no GPU is compute-bound.
 # Needs torch with CUDA, tokenizers, datasets, safetensors, numpy (and transformers + accelerate
-# for the Trainer rows). On the project's lent GPU machines `datasets` (and its `dill`,
-# `multiprocess`) must travel as wheels, and the shared tweets + tokenizer as a carried folder;
-# see the device tool's README.
+# for the Trainer rows). On a GPU machine without a package index, install `datasets` (with its
+# `dill`, `multiprocess`) from wheels copied there, and copy the shared tweets and tokenizer beside
+# the repo (MINIFT_SHARED points at them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from minift.bench import shared_dir
+from harness import shared_dir
 from minift.collate import Collator, PackingCollator, padding_efficiency
 from minift.data import load_splits, prepare_split
 from minift.sampling import LengthGroupedSampler, RandomSampler
@@ -35,7 +35,7 @@ def main() -> int:
     args = parser.parse_args()
     tokenizer = ensure_pad_token(load_tokenizer(shared_dir() / "tokenizers" / args.tokenizer))
     splits = load_splits(str(shared_dir() / "data" / "tweet_sentiment_extraction"))
-    examples, _, report = prepare_split(splits, "train", tokenizer, max_length=128)
+    examples, report = prepare_split(splits, "train", tokenizer, max_length=128)
     lengths = examples.lengths
     random_batches = RandomSampler(len(lengths), args.batch_size, seed=0).batches(0)
     grouped = LengthGroupedSampler(lengths, args.batch_size, seed=0).batches(0)

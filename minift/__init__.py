@@ -4,7 +4,10 @@ The public API, re-exported here and nothing else.
 """
 from .config import RunConfig, load_config
 from .hub import CheckpointError, from_pretrained
-from .loop import TrainState, train
+from .collate import Collator
+from .distributed import Distributed
+from .loop import Hooks, NextTokenLoss, TrainState, train
+from .precision import Precision
 from .models import GPT1LMHeadModel, GPT2Config, GPT2LMHeadModel, GPTConfig, build_model
 from .tokenizer import Tokenizer, load_tokenizer, resize_model_embeddings
 
@@ -21,4 +24,5 @@ def __getattr__(name: str):
 
 __all__ = ["from_pretrained", "load_tokenizer", "resize_model_embeddings", "Tokenizer", "GPTConfig",
            "GPT2Config", "GPT1LMHeadModel", "GPT2LMHeadModel", "build_model", "CheckpointError", "train",
-           "TrainState", "run", "load_config", "RunConfig"]
+           "TrainState", "Hooks", "NextTokenLoss", "Precision", "Distributed", "Collator", "run", "load_config",
+           "RunConfig"]

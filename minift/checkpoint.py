@@ -21,11 +21,15 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from .hub import load_weights
+from .models.base import WEIGHTS_NAME
 
 MANIFEST = "manifest.json"
 STATE_FILE = "training_state.pt"
@@ -130,7 +134,7 @@ def verify_checkpoint(path: Path) -> None:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest ({err})") from None
-    for name in ("config.json", "model.safetensors", STATE_FILE):
+    for name in ("config.json", WEIGHTS_NAME, STATE_FILE):
         if name not in files:
             raise CheckpointCorrupt(f"{path}: manifest does not list {name}")
     for name, expected in files.items():
@@ -180,3 +184,58 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- the training state: what a checkpoint holds beyond the weights, written and read here only --
+@dataclass
+class TrainingParts:
+    """The objects whose state a checkpoint saves and restores. ``model`` is the unwrapped model
+    (not DDP, not compiled), ``sampler`` minift's batch sampler, ``precision`` holds the scaler."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    precision: Any
+    sampler: Any
+
+
+def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dist, run_config: dict[str, Any],
+                        total_steps: int, keep: int = 2) -> Path | None:
+    """Checkpoint step ``state.step``: weights, optimizer, scheduler, scaler, every rank's RNG and
+    sampler position, the loop's counters. Every rank must call it (the states are gathered);
+    rank 0 writes. Returns the checkpoint directory (None on other ranks)."""
+    rng = dist.gather(rng_state())
+    samplers = dist.gather(parts.sampler.state_dict())
+    if not dist.is_main:
+        return None
+    training_state = {"optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+                      "precision": parts.precision.state_dict(), "rng": rng, "sampler": samplers,
+                      "train_state": state.state_dict(), "total_steps": total_steps, "world_size": dist.world_size}
+    return save_checkpoint(output_dir, state.step, parts.model, training_state, run_config, keep=keep)
+
+
+def restore_training_state(path: Path, state, parts: TrainingParts, dist) -> None:
+    """Load what ``save_training_state`` wrote into ``parts`` and ``state`` (this rank's sampler
+    position and RNG). Refuses a checkpoint written by another number of ranks."""
+    saved = load_training_state(path)
+    dist.check_world_size(saved.get("world_size", 1))
+    device = next(parts.model.parameters()).device
+    load_weights(parts.model, path)
+    parts.model.to(device)
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scheduler.load_state_dict(saved["scheduler"])
+    parts.precision.load_state_dict(saved["precision"])
+    parts.sampler.load_state_dict(saved["sampler"][dist.rank])
+    state.load_state_dict(saved["train_state"])
+    set_rng_state(saved["rng"][dist.rank])
+
+
+def checkpoint_to_resume(resume: str | Path | bool, output_dir: str | Path,
+                         log: Callable[[str], None] = print) -> Path | None:
+    """``resume=True``: the newest intact checkpoint in ``output_dir`` (None when there is none);
+    a path: that checkpoint, verified."""
+    if resume is True:
+        return find_resumable(output_dir, log=log)
+    path = Path(resume)
+    verify_checkpoint(path)
+    return path

@@ -15,7 +15,8 @@ import torch
 
 from .models.layers import IGNORE_INDEX
 
-OBJECTIVES = ("all", "completion")
+OBJECTIVES = ("all", "completion")  # loss on every real token / only after the prompt
+PADDINGS = ("longest", "max_length")  # dynamic / the classic recipe's fixed length
 
 
 @dataclass
@@ -29,8 +30,8 @@ class Collator:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.padding not in ("longest", "max_length"):
-            raise ValueError(f"padding must be 'longest' or 'max_length', got {self.padding!r}")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if self.padding == "max_length" and not self.max_length:
             raise ValueError("padding='max_length' needs max_length")
         if self.pad_id is None:
@@ -54,17 +55,8 @@ class Collator:
             attention_mask[row, :length] = 1
             first_label = example.get("prompt_length", 0) if self.objective == "completion" else 0
             labels[row, first_label:length] = ids[first_label:]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "n_real_tokens": sum(lengths),
-            "n_padded_tokens": input_ids.numel(),
-            # a label at position t is predicted from t-1: the first position is never a target
-            "n_loss_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
-            # Trainer's count for GPT-1 (unshifted labels, first tokens included); see docs
-            "n_label_tokens": int((labels != IGNORE_INDEX).sum()),
-        }
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                **batch_counts(input_ids, labels, n_real_tokens=sum(lengths))}
 
 
 @dataclass
@@ -108,12 +100,31 @@ class PackingCollator(Collator):
                 # the example's first token is predicted by nothing of its own: never a target
                 labels[r, start + max(first_label, 1):end] = ids[max(first_label, 1):]
                 start = end
-        n_real = int(attention_mask.sum())
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "position_ids": position_ids, "document_ids": document_ids, "n_real_tokens": n_real,
-                "n_padded_tokens": input_ids.numel(),
-                "n_loss_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
-                "n_label_tokens": int((labels != IGNORE_INDEX).sum())}
+                "position_ids": position_ids, "document_ids": document_ids,
+                **batch_counts(input_ids, labels, n_real_tokens=int(attention_mask.sum()))}
+
+
+def batch_counts(input_ids: torch.Tensor, labels: torch.Tensor, n_real_tokens: int) -> dict[str, int]:
+    """The counts the loop reads from every batch, as Python ints (no device sync in the loop)."""
+    return {
+        "n_real_tokens": n_real_tokens,
+        "n_padded_tokens": input_ids.numel(),
+        # a label at position t is predicted from t-1: the first position is never a target
+        "n_loss_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        # Trainer's count for GPT-1/GPT-2 (unshifted labels, first tokens included); see docs
+        "n_label_tokens": int((labels != IGNORE_INDEX).sum()),
+    }
+
+
+def count_loss_targets(batch: dict[str, Any], count_key: str = "n_loss_targets") -> int:
+    """``count_key`` of a batch that did not come from a minift collator (it has ``labels``)."""
+    if "labels" not in batch:
+        raise KeyError(f"the batch has neither {count_key!r} nor 'labels' (keys: {sorted(batch)}): give the "
+                       f"model labels (input_ids with -100 where no loss is wanted), or use minift.Collator")
+    labels = batch["labels"]
+    real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else labels.numel()
+    return batch_counts(batch["input_ids"], labels, real)[count_key]
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "document_ids")

@@ -13,6 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the choice lists live with the code that implements them; validation reads them from there
+from .collate import OBJECTIVES, PADDINGS
+from .optim import SCHEDULES
+from .precision import AUTOCAST_PRECISIONS, DTYPES
+from .sampling import SAMPLERS
+
+# torch's spellings of a dtype, accepted in a config and stored as minift's one spelling
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+YES_NO_AUTO = ("auto", "yes", "no")
+
 
 class RunConfigError(ValueError):
     pass
@@ -25,7 +35,7 @@ class ModelSection:
     config: dict = field(default_factory=dict)  # model config.json fields (random init) or overrides
     model_type: str = "openai-gpt"  # architecture for name = "random"
     pad_token: str = "auto"  # "auto": [PAD] when the tokenizer has none and no EOS; "eos": pad with EOS
-    dtype: str = "float32"  # storage dtype of the weights
+    dtype: str = "fp32"  # storage dtype of the weights: fp32, bf16, fp16 or fp64
     compile: bool = False  # torch.compile the model
 
 
@@ -102,6 +112,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         t, d = self.train, self.data
+        self.model.dtype = DTYPE_ALIASES.get(self.model.dtype, self.model.dtype)
         checks = [
             (t.batch_size > 0, "train.batch_size must be positive"),
             (t.grad_accum > 0, "train.grad_accum must be positive"),
@@ -111,18 +122,19 @@ class RunConfig:
             (t.warmup_steps >= 0 and 0 <= t.warmup_ratio < 1, "train.warmup_steps >= 0 and 0 <= warmup_ratio < 1"),
             (t.weight_decay >= 0 and t.max_grad_norm >= 0, "train.weight_decay and max_grad_norm must be >= 0"),
             (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1 and t.eps > 0, "train.beta1/beta2 in [0, 1), eps > 0"),
-            (t.schedule in ("constant", "linear", "cosine"), f"train.schedule {t.schedule!r} unknown"),
-            (t.precision in ("fp32", "bf16", "fp16"), f"train.precision {t.precision!r}: fp32, bf16 or fp16"),
-            (t.fused_adamw in ("auto", "yes", "no"), "train.fused_adamw must be auto, yes or no"),
+            (t.schedule in SCHEDULES, f"train.schedule {t.schedule!r}: one of {list(SCHEDULES)}"),
+            (t.precision in AUTOCAST_PRECISIONS, f"train.precision {t.precision!r}: one of {list(AUTOCAST_PRECISIONS)}"),
+            (self.model.dtype in DTYPES, f"model.dtype {self.model.dtype!r}: one of {list(DTYPES)}"),
+            (t.fused_adamw in YES_NO_AUTO, f"train.fused_adamw must be one of {list(YES_NO_AUTO)}"),
             (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
             (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),
             (t.log_every > 0 and t.eval_every >= 0 and t.checkpoint_every >= 0 and t.keep_checkpoints > 0,
              "train.log_every and keep_checkpoints must be positive, eval_every/checkpoint_every >= 0"),
             (d.max_length > 0, "data.max_length must be positive"),
-            (d.objective in ("all", "completion"), f"data.objective {d.objective!r}: all or completion"),
-            (d.sampler in ("random", "sequential", "length_grouped"), f"data.sampler {d.sampler!r} unknown"),
-            (d.padding in ("longest", "max_length"), "data.padding must be longest or max_length"),
-            (d.append_eos in ("auto", "yes", "no"), "data.append_eos must be auto, yes or no"),
+            (d.objective in OBJECTIVES, f"data.objective {d.objective!r}: one of {list(OBJECTIVES)}"),
+            (d.sampler in SAMPLERS, f"data.sampler {d.sampler!r}: one of {list(SAMPLERS)}"),
+            (d.padding in PADDINGS, f"data.padding {d.padding!r}: one of {list(PADDINGS)}"),
+            (d.append_eos in YES_NO_AUTO, f"data.append_eos must be one of {list(YES_NO_AUTO)}"),
             (d.pad_to_multiple_of >= 0 and d.max_train_examples >= 0 and d.num_workers >= 0,
              "data.pad_to_multiple_of, max_train_examples, num_workers must be >= 0"),
             (0 <= d.validation_fraction < 1, "data.validation_fraction must be in [0, 1)"),
@@ -137,7 +149,6 @@ class RunConfig:
         return self
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
 
 

@@ -9,7 +9,6 @@ The stages, each a function:
 from __future__ import annotations
 
 import glob
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,13 @@ from typing import Any
 
 import datasets
 
-log = logging.getLogger("minift.data")
+from .config import DataSection
 
-DEFAULT_DATASET = "mteb/tweet_sentiment_extraction"
-DEFAULT_TEMPLATE = "{text} sentiment: {label}"
-DEFAULT_LABELS = ("negative", "neutral", "positive")
+_DEFAULTS = DataSection()  # one source for the defaults: the [data] section of the config
+DEFAULT_DATASET = _DEFAULTS.source
+DEFAULT_TEMPLATE = _DEFAULTS.template
+DEFAULT_LABELS = tuple(_DEFAULTS.labels)
+DEFAULT_MAX_LENGTH = _DEFAULTS.max_length
 _EXTENSION_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -140,8 +141,8 @@ def load_splits(source: str = DEFAULT_DATASET, data_files: dict[str, str] | None
 
 
 # -- cleaning ---------------------------------------------------------------------------------------
-def clean_split(ds: datasets.Dataset, split: str, text_column: str = "text", label_column: str = "label_text",
-                labels: tuple[str, ...] = DEFAULT_LABELS) -> tuple[datasets.Dataset, SplitReport]:
+def clean_split(ds: datasets.Dataset, split: str, text_column: str = _DEFAULTS.text_column,
+                label_column: str = _DEFAULTS.label_column, labels: tuple[str, ...] = DEFAULT_LABELS) -> tuple[datasets.Dataset, SplitReport]:
     """Keep rows with usable text; a ``row`` column keeps each row's number in the source.
 
     Empty, whitespace-only and None texts are skipped and counted. A missing column, a text
@@ -207,7 +208,8 @@ def label_token_ids(tokenizer, template: str, labels: tuple[str, ...]) -> list[l
 
 
 def tokenize_split(ds: datasets.Dataset, tokenizer, template: str, labels: tuple[str, ...], max_length: int,
-                   text_column: str = "text", label_column: str = "label_text", append_eos: bool = True,
+                   text_column: str = _DEFAULTS.text_column, label_column: str = _DEFAULTS.label_column,
+                   append_eos: bool = True,
                    report: SplitReport | None = None, num_proc: int | None = None) -> datasets.Dataset:
     """Tokenize with ``datasets.map(batched=True)``; the result is cached on disk by
     ``datasets`` (keyed by the input and this function's arguments) and reused.
@@ -279,9 +281,9 @@ class TokenizedExamples:
 
 
 def prepare_split(dsd: datasets.DatasetDict, split: str, tokenizer, template: str = DEFAULT_TEMPLATE,
-                  labels: tuple[str, ...] = DEFAULT_LABELS, max_length: int = 128, text_column: str = "text",
-                  label_column: str = "label_text", append_eos: bool | None = None
-                  ) -> tuple[TokenizedExamples, datasets.Dataset, SplitReport]:
+                  labels: tuple[str, ...] = DEFAULT_LABELS, max_length: int = DEFAULT_MAX_LENGTH,
+                  text_column: str = _DEFAULTS.text_column, label_column: str = _DEFAULTS.label_column,
+                  append_eos: bool | None = None) -> tuple[TokenizedExamples, SplitReport]:
     """Clean + tokenize one split. ``append_eos`` None means: when the tokenizer has an EOS."""
     if split not in dsd:
         raise DataError(f"no {split!r} split (found {sorted(dsd)})")
@@ -290,4 +292,4 @@ def prepare_split(dsd: datasets.DatasetDict, split: str, tokenizer, template: st
     cleaned, report = clean_split(dsd[split], split, text_column, label_column, labels)
     tokenized = tokenize_split(cleaned, tokenizer, template, labels, max_length, text_column, label_column,
                                append_eos=append_eos, report=report)
-    return TokenizedExamples(tokenized), cleaned, report
+    return TokenizedExamples(tokenized), report

@@ -3,18 +3,22 @@
 Label scoring: for each example, the log-probability of each label's tokens after the
 prompt; the prediction is the label with the highest one. One batched forward per batch of
 prompts when every label is a single token; otherwise one sequence per (example, label).
+
+``EvalData`` is what evaluation needs (padded loss batches, prompts, gold labels), built once
+per run; ``evaluate`` hands back an ``EvalResult``, reduced over ranks under torchrun.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .collate import model_inputs
+from .collate import Collator, model_inputs
+from .distributed import SINGLE_PROCESS, Distributed
 
 
 @dataclass
@@ -32,6 +36,36 @@ class EvalResult:
     def as_dict(self) -> dict:
         hidden = ("predicted", "gold", "loss_sum")
         return {k: v for k, v in self.__dict__.items() if v is not None and k not in hidden}
+
+
+@dataclass
+class EvalData:
+    """What evaluation needs: padded batches for the loss, prompts and gold labels for accuracy."""
+
+    batches: list[dict]
+    prompts: list[list[int]]
+    gold: list[int]
+    label_ids: list[list[int]]  # the tokens each label adds after the prompt
+    pad_id: int
+    batch_size: int = 32
+
+    def shard(self, dist: Distributed) -> "EvalData":
+        """This rank's share (batches and prompts dealt round robin); the whole set in one process."""
+        if not dist.enabled:
+            return self
+        return replace(self, batches=dist.shard(self.batches), prompts=dist.shard(self.prompts),
+                       gold=dist.shard(self.gold))
+
+
+def eval_data_from_examples(examples, label_ids: list[list[int]], pad_id: int, objective: str = "all",
+                            batch_size: int = 32, max_examples: int = 0) -> EvalData:
+    """Batches of ``batch_size`` in dataset order, padded to their longest (evaluation never packs
+    or pads to a fixed length), and each example's prompt (its tokens before the label)."""
+    n = min(max_examples, len(examples)) if max_examples else len(examples)
+    collate = Collator(pad_id=pad_id, objective=objective)
+    batches = [collate([examples[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
+    prompts = [examples.input_ids[i][:examples.prompt_length[i]] for i in range(n)]
+    return EvalData(batches, prompts, examples.label_index[:n], label_ids, pad_id, batch_size)
 
 
 def finish_eval(loss_sum: float, n_targets: int, predicted: Sequence[int] | None, gold: Sequence[int] | None,
@@ -84,16 +118,28 @@ def label_log_probs(model, prompts: Sequence[Sequence[int]], label_ids: Sequence
                 logp = F.log_softmax(F.linear(last, head).float(), dim=-1)
                 out.append(logp[:, [ids_[0] for ids_ in label_ids]].cpu())
                 continue
-            seqs = [list(p) + list(lab) for p in chunk for lab in label_ids]
-            ids, _ = _right_pad(seqs, pad_id)
-            hidden = model.hidden_states(ids.to(device))
-            scores = torch.zeros(len(seqs))
-            for s, (p, lab) in enumerate((p, lab) for p in chunk for lab in label_ids):
-                positions = torch.arange(len(p) - 1, len(p) + len(lab) - 1, device=hidden.device)
-                logp = F.log_softmax(F.linear(hidden[s, positions], head).float(), dim=-1)
-                scores[s] = logp[torch.arange(len(lab)), torch.as_tensor(lab, device=hidden.device)].sum().cpu()
-            out.append(scores.view(len(chunk), len(label_ids)))
+            out.append(torch.stack([_label_scores_after(model, p, label_ids, pad_id, device) for p in chunk]))
     return torch.cat(out) if out else torch.zeros(0, len(label_ids))
+
+
+def _label_scores_after(model, prompt: Sequence[int], label_ids: Sequence[Sequence[int]], pad_id: int,
+                        device) -> torch.Tensor:
+    """[n_labels]: log p(label | prompt) for multi-token labels. The prompt runs once into a KV
+    cache; every label then continues from it in one batch (right-padded: a pad after a label's
+    last token cannot change that label's scores, attention being causal)."""
+    head = model.lm_head_weight
+    cache = model.new_kv_cache()
+    last = model.hidden_states(torch.tensor([list(prompt)], device=device), kv_cache=cache)[0, -1]
+    n = len(label_ids)
+    for layer in cache:  # the same prompt under every label
+        layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+    ids, _ = _right_pad(label_ids, pad_id)
+    hidden = model.hidden_states(ids.to(device), kv_cache=cache)
+    # label token j is predicted from the prompt's last position (j = 0) or the label's token j - 1
+    predictors = torch.cat([last.expand(n, 1, -1), hidden[:, :-1]], dim=1)
+    logp = F.log_softmax(F.linear(predictors, head).float(), dim=-1)
+    return torch.stack([logp[i, torch.arange(len(lab)), torch.as_tensor(lab, device=logp.device)].sum()
+                        for i, lab in enumerate(label_ids)]).cpu()
 
 
 def accuracy_and_macro_f1(predicted: Sequence[int], gold: Sequence[int], n_classes: int) -> tuple[float, float]:
@@ -108,14 +154,25 @@ def accuracy_and_macro_f1(predicted: Sequence[int], gold: Sequence[int], n_class
     return correct / max(1, len(gold)), sum(f1s) / n_classes
 
 
-def evaluate(model, loss_batches: Iterable[dict], prompts: Sequence[Sequence[int]], gold: Sequence[int],
-             label_ids: Sequence[Sequence[int]], pad_id: int, device, batch_size: int = 32,
-             autocast=None, accuracy: bool = True) -> EvalResult:
+def evaluate(model, data: EvalData, precision=None, dist: Distributed = SINGLE_PROCESS,
+             accuracy: bool = True) -> EvalResult:
+    """Token-weighted loss over ``data.batches`` and, with ``accuracy``, label-scoring accuracy and
+    macro-F1. Under torchrun each rank scores its shard and the sums are reduced: equal to one process."""
+    device = next(model.parameters()).device
+    shard = data.shard(dist)
     was_training = model.training
     model.eval()
-    total, count = loss_sums(model, loss_batches, device, autocast)
+    total, count = loss_sums(model, shard.batches, device, precision.autocast() if precision else None)
     predicted = None
     if accuracy:
-        predicted = label_log_probs(model, prompts, label_ids, pad_id, device, batch_size).argmax(dim=1).tolist()
+        scores = label_log_probs(model, shard.prompts, data.label_ids, data.pad_id, device, data.batch_size)
+        predicted = scores.argmax(dim=1).tolist()
     model.train(was_training)
-    return finish_eval(total, count, predicted, gold if accuracy else None, len(label_ids))
+    if dist.enabled:  # every rank's sums and predictions, in rank order
+        parts = dist.gather((total, count, predicted, shard.gold))
+        total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        predicted = [x for p in parts for x in p[2]] if accuracy else None
+        gold = [x for p in parts for x in p[3]]
+    else:
+        gold = shard.gold
+    return finish_eval(total, count, predicted, gold if accuracy else None, len(data.label_ids))

@@ -1,77 +1,60 @@
 """The fine-tuning recipe: build every component from a ``RunConfig``, then call the loop.
 
-    tokenizer + model  -> data (load, clean, tokenize) -> sampler + collator + DataLoader
-    -> AdamW + schedule + GradScaler -> [resume] -> eval before -> loop.train -> final
-    checkpoint, eval after, summary
+    tokenizer + model -> data (load, clean, tokenize) -> sampler + DataLoader
+    -> AdamW + schedule -> [resume] -> eval before -> loop.train -> checkpoint, eval after, export
 
-Each component comes from its own module; this file only wires them, so a researcher can
-copy it and swap any piece.
+``run`` reads top to bottom; each component comes from one small ``build_*`` function here,
+each backed by its own module, so a researcher can copy this file and swap any piece. The
+benchmarks build their minift rows with these same functions.
 """
 from __future__ import annotations
 
 import json
 import math
-import random
-import signal
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from . import distributed as dist_utils
 from . import synthetic
 from .collate import Collator, PackingCollator, padding_efficiency
 from .config import RunConfig
-from .data import DataError, label_token_ids, load_splits, prepare_split
-from .evaluate import EvalResult, evaluate
-from .hub import from_pretrained, load_weights
-from .loop import TrainState, autocast_for, train
-from .metrics import MetricsLogger, environment_line, peak_memory_bytes, plot_curves, summarize_steps
-from .models import CONFIG_CLASSES, build_model
-from .runtime import keep_large_allocations
-from .optim import make_adamw, make_scheduler, warmup_steps_for, warn_slow_bf16
+from .data import DataError, SplitReport, TokenizedExamples, label_token_ids, load_splits, prepare_split
+from .distributed import SINGLE_PROCESS, Distributed
+from .evaluate import EvalData, EvalResult, eval_data_from_examples, evaluate
+from .hub import from_pretrained
+from .loop import Hooks, NextTokenLoss, TrainState, skip_nonfinite, stop_on_nonfinite, train
+from .metrics import MetricsLogger, eval_line, plot_curves, run_summary, summary_text, trim_metrics
+from .models import CONFIG_CLASSES, build_model as build_random_model
+from .optim import make_adamw, make_scheduler, warmup_steps_for
+from .precision import Precision, dtype_of
+from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
+from .sampling import BatchSampler, make_sampler
 from .tokenizer import check_vocab_matches, ensure_pad_token, load_tokenizer
 
-SYNTHETIC = "synthetic"
+SYNTHETIC = "synthetic"  # data.source / model.tokenizer: the offline default's own material
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def synthetic_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.train.output_dir) / "synthetic"
-
-
-# -- components ---------------------------------------------------------------------------------
+# -- components, one function each ----------------------------------------------------------------
 def build_tokenizer(cfg: RunConfig):
     name = cfg.model.tokenizer or cfg.model.name
     if name == SYNTHETIC:
-        name = synthetic.prepare(synthetic_dir(cfg), seed=cfg.train.seed)[1]
+        name = synthetic.prepare(Path(cfg.train.output_dir) / SYNTHETIC, seed=cfg.train.seed)[1]
     if name == "random":
         raise DataError("model.name = \"random\" needs model.tokenizer")
-    tokenizer = ensure_pad_token(load_tokenizer(name), cfg.model.pad_token)
-    return tokenizer
+    return ensure_pad_token(load_tokenizer(name), cfg.model.pad_token)
 
 
-def build_model_for(cfg: RunConfig, tokenizer, device: torch.device):
-    dtype = getattr(torch, cfg.model.dtype)
+def build_model(cfg: RunConfig, tokenizer, device: torch.device):
+    """The pretrained checkpoint (or a random init), its vocabulary grown to the tokenizer's."""
     if cfg.model.name == "random":
         config_cls = CONFIG_CLASSES[cfg.model.model_type]
-        fields = {"vocab_size": tokenizer.vocab_size, **cfg.model.config}
-        model = build_model(config_cls.from_dict(fields, source="[model] config"))
+        model = build_random_model(config_cls.from_dict({"vocab_size": tokenizer.vocab_size, **cfg.model.config},
+                                                        source="[model] config"))
     else:
         model = from_pretrained(cfg.model.name, **cfg.model.config)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -80,273 +63,175 @@ def build_model_for(cfg: RunConfig, tokenizer, device: torch.device):
     if cfg.data.max_length > model.config.n_positions:
         raise DataError(f"data.max_length ({cfg.data.max_length}) exceeds the model's n_positions "
                         f"({model.config.n_positions})")
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype_of(cfg.model.dtype, "model.dtype"))
 
 
-def load_data(cfg: RunConfig):
-    """The dataset's splits (the synthetic one is written first when asked for)."""
+@dataclass
+class Datasets:
+    """The tokenized training examples, the evaluation data, and what cleaning did to each split."""
+
+    train: TokenizedExamples
+    eval: EvalData
+    reports: list[SplitReport]
+
+
+def build_datasets(cfg: RunConfig, tokenizer, with_train: bool = True) -> Datasets:
     d = cfg.data
-    source = str(synthetic.prepare(synthetic_dir(cfg), seed=cfg.train.seed)[0]) if d.source == SYNTHETIC else d.source
-    return load_splits(source, validation_fraction=d.validation_fraction, seed=cfg.train.seed)
-
-
-def eval_split_name(cfg: RunConfig) -> str:
-    return "validation" if cfg.data.validation_fraction else cfg.data.eval_split
-
-
-def prepare(cfg: RunConfig, splits, split: str, tokenizer):
-    """Clean, format and tokenize one split as the config says."""
-    d = cfg.data
-    examples, _, report = prepare_split(splits, split, tokenizer, template=d.template, labels=tuple(d.labels),
-                                        max_length=d.max_length, text_column=d.text_column,
-                                        label_column=d.label_column,
-                                        append_eos={"auto": None, "yes": True, "no": False}[d.append_eos])
-    return examples, report
+    source = d.source
+    if source == SYNTHETIC:
+        source = str(synthetic.prepare(Path(cfg.train.output_dir) / SYNTHETIC, seed=cfg.train.seed)[0])
+    splits = load_splits(source, validation_fraction=d.validation_fraction, seed=cfg.train.seed)
+    prepare = partial(prepare_split, splits, tokenizer=tokenizer, template=d.template, labels=tuple(d.labels),
+                      max_length=d.max_length, text_column=d.text_column, label_column=d.label_column,
+                      append_eos={"auto": None, "yes": True, "no": False}[d.append_eos])
+    eval_examples, eval_report = prepare("validation" if d.validation_fraction else d.eval_split)
+    eval_data = eval_data_from_examples(eval_examples, label_token_ids(tokenizer, d.template, tuple(d.labels)),
+                                        tokenizer.pad_id, d.objective, cfg.eval.batch_size, cfg.eval.max_examples)
+    if not with_train:
+        return Datasets(None, eval_data, [eval_report])
+    train_examples, train_report = prepare(d.train_split)
+    if d.max_train_examples and d.max_train_examples < len(train_examples):
+        train_examples.truncate(d.max_train_examples)
+    return Datasets(train_examples, eval_data, [train_report, eval_report])
 
 
 def build_collator(cfg: RunConfig, pad_id: int) -> Collator:
     d = cfg.data
     kwargs = dict(pad_id=pad_id, objective=d.objective, pad_to_multiple_of=d.pad_to_multiple_of or None,
                   padding=d.padding, max_length=d.max_length)
-    if d.packing:
-        return PackingCollator(**kwargs, row_length=d.max_length)
-    return Collator(**kwargs)
+    return PackingCollator(**kwargs, row_length=d.max_length) if d.packing else Collator(**kwargs)
 
 
-@dataclass
-class EvalData:
-    """What evaluation needs: padded batches for the loss, prompts and gold labels for accuracy."""
-
-    batches: list[dict]
-    prompts: list[list[int]]
-    gold: list[int]
-    label_ids: list[list[int]]
+def build_sampler(cfg: RunConfig, examples: TokenizedExamples, dist: Distributed = SINGLE_PROCESS) -> BatchSampler:
+    return make_sampler(cfg.data.sampler, examples.lengths, cfg.train.batch_size, cfg.train.seed,
+                        rank=dist.rank, world_size=dist.world_size)
 
 
-def build_eval_data(cfg: RunConfig, examples, tokenizer, collator: Collator) -> EvalData:
-    n = len(examples) if not cfg.eval.max_examples else min(cfg.eval.max_examples, len(examples))
-    plain = Collator(pad_id=collator.pad_id, objective=collator.objective)  # eval never packs or pads to max
-    size = cfg.eval.batch_size
-    batches = [plain([examples[i] for i in range(s, min(s + size, n))]) for s in range(0, n, size)]
-    prompts = [examples.input_ids[i][:examples.prompt_length[i]] for i in range(n)]
-    labels = tuple(cfg.data.labels)
-    return EvalData(batches, prompts, examples.label_index[:n], label_token_ids(tokenizer, cfg.data.template, labels))
+def build_loader(cfg: RunConfig, examples: TokenizedExamples, sampler: BatchSampler, collator: Collator,
+                 device: torch.device) -> DataLoader:
+    """Batches in the sampler's order. Its own generator keeps worker seeding off the global RNG
+    (exact resume); pinned memory on CUDA only."""
+    return DataLoader(examples, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers,
+                      pin_memory=device.type == "cuda", generator=torch.Generator(), persistent_workers=False)
 
 
-class StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary."""
+def count_steps(cfg: RunConfig, sampler: BatchSampler) -> int:
+    """Optimizer steps of the run: ``max_steps``, else ``epochs`` x steps per epoch (the last
+    step of an epoch may have fewer micro-batches)."""
+    return cfg.train.max_steps or math.ceil(cfg.train.epochs * math.ceil(len(sampler) / cfg.train.grad_accum))
 
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
 
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
+def build_optimizer(cfg: RunConfig, model) -> torch.optim.AdamW:
+    t = cfg.train
+    return make_adamw(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, t.fused_adamw)
 
-    def _handle(self, signum, frame):
-        if self.signal_name is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
 
-    def __call__(self) -> bool:
-        return self.signal_name is not None
+def build_scheduler(cfg: RunConfig, optimizer, total_steps: int):
+    t = cfg.train
+    return make_scheduler(optimizer, t.schedule, total_steps, warmup_steps_for(total_steps, t.warmup_steps,
+                                                                              t.warmup_ratio))
 
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+
+def build_loss(cfg: RunConfig) -> NextTokenLoss:
+    return NextTokenLoss("n_label_tokens" if cfg.train.loss_denominator == "trainer" else "n_loss_targets")
+
+
+def wrap_for_training(cfg: RunConfig, model, dist: Distributed):
+    """DDP under torchrun, then ``torch.compile`` when asked; the unwrapped model is what is saved."""
+    model = dist.wrap(model)
+    return torch.compile(model) if cfg.model.compile else model
+
+
+# -- hooks: what happens between steps ---------------------------------------------------------------
+def evaluate_and_log(step: int, model, data: EvalData, precision: Precision, dist: Distributed, cfg: RunConfig,
+                     metrics: MetricsLogger, say: Callable[[str], None]) -> EvalResult:
+    result = evaluate(model, data, precision, dist, accuracy=cfg.eval.accuracy)
+    metrics.write({"step": step, "eval": result.as_dict()})
+    say(eval_line(step, result))
+    return result
+
+
+def export_model(out_dir: Path, model, tokenizer, cfg: RunConfig, summary: dict[str, Any]) -> Path:
+    """``<output_dir>/model``: weights + tokenizer + the run config, for predict/generate; ``summary.json``."""
+    model.save_pretrained(out_dir / "model")
+    tokenizer.save(out_dir / "model")
+    (out_dir / "model" / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out_dir / "model"
 
 
 # -- the run ------------------------------------------------------------------------------------------
 def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says. ``resume``: True = newest intact checkpoint in output_dir,
     a path = that checkpoint. Returns the summary (also written to ``summary.json``)."""
-    t, d = cfg.train, cfg.data
-    dist = dist_utils.init_from_env()
+    t, out_dir = cfg.train, Path(cfg.train.output_dir)
+    dist = Distributed.from_env()
     say = log if dist.is_main else (lambda *_: None)
-    out_dir = Path(t.output_dir)
-    seed_everything(t.seed)
     device = dist.device if dist.enabled else pick_device(t.device)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if t.keep_large_allocations and device.type == "cpu":
-        keep_large_allocations()
-    if t.precision == "bf16":
-        warn_slow_bf16(device)
+    setup_process(t.seed, device, t.threads, t.keep_large_allocations)
+    precision = Precision(t.precision, device)
+    precision.warn_if_slow()
 
-    # 1. tokenizer, model
     tokenizer = build_tokenizer(cfg)
-    model = build_model_for(cfg, tokenizer, device)
+    model = build_model(cfg, tokenizer, device)
     say(f"model: {cfg.model.name} ({type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters), "
         f"tokenizer: {tokenizer.source} ({tokenizer.vocab_size} ids, pad {tokenizer.pad_token!r} = {tokenizer.pad_id})")
-
-    # 2. data
-    splits = load_data(cfg)
-    train_examples, train_report = prepare(cfg, splits, d.train_split, tokenizer)
-    eval_examples, eval_report = prepare(cfg, splits, eval_split_name(cfg), tokenizer)
-    say("data: " + train_report.line())
-    say("data: " + eval_report.line())
-    if d.max_train_examples and d.max_train_examples < len(train_examples):
-        train_examples.truncate(d.max_train_examples)
-        say(f"data: training on the first {d.max_train_examples} kept examples (data.max_train_examples)")
+    data = build_datasets(cfg, tokenizer)
+    for report in data.reports:
+        say("data: " + report.line())
     collator = build_collator(cfg, tokenizer.pad_id)
-    sampler = dist_utils.make_rank_sampler(d.sampler, train_examples.lengths, t.batch_size, t.seed, dist)
-    loader_generator = torch.Generator()  # keeps DataLoader seeding off the global RNG (exact resume)
+    sampler = build_sampler(cfg, data.train, dist)
+    loader = build_loader(cfg, data.train, sampler, collator, device)
+    total_steps = count_steps(cfg, sampler)
+    say(f"steps: {total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {dist.world_size} sequences "
+        f"each, {len(data.train)} examples; padding efficiency "
+        f"{padding_efficiency(data.train.lengths, sampler.batches(0), collator):.3f}"
+        + (f"; {sampler.dropped_examples(0)} examples per epoch left out to give every rank equal batches"
+           if sampler.dropped_examples(0) else ""))
 
-    def make_loader(batch_sampler):
-        return DataLoader(train_examples, batch_sampler=batch_sampler, collate_fn=collator,
-                          num_workers=d.num_workers, pin_memory=device.type == "cuda",
-                          generator=loader_generator, persistent_workers=False)
-
-    if dist.enabled and sampler.dropped_examples(0):
-        say(f"data: {sampler.dropped_examples(0)} examples per epoch (the last global batches, too few for "
-            f"every one of {dist.world_size} ranks) are left out; each epoch's shuffle leaves out others")
-    steps_per_epoch = math.ceil(len(sampler) / t.grad_accum)
-    total_steps = t.max_steps or math.ceil(t.epochs * steps_per_epoch)
-    say(f"steps: {total_steps} optimizer steps ({steps_per_epoch} per epoch), "
-        f"{t.batch_size} x {t.grad_accum} x {dist.world_size} sequences each; "
-        f"padding efficiency this epoch {padding_efficiency(train_examples.lengths, sampler.batches(0), collator):.3f}")
-
-    # 3. optimizer, schedule, scaler
-    optimizer = make_adamw(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, t.fused_adamw)
-    scheduler = make_scheduler(optimizer, t.schedule, total_steps, warmup_steps_for(total_steps, t.warmup_steps,
-                                                                                     t.warmup_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    parts = ckpt.TrainingParts(model, optimizer, scheduler, precision, sampler)
     state = TrainState()
+    if resume and (path := ckpt.checkpoint_to_resume(resume, out_dir, log=say)):
+        ckpt.restore_training_state(path, state, parts, dist)
+        trim_metrics(out_dir, state.step)
+        say(f"resume: {path} (step {state.step}, epoch {sampler.epoch}, batch {sampler.consumed})")
+    elif resume:
+        say(f"resume: no complete checkpoint in {out_dir}; starting from scratch")
 
-    # 4. resume: weights, optimizer, scheduler, scaler, sampler position, RNG
-    if resume:
-        path = ckpt.find_resumable(out_dir, log=say) if resume is True else Path(resume)
-        if path is None:
-            say(f"resume: no complete checkpoint in {out_dir}; starting from scratch")
-        else:
-            if resume is not True:
-                ckpt.verify_checkpoint(path)
-            saved = ckpt.load_training_state(path)
-            dist_utils.check_world_size(saved, dist)
-            load_weights(model, path)
-            model.to(device)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
-            sampler.load_state_dict(saved["sampler"][dist.rank])
-            state.load_state_dict(saved["train_state"])
-            ckpt.set_rng_state(saved["rng"][dist.rank])
-            say(f"resume: {path} (step {state.step}, epoch {sampler.epoch}, batch {sampler.consumed})")
-
-    train_model = dist_utils.wrap_model(model, dist)
-    if cfg.model.compile:
-        train_model = torch.compile(train_model)
     metrics = MetricsLogger(out_dir, total_steps, initial_step=state.step, enabled=dist.is_main,
                             progress=t.progress, log_every=t.log_every)
-    if state.step:
-        metrics_path = out_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, state.step)
-    eval_data = build_eval_data(cfg, eval_examples, tokenizer, collator)
-    eval_shard = dist_utils.shard_eval(eval_data, dist)
-
-    def run_eval(step: int) -> EvalResult:
-        result = evaluate(model, eval_shard.batches, eval_shard.prompts, eval_shard.gold, eval_shard.label_ids,
-                          tokenizer.pad_id, device, cfg.eval.batch_size, autocast_for(device, t.precision),
-                          accuracy=cfg.eval.accuracy)
-        result = dist_utils.reduce_eval(result, dist, len(eval_data.label_ids))
-        metrics.write({"step": step, "eval": result.as_dict()})
-        say(f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
-            + (f", accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f} ({result.n_scored} examples)"
-               if result.accuracy is not None else ""))
-        return result
-
-    def save(state_now: TrainState) -> Path | None:
-        rng = dist_utils.gather_objects(ckpt.rng_state(), dist)
-        samplers = dist_utils.gather_objects(sampler.state_dict(), dist)
-        if not dist.is_main:
-            return None
-        training_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict(), "rng": rng, "sampler": samplers,
-                          "train_state": state_now.state_dict(), "total_steps": total_steps,
-                          "world_size": dist.world_size}
-        path = ckpt.save_checkpoint(out_dir, state_now.step, model, training_state, cfg.to_dict(),
-                                    keep=t.keep_checkpoints)
-        return path
-
-    before = run_eval(state.step) if cfg.eval.before_training and state.step == 0 else None
-    count_key = "n_label_tokens" if t.loss_denominator == "trainer" else "n_loss_targets"
-    with StopRequest() as stop:
-        state = train(train_model, optimizer, scheduler, sampler, make_loader, total_steps=total_steps,
-                      grad_accum=t.grad_accum, device=device, precision=t.precision,
-                      max_grad_norm=t.max_grad_norm, scaler=scaler, state=state, count_key=count_key,
-                      all_reduce_sum=dist_utils.sum_reducer(dist), world_size=dist.world_size,
-                      on_nonfinite=t.on_nonfinite,
-                      log=metrics, evaluate=lambda s: run_eval(s.step), eval_every=t.eval_every,
-                      checkpoint=save, checkpoint_every=t.checkpoint_every, should_stop=stop,
-                      sync=dist_utils.device_sync(device))
-    if stop():
-        path = save(state)
+    evaluate_at = partial(evaluate_and_log, model=model, data=data.eval, precision=precision, dist=dist, cfg=cfg,
+                          metrics=metrics, say=say)
+    save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist, run_config=cfg.to_dict(),
+                   total_steps=total_steps, keep=t.keep_checkpoints)
+    try:
+        with StopRequest() as stop:
+            before = evaluate_at(state.step) if cfg.eval.before_training and state.step == 0 else None
+            hooks = Hooks(log=metrics, evaluate=lambda s: evaluate_at(s.step), eval_every=t.eval_every,
+                          checkpoint=save, checkpoint_every=t.checkpoint_every, should_stop=stop,
+                          on_nonfinite=skip_nonfinite if t.on_nonfinite == "skip" else stop_on_nonfinite)
+            state = train(wrap_for_training(cfg, model, dist), optimizer, scheduler, loader, total_steps=total_steps,
+                          grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, precision=precision,
+                          loss=build_loss(cfg), dist=dist, state=state, hooks=hooks)
+        checkpoint = save(state)
+        if stop():
+            say(f"stopped by {stop.signal_name} at step {state.step}; checkpoint {checkpoint}; resume with --resume")
+            return {"stopped_by": stop.signal_name, "step": state.step, "checkpoint": str(checkpoint)}
+        after = evaluate_at(state.step)
+        summary = run_summary(metrics.records, state, total_steps, before, after, peak_memory_bytes(device),
+                              data.reports[0])
+        if dist.is_main:
+            metrics.write({"summary": summary})
+            say(summary_text(summary))
+            say(f"checkpoint: {checkpoint}; model for predict/generate: {export_model(out_dir, model, tokenizer, cfg, summary)}")
+            if t.plot:
+                say(plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"))
+        return summary
+    finally:
         metrics.close()
-        say(f"stopped by {stop.signal_name} at step {state.step}; checkpoint {path}; resume with --resume")
-        dist_utils.shutdown(dist)
-        return {"stopped_by": stop.signal_name, "step": state.step, "checkpoint": str(path)}
-
-    final = save(state)
-    after = run_eval(state.step)
-    summary = _summary(metrics, state, before, after, device, train_report, total_steps)
-    if dist.is_main:
-        model.save_pretrained(out_dir / "model")
-        tokenizer.save(out_dir / "model")
-        (out_dir / "model" / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        metrics.write({"summary": summary})
-        say(_summary_text(summary))
-        say(f"checkpoint: {final}; model for predict/generate: {out_dir / 'model'}")
-        if t.plot:
-            say(plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"))
-    metrics.close()
-    dist_utils.shutdown(dist)
-    return summary
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records of steps after the checkpoint we resume from (they are redone)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step and "summary" not in json.loads(line)]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _summary(metrics, state: TrainState, before, after, device, train_report, total_steps) -> dict[str, Any]:
-    summary: dict[str, Any] = {"steps": state.step, "total_steps": total_steps, **summarize_steps(metrics.records),
-                               "peak_memory_mb": peak_memory_bytes(device) / 2**20,
-                               "skipped_nonfinite": state.skipped_nonfinite,
-                               "skipped_overflow": state.skipped_overflow,
-                               "train_rows_skipped_empty": len(train_report.skipped_empty),
-                               "train_rows_truncated": train_report.truncated, "environment": environment_line()}
-    if before is not None:
-        summary["eval_before"] = before.as_dict()
-    summary["eval_after"] = after.as_dict()
-    losses = [r["loss"] for r in metrics.records if "step_time" in r]
-    if losses:
-        summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
-    return summary
-
-
-def _summary_text(s: dict[str, Any]) -> str:
-    lines = [f"done: {s['steps']} steps"]
-    if "real_tokens_per_s" in s:
-        lines.append(f"  throughput: {s['real_tokens_per_s']:.1f} real tokens/s, {s['sequences_per_s']:.2f} "
-                     f"sequences/s, padding efficiency {s['padding_efficiency']:.3f}, median step {s['median_step_s']:.3f} s")
-    lines.append(f"  peak memory: {s['peak_memory_mb']:.0f} MiB")
-    if "first_loss" in s:
-        lines.append(f"  train loss: {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
-    for key in ("eval_before", "eval_after"):
-        if key in s and "accuracy" in s[key]:
-            lines.append(f"  {key}: loss {s[key]['loss']:.4f}, accuracy {s[key]['accuracy']:.4f}, "
-                         f"macro-F1 {s[key]['macro_f1']:.4f}")
-    return "\n".join(lines)
+        dist.shutdown()
 
 
 def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
@@ -355,9 +240,7 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
         cfg.model.name = model_name
     device = pick_device(cfg.train.device)
     tokenizer = build_tokenizer(cfg)
-    model = build_model_for(cfg, tokenizer, device)
-    examples, report = prepare(cfg, load_data(cfg), eval_split_name(cfg), tokenizer)
-    print("data: " + report.line())
-    data = build_eval_data(cfg, examples, tokenizer, build_collator(cfg, tokenizer.pad_id))
-    return evaluate(model, data.batches, data.prompts, data.gold, data.label_ids, tokenizer.pad_id, device,
-                    cfg.eval.batch_size, autocast_for(device, cfg.train.precision), accuracy=cfg.eval.accuracy)
+    model = build_model(cfg, tokenizer, device)
+    data = build_datasets(cfg, tokenizer, with_train=False)
+    print("data: " + data.reports[0].line())
+    return evaluate(model, data.eval, Precision(cfg.train.precision, device), accuracy=cfg.eval.accuracy)

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from .models import CausalLM, build_model, config_from_json_file
-from .models.base import CONFIG_NAME
+from .models.base import CONFIG_NAME, WEIGHTS_NAME as SAFE_WEIGHTS
 
-SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -3,25 +3,35 @@
     for each optimizer step:
         take up to K micro-batches of the current epoch
         count the loss targets of all K            (before any backward; summed over ranks)
-        for each micro-batch: autocast forward -> summed CE -> backward of (sum / total targets)
+        for each micro-batch: autocast forward -> summed loss -> backward of (sum / total count)
         unscale (fp16) -> clip -> optimizer step -> scheduler step -> zero grads
-        log; maybe evaluate; maybe checkpoint
+        hooks: log; maybe evaluate; maybe checkpoint
 
-Dividing every micro-batch's summed loss by the window's total target count makes K
-micro-batches of b sequences give the gradient of one batch of K*b, whatever the lengths.
-No callbacks: evaluation, checkpointing and logging are plain function arguments.
+Dividing every micro-batch's summed loss by the window's total count makes K micro-batches of
+b sequences give the gradient of one batch of K*b, whatever their lengths.
+
+The step's maths lives here; what the recipe does between steps (logging, evaluation,
+checkpoints, stopping on a signal) comes in as ``Hooks``, plain functions called at fixed
+points. The loss is an object (``NextTokenLoss`` by default) so another objective — DPO, a
+reward model — reuses this loop, and with it accumulation, AMP, clipping, resume and DDP.
+
+Trainer's ``_inner_training_loop`` does the same; docs/trainer-map.md maps each line.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .collate import model_inputs
+from .collate import count_loss_targets, model_inputs
+from .distributed import SINGLE_PROCESS, Distributed
+from .precision import Precision
+from .runtime import device_sync
 
 
 class NonFiniteLoss(RuntimeError):
@@ -44,127 +54,180 @@ class TrainState:
             setattr(self, key, value)
 
 
-def autocast_for(device: torch.device, precision: str):
-    """``torch.autocast`` for bf16/fp16, a no-op context for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+@dataclass
+class NextTokenLoss:
+    """The fine-tuning objective: summed next-token cross-entropy of a micro-batch, and the
+    count it is divided by over the whole step (``count_key`` of the collator's counts:
+    ``n_loss_targets``, the next-token targets, or ``n_label_tokens``, Trainer's GPT-1 count)."""
+
+    count_key: str = "n_loss_targets"
+
+    def count(self, batch: dict) -> int:
+        """This micro-batch's share of the step's denominator (a Python int: no device sync)."""
+        if self.count_key in batch:
+            return batch[self.count_key]
+        return count_loss_targets(batch, self.count_key)  # a batch from another collator
+
+    def __call__(self, model, batch: dict, device: torch.device):
+        """``LossOutput(loss_sum, n_loss_targets)`` of one micro-batch (``metric_sums`` optional)."""
+        return model(**model_inputs(batch, device))
 
 
-def micro_batch_windows(sampler, make_loader: Callable, grad_accum: int) -> Iterator[list[dict]]:
-    """Windows of up to ``grad_accum`` micro-batches; a window never spans two epochs (the
-    last step of an epoch may have fewer micro-batches, as in Trainer). The loader starts
-    at ``sampler.consumed``, so a resumed run continues on the next unseen batch."""
+def skip_nonfinite(state: TrainState, loss_value: float) -> None:
+    """``Hooks.on_nonfinite`` that drops the step's gradients and goes on (train.on_nonfinite = "skip")."""
+
+
+def stop_on_nonfinite(state: TrainState, loss_value: float) -> None:
+    raise NonFiniteLoss(f"loss is {loss_value} at optimizer step {state.step + 1}; stopping "
+                        f"(set train.on_nonfinite = \"skip\" to drop such steps)")
+
+
+@dataclass
+class Hooks:
+    """What the recipe does at fixed points of the loop. Each is a plain function; none can
+    change the step's maths. ``log`` gets one record per optimizer step; ``evaluate`` and
+    ``checkpoint`` run every ``eval_every`` / ``checkpoint_every`` steps (0 = never here);
+    ``should_stop`` is asked before each step; ``on_nonfinite`` is called when a step's loss is
+    NaN/inf: raise to stop, return to drop that step's gradients and go on."""
+
+    log: Callable[[dict], None] = lambda record: None
+    evaluate: Callable[[TrainState], Any] | None = None
+    eval_every: int = 0
+    checkpoint: Callable[[TrainState], Any] | None = None
+    checkpoint_every: int = 0
+    should_stop: Callable[[], bool] = lambda: False
+    on_nonfinite: Callable[[TrainState, float], None] = stop_on_nonfinite
+
+
+class StepTimer:
+    """Wall-clock seconds per phase of a step. ``sync`` waits for the device at each phase
+    boundary, so asynchronous CUDA kernels are charged to the phase that launched them."""
+
+    def __init__(self, sync: Callable[[], None]):
+        self.sync = sync
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[phase] += time.perf_counter() - start
+
+    def record(self) -> dict[str, float]:
+        out = {f"{phase}_time": s for phase, s in self.seconds.items()}
+        out["step_time"] = sum(self.seconds.values())
+        self.seconds.clear()
+        return out
+
+
+def micro_batch_windows(loader, grad_accum: int) -> Iterator[list[dict]]:
+    """Windows of up to ``grad_accum`` micro-batches; a window never spans two epochs (the last
+    step of an epoch may have fewer micro-batches, as in Trainer). minift's samplers start at
+    their ``consumed`` position, so a resumed run continues on the next unseen batch."""
+    sampler = loader.batch_sampler
     while True:
         window: list[dict] = []
-        for batch in make_loader(sampler):
+        for batch in loader:
             window.append(batch)
             if len(window) == grad_accum:
                 yield window
                 window = []
         if window:
             yield window
-        sampler.set_epoch(sampler.epoch + 1)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(sampler.epoch + 1)
 
 
-def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_steps: int, grad_accum: int,
-          device: torch.device, precision: str = "fp32", max_grad_norm: float = 1.0,
-          scaler: torch.amp.GradScaler | None = None, state: TrainState | None = None,
-          count_key: str = "n_loss_targets", all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-          world_size: int = 1,
-          on_nonfinite: str = "stop", log: Callable[[dict], None] = lambda record: None,
-          evaluate: Callable[[TrainState], None] | None = None, eval_every: int = 0,
-          checkpoint: Callable[[TrainState], None] | None = None, checkpoint_every: int = 0,
-          should_stop: Callable[[], bool] = lambda: False, sync: Callable[[], None] = lambda: None
+def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: int = 1,
+          max_grad_norm: float = 1.0, precision: Precision | None = None, loss: NextTokenLoss | None = None,
+          dist: Distributed = SINGLE_PROCESS, state: TrainState | None = None, hooks: Hooks | None = None
           ) -> TrainState:
-    """Run optimizer steps until ``state.step == total_steps`` (or ``should_stop()``).
+    """Run optimizer steps until ``state.step == total_steps`` (or ``hooks.should_stop()``).
 
-    ``model`` may be wrapped in DDP (``no_sync`` is used on all but the last micro-batch).
-    ``count_key`` selects the loss denominator from the collator's counts: ``n_loss_targets``
-    (next-token targets) or ``n_label_tokens`` (Trainer's GPT-1 count, see docs).
-    ``all_reduce_sum`` sums a tensor over ranks (identity in one process); DDP averages
-    gradients over ``world_size`` ranks, so each rank's share is scaled back up by it.
-    ``sync`` waits for the device (for honest timings on CUDA).
+    ``loader``: a DataLoader over minift's batch sampler (its ``consumed`` position moves once a
+    step is complete; any DataLoader of batches with ``input_ids``/``labels`` works too).
+    ``model`` may be DDP-wrapped: ``dist.no_sync`` skips the all-reduce of all but the last
+    micro-batch, and DDP's averaging over ranks is undone by scaling the loss by the world size.
+    ``precision``: fp32 when None; its scaler unscales before clipping and skips fp16 overflows.
     """
+    precision = precision or Precision("fp32", next(model.parameters()).device)
+    loss_fn = loss or NextTokenLoss()
     state = state or TrainState()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    hooks = hooks or Hooks()
+    scaler = precision.scaler
+    device = precision.device
+    sampler = loader.batch_sampler
     params = [p for p in model.parameters() if p.requires_grad]
-    windows = micro_batch_windows(sampler, make_loader, grad_accum)
+    windows = micro_batch_windows(loader, grad_accum)
+    timer = StepTimer(device_sync(device))
     model.train()
-    while state.step < total_steps and not should_stop():
-        t_start = time.perf_counter()
-        window = next(windows)
-        t_data = time.perf_counter()
+    while state.step < total_steps and not hooks.should_stop():
+        with timer("data"):
+            window = next(windows)
 
-        # 1. the denominator: every loss target of the whole window, on every rank
-        n_targets = int(all_reduce_sum(torch.tensor(sum(batch[count_key] for batch in window), device=device)))
-        denominator = max(n_targets, 1) / world_size  # DDP divides the summed gradients by world_size
+        # 1. the denominator: the count of the whole window, on every rank
+        n_counted = int(dist.reduce_sum(torch.tensor(sum(loss_fn.count(b) for b in window), device=device)))
+        denominator = max(n_counted, 1) / dist.world_size  # DDP divides the summed gradients by world_size
 
-        # 2. K micro-batches: forward, summed CE, backward of its share of the mean
-        loss_sum = torch.zeros((), device=device)
-        t_forward = t_backward = 0.0
+        # 2. K micro-batches: forward, summed loss, backward of its share of the mean
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        metric_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(window):
-            last = i == len(window) - 1
-            no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-            with no_sync:
-                t0 = time.perf_counter()
-                with autocast_for(device, precision):
-                    out = model(**model_inputs(batch, device))
-                loss = out.loss_sum / denominator
-                sync()
-                t1 = time.perf_counter()
-                scaler.scale(loss).backward()
-                sync()
-                t_forward += t1 - t0
-                t_backward += time.perf_counter() - t1
-            loss_sum += out.loss_sum.detach()
+            with dist.no_sync(model, last_micro_batch=i == len(window) - 1):
+                with timer("forward"), precision.autocast():
+                    out = loss_fn(model, batch, device)
+                with timer("backward"):
+                    scaler.scale(out.loss_sum / denominator).backward()
+            loss_sum += out.loss_sum.detach().double()
+            for name, value in getattr(out, "metric_sums", {}).items():
+                metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
 
-        # 3. non-finite loss: stop (default) or drop this step's gradients and go on
-        t_opt = time.perf_counter()
-        real = sum(b["n_real_tokens"] for b in window)
-        padded = sum(b["n_padded_tokens"] for b in window)
-        totals = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(real, dtype=torch.float64, device=device),
-                                             torch.tensor(padded, dtype=torch.float64, device=device)]))
-        loss_value = float(totals[0]) / max(n_targets, 1)  # mean CE per counted target, all ranks
-        real, padded = int(totals[1]), int(totals[2])
-        if not math.isfinite(loss_value):
+        # 3. the step's mean loss over all ranks; non-finite: the hook stops or drops the step
+        with timer("optimizer"):
+            real = sum(b["n_real_tokens"] for b in window if "n_real_tokens" in b)
+            padded = sum(b["n_padded_tokens"] if "n_padded_tokens" in b else b["input_ids"].numel() for b in window)
+            sums = dist.reduce_sum(torch.stack([loss_sum, torch.tensor(float(real), dtype=torch.float64, device=device),
+                                                torch.tensor(float(padded), dtype=torch.float64, device=device),
+                                                *metric_sums.values()]))
+            loss_value = float(sums[0]) / max(n_counted, 1)  # mean loss per counted unit, all ranks
+            real, padded = int(sums[1]), int(sums[2])
+            finite = math.isfinite(loss_value)
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                hooks.on_nonfinite(state, loss_value)
+                state.skipped_nonfinite += 1
+
+            # 4. unscale (fp16) -> clip -> step -> schedule -> zero grads
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+            lr = optimizer.param_groups[0]["lr"]
+            scale_before = scaler.get_scale()
+            if finite:
+                scaler.step(optimizer)
+            scaler.update()
+            overflow = scaler.is_enabled() and scaler.get_scale() < scale_before
+            if overflow:
+                state.skipped_overflow += 1
+            else:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if on_nonfinite == "stop":
-                raise NonFiniteLoss(f"loss is {loss_value} at optimizer step {state.step + 1}; stopping "
-                                    f"(set train.on_nonfinite = \"skip\" to drop such steps)")
-            state.skipped_nonfinite += 1
-
-        # 4. unscale (fp16) -> clip -> step -> schedule -> zero grads
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-        lr = optimizer.param_groups[0]["lr"]
-        scale_before = scaler.get_scale()
-        if math.isfinite(loss_value):
-            scaler.step(optimizer)
-        scaler.update()
-        overflow = scaler.is_enabled() and scaler.get_scale() < scale_before
-        if overflow:
-            state.skipped_overflow += 1
-        else:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        t_end = time.perf_counter()
 
         # 5. bookkeeping: the sampler position moves only once the step is complete
-        sampler.consumed += len(window)
+        if hasattr(sampler, "consumed"):
+            sampler.consumed += len(window)
         state.step += 1
         state.real_tokens += real
         state.padded_tokens += padded
-        log({"step": state.step, "epoch": sampler.epoch + sampler.consumed / max(1, len(sampler)),
-             "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-             "real_tokens": real, "padded_tokens": padded, "loss_tokens": n_targets,
-             "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window),
-             "step_time": t_end - t_start, "data_time": t_data - t_start, "forward_time": t_forward,
-             "backward_time": t_backward, "optimizer_time": t_end - t_opt, "overflow": overflow})
-        if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
-            evaluate(state)
-        if checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0:
-            checkpoint(state)
+        epoch = sampler.epoch + sampler.consumed / max(1, len(sampler)) if hasattr(sampler, "consumed") else None
+        metrics = {name: float(total) / max(n_counted, 1) for name, total in zip(metric_sums, sums[3:])}
+        hooks.log({"step": state.step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                   **metrics, "real_tokens": real, "padded_tokens": padded, "loss_tokens": n_counted,
+                   "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window),
+                   **timer.record(), "overflow": overflow})
+        if hooks.evaluate is not None and hooks.eval_every and state.step % hooks.eval_every == 0 \
+                and state.step < total_steps:
+            hooks.evaluate(state)
+        if hooks.checkpoint is not None and hooks.checkpoint_every and state.step % hooks.checkpoint_every == 0:
+            hooks.checkpoint(state)
     return state

@@ -1,9 +1,13 @@
-"""Logging: one JSON line per optimizer step, a tqdm bar, an end-of-run summary, a plot."""
+"""What a run reports: one JSON line per optimizer step and per evaluation (``metrics.jsonl``),
+a tqdm bar, the throughput of the logged steps, the end-of-run summary, a plot.
+
+The throughput summary (``throughput``) is the one formula for tokens/s and sequences/s: the
+run's summary and the benchmarks both use it.
+"""
 from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 from pathlib import Path
 from typing import Any
@@ -11,12 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak RSS of this process on CPU; peak allocated tensor memory on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
@@ -27,7 +26,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.log_every = log_every
         self.records: list[dict[str, Any]] = []
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self.file = None
         self.bar = None
         if enabled:
@@ -62,24 +61,95 @@ class MetricsLogger:
             self.file.close()
 
 
-def summarize_steps(records: list[dict[str, Any]], skip_first: int = 1) -> dict[str, float]:
+def throughput(step_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens and sequences per second over ``step_records`` (the loop's per-step records), the
+    median step and its spread, and the median of each phase (data / forward / backward / optimizer)."""
+    seconds = sum(r["step_time"] for r in step_records)
+    real = sum(r["real_tokens"] for r in step_records)
+    padded = sum(r["padded_tokens"] for r in step_records)
+    step_times = [r["step_time"] for r in step_records]
+    out = {
+        "timed_steps": len(step_records),
+        "real_tokens_per_s": real / seconds,
+        "padded_tokens_per_s": padded / seconds,
+        "loss_tokens_per_s": sum(r["loss_tokens"] for r in step_records) / seconds,
+        "sequences_per_s": sum(r["sequences"] for r in step_records) / seconds,
+        "padding_efficiency": real / max(1, padded),
+        "median_step_s": statistics.median(step_times),
+        "spread_step_s": [min(step_times), max(step_times)],
+    }
+    for phase in ("data", "forward", "backward", "optimizer"):
+        if all(f"{phase}_time" in r for r in step_records):
+            out[f"{phase}_s"] = statistics.median(r[f"{phase}_time"] for r in step_records)
+    return out
+
+
+def summarize_steps(records: list[dict[str, Any]], skip_first: int = 1) -> dict[str, Any]:
     """Throughput over the logged steps of this process (the first ``skip_first`` excluded as warm-up)."""
     steps = [r for r in records if "step_time" in r]
     timed = steps[skip_first:] if len(steps) > skip_first else steps
     if not timed:
         return {}
-    seconds = sum(r["step_time"] for r in timed)
-    real = sum(r["real_tokens"] for r in timed)
-    padded = sum(r["padded_tokens"] for r in timed)
-    return {
-        "logged_steps": len(steps),
-        "real_tokens_per_s": real / seconds,
-        "padded_tokens_per_s": padded / seconds,
-        "loss_tokens_per_s": sum(r["loss_tokens"] for r in timed) / seconds,
-        "sequences_per_s": sum(r["sequences"] for r in timed) / seconds,
-        "padding_efficiency": real / max(1, padded),
-        "median_step_s": statistics.median(r["step_time"] for r in timed),
-    }
+    return {"logged_steps": len(steps), **throughput(timed)}
+
+
+def trim_metrics(output_dir: str | Path, step: int) -> None:
+    """On resume from ``step``: drop the records of later steps (they are redone) and any summary,
+    replacing the file atomically so a crash here loses nothing."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("step", 0) <= step and "summary" not in record:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_summary(records: list[dict[str, Any]], state, total_steps: int, before, after, peak_memory: int,
+                train_report) -> dict[str, Any]:
+    """The end-of-run summary (``summary.json`` and the last line of ``metrics.jsonl``)."""
+    summary: dict[str, Any] = {"steps": state.step, "total_steps": total_steps, **summarize_steps(records),
+                               "peak_memory_mb": peak_memory / 2**20,
+                               "skipped_nonfinite": state.skipped_nonfinite,
+                               "skipped_overflow": state.skipped_overflow,
+                               "train_rows_skipped_empty": len(train_report.skipped_empty),
+                               "train_rows_truncated": train_report.truncated, "environment": environment_line()}
+    if before is not None:
+        summary["eval_before"] = before.as_dict()
+    summary["eval_after"] = after.as_dict()
+    losses = [r["loss"] for r in records if "step_time" in r]
+    if losses:
+        summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
+    return summary
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    lines = [f"done: {s['steps']} steps"]
+    if "real_tokens_per_s" in s:
+        lines.append(f"  throughput: {s['real_tokens_per_s']:.1f} real tokens/s, {s['sequences_per_s']:.2f} "
+                     f"sequences/s, padding efficiency {s['padding_efficiency']:.3f}, median step {s['median_step_s']:.3f} s")
+    lines.append(f"  peak memory: {s['peak_memory_mb']:.0f} MiB")
+    if "first_loss" in s:
+        lines.append(f"  train loss: {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
+    for key in ("eval_before", "eval_after"):
+        if key in s and "accuracy" in s[key]:
+            lines.append(f"  {key}: loss {s[key]['loss']:.4f}, accuracy {s[key]['accuracy']:.4f}, "
+                         f"macro-F1 {s[key]['macro_f1']:.4f}")
+    return "\n".join(lines)
+
+
+def eval_line(step: int, result) -> str:
+    line = f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
+    if result.accuracy is not None:
+        line += (f", accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f} "
+                 f"({result.n_scored} examples)")
+    return line
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> str:

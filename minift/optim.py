@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import torch
 from torch import nn
@@ -13,6 +12,9 @@ from torch.optim.lr_scheduler import LambdaLR
 _NO_DECAY_NAME = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 # ... nor do the parameters of normalization modules.
 _NORM_MODULES = (nn.LayerNorm,)
+
+
+SCHEDULES = ("constant", "linear", "cosine")  # transformers' get_*_schedule_with_warmup
 
 
 def decay_parameter_names(model: nn.Module) -> list[str]:
@@ -60,10 +62,10 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
         progress = (k - warmup_steps) / max(1, total_steps - warmup_steps)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-    try:
-        return {"constant": constant, "linear": linear, "cosine": cosine}[schedule]
-    except KeyError:
-        raise ValueError(f"unknown schedule {schedule!r}") from None
+    schedules = {"constant": constant, "linear": linear, "cosine": cosine}
+    if schedule not in schedules:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
+    return schedules[schedule]
 
 
 def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:
@@ -73,16 +75,3 @@ def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
                    ) -> LambdaLR:
     return LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps))
-
-
-def warn_slow_bf16(device: torch.device) -> None:
-    if device.type == "cpu" and not _cpu_has_native_bf16():
-        warnings.warn("bf16 on this CPU has no native support and runs slower than fp32 here "
-                      "(measured on the 2-core dev machine: bf16 GEMM ~40 GFLOP/s vs fp32 ~149)", stacklevel=2)
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False

@@ -27,6 +27,7 @@ class BatchSampler:
         self.world_size = world_size
         self.epoch = 0
         self.consumed = 0
+        self._cached: tuple[int, list[list[int]]] | None = None  # (epoch, this rank's batches)
 
     # subclasses: the order of all examples for an epoch, cut into global batches
     def global_batches(self, epoch: int) -> list[list[int]]:
@@ -36,10 +37,13 @@ class BatchSampler:
         """This rank's batches of ``epoch``: the global batch list dealt round robin. Every rank
         must run the same number of steps, so the last ``len % world_size`` global batches
         (too few to give every rank one) are left out of this epoch; ``dropped_examples``
-        counts them, the run reports it, and the next epoch's shuffle leaves out others."""
-        batches = self.global_batches(epoch)
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[:usable][self.rank::self.world_size]
+        counts them, the run reports it, and the next epoch's shuffle leaves out others.
+        Built once per epoch (the loop asks for its length every step)."""
+        if self._cached is None or self._cached[0] != epoch:
+            batches = self.global_batches(epoch)
+            usable = len(batches) - len(batches) % self.world_size
+            self._cached = (epoch, batches[:usable][self.rank::self.world_size])
+        return self._cached[1]
 
     def dropped_examples(self, epoch: int) -> int:
         batches = self.global_batches(epoch)

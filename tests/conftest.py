@@ -1,13 +1,12 @@
 """Shared material ($MINIFT_SHARED, default ../shared beside the repo) and common fixtures."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from harness import REPO, shared_dir  # benchmarks/ is on pytest's path (setup.cfg)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIFT_SHARED", REPO.parent / "shared")).expanduser()
+SHARED = shared_dir()
 FIXTURES = SHARED / "fixtures"
 TWEETS = SHARED / "data" / "tweet_sentiment_extraction"
 TOKENIZERS = SHARED / "tokenizers"

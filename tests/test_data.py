@@ -18,7 +18,7 @@ from conftest import shared_path
 def real_train():
     tok = minift.load_tokenizer(shared_path("fixtures", "tiny-openai-gpt"))
     splits = load_splits(str(shared_path("data", "tweet_sentiment_extraction")))
-    examples, cleaned, report = prepare_split(splits, "train", tok, max_length=128)
+    examples, report = prepare_split(splits, "train", tok, max_length=128)
     return tok, splits, examples, report
 
 
@@ -73,7 +73,7 @@ def test_gpt2_appends_eos_and_truncation_is_counted(tmp_path):
     rows = [{"text": "good day " * 30, "label_text": "positive"}, {"text": "meh", "label_text": "neutral"}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     splits = load_splits(str(tmp_path))
-    examples, _, report = prepare_split(splits, "train", tok, max_length=16)
+    examples, report = prepare_split(splits, "train", tok, max_length=16)
     assert examples.input_ids[1][-1] == 50256 and examples.lengths[0] == 16
     assert report.truncated == 1 and report.completion_lost == 1
     assert "1 truncated" in report.line()

@@ -12,7 +12,8 @@ import minift
 from minift.collate import Collator
 from minift.config import load_config
 from minift.finetune import run
-from minift.loop import NonFiniteLoss, train
+from minift.loop import Hooks, NextTokenLoss, NonFiniteLoss, skip_nonfinite, train
+from minift.precision import Precision
 from minift.models import GPT2Config, GPTConfig, build_model
 from minift.optim import decay_parameter_names, lr_lambda, make_adamw, make_scheduler, warmup_steps_for
 from minift.sampling import SequentialSampler
@@ -22,8 +23,8 @@ from conftest import REPO, SHARED, shared_path
 CPU = torch.device("cpu")
 
 
-def _loader(examples, collator):
-    return lambda sampler: [collator([examples[i] for i in batch]) for batch in sampler]
+def _loader(examples, sampler, collator):
+    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collator)
 
 
 def _trace():
@@ -63,8 +64,8 @@ def test_reproduces_the_trainer_trace(denominator):
     optimizer = make_adamw(model, lr=1e-3, weight_decay=0.01, fused="yes")
     scheduler = make_scheduler(optimizer, "linear", total_steps=8, warmup_steps=2)
     records = []
-    train(model, optimizer, scheduler, SequentialSampler(64, 4), _loader(examples, Collator(pad_id=40478)),
-          total_steps=8, grad_accum=2, device=CPU, count_key=denominator, log=records.append)
+    train(model, optimizer, scheduler, _loader(examples, SequentialSampler(64, 4), Collator(pad_id=40478)),
+          total_steps=8, grad_accum=2, loss=NextTokenLoss(denominator), hooks=Hooks(log=records.append))
     for mine, theirs in zip(records, trace["steps"], strict=True):
         assert mine["lr"] == pytest.approx(theirs["learning_rate"], rel=1e-9, abs=1e-15)
         targets = sum(theirs["microbatch_target_counts"])
@@ -112,8 +113,8 @@ def test_accumulation_equals_one_big_batch(dtype, atol):
         optimizer = make_adamw(model, lr=1e-2, weight_decay=0.1, fused="no")
         scheduler = make_scheduler(optimizer, "linear", total_steps=4, warmup_steps=1)
         records = []
-        train(model, optimizer, scheduler, SequentialSampler(24, batch_size), _loader(examples, Collator(pad_id=49)),
-              total_steps=4, grad_accum=accum, device=CPU, max_grad_norm=0.5, log=records.append)
+        train(model, optimizer, scheduler, _loader(examples, SequentialSampler(24, batch_size), Collator(pad_id=49)),
+              total_steps=4, grad_accum=accum, max_grad_norm=0.5, hooks=Hooks(log=records.append))
         finals.append((model.state_dict(), records))
     (big, big_log) = finals[1]
     for small, small_log in (finals[0], finals[2]):
@@ -130,11 +131,10 @@ def _tiny_training(precision, steps=6, lr=1e-2, model=None):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_adamw(model, lr=lr)
     scheduler = make_scheduler(optimizer, "constant", steps)
-    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     records = []
-    state = train(model, optimizer, scheduler, SequentialSampler(32, 4), _loader(examples, Collator(pad_id=59)),
-                  total_steps=steps, grad_accum=2, device=CPU, precision=precision, scaler=scaler,
-                  log=records.append)
+    state = train(model, optimizer, scheduler, _loader(examples, SequentialSampler(32, 4), Collator(pad_id=59)),
+                  total_steps=steps, grad_accum=2, precision=Precision(precision, CPU),
+                  hooks=Hooks(log=records.append))
     return model, before, records, state
 
 
@@ -149,11 +149,23 @@ def test_mixed_precision_smoke(precision):
 
 
 def test_bf16_warns_on_a_cpu_without_native_bf16(monkeypatch):
-    from minift import optim
+    from minift import precision
 
-    monkeypatch.setattr(optim, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="bf16 on this CPU has no native support"):
-        optim.warn_slow_bf16(CPU)
+        Precision("bf16", CPU).warn_if_slow()
+
+
+def test_precision_object_owns_autocast_and_scaler():
+    # fp16 cannot run without loss scaling: the scaler comes with the precision
+    assert Precision("fp16", CPU).scaler.is_enabled()
+    assert not Precision("bf16", CPU).scaler.is_enabled() and not Precision("fp32", CPU).scaler.is_enabled()
+    with Precision("bf16", CPU).autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with Precision("fp32", CPU).autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="precision 'fp8'"):
+        Precision("fp8", CPU)
 
 
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped():
@@ -171,9 +183,9 @@ def test_nonfinite_skip_counts_and_leaves_weights():
         model.transformer.ln_f.bias.fill_(float("inf"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_adamw(model, lr=1e-2)
-    state = train(model, optimizer, make_scheduler(optimizer, "constant", 2), SequentialSampler(16, 4),
-                  _loader(examples, Collator(pad_id=59)), total_steps=2, grad_accum=2, device=CPU,
-                  on_nonfinite="skip")
+    state = train(model, optimizer, make_scheduler(optimizer, "constant", 2),
+                  _loader(examples, SequentialSampler(16, 4), Collator(pad_id=59)), total_steps=2, grad_accum=2,
+                  hooks=Hooks(on_nonfinite=skip_nonfinite))
     assert state.skipped_nonfinite == 2 and state.step == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -202,3 +214,34 @@ def test_decay_groups_gpt2_tied_head_counted_once():
     n_params = sum(len(g["params"]) for g in optimizer.param_groups)
     assert n_params == len(list(model.parameters()))
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_train_takes_a_plain_dataloader_of_labelled_batches():
+    """``minift.train`` with batches from an ordinary DataLoader (no minift sampler, no counts) gives
+    the same weights as minift's sampler + collator over the same order."""
+    examples = _uneven_examples(16, 60)
+    collate = Collator(pad_id=59)
+    finals = []
+    for loader in (_loader(examples, SequentialSampler(16, 4), collate),
+                   torch.utils.data.DataLoader(examples, batch_size=4, collate_fn=lambda b: {
+                       k: v for k, v in collate(b).items() if k in ("input_ids", "attention_mask", "labels")})):
+        torch.manual_seed(0)
+        model = build_model(GPT2Config(vocab_size=60, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+        optimizer = make_adamw(model, lr=1e-2)
+        minift.train(model, optimizer, make_scheduler(optimizer, "constant", 3), loader, total_steps=3, grad_accum=2)
+        finals.append(model.state_dict())
+    for key in finals[0]:
+        torch.testing.assert_close(finals[0][key], finals[1][key], rtol=0, atol=1e-6)
+
+
+def test_the_loop_reads_its_epoch_batch_list_once_per_epoch():
+    sampler = SequentialSampler(20, 4)
+    calls = []
+    original = sampler.global_batches
+    sampler.global_batches = lambda epoch: calls.append(epoch) or original(epoch)
+    for _ in range(10):
+        len(sampler)
+    assert calls == [0]
+    sampler.set_epoch(1)
+    len(sampler), len(sampler)
+    assert calls == [0, 1]

@@ -258,3 +258,55 @@ def test_hot_path_refuses_unknown_settings():
         model.set_hot_path(attention="flash")
     with pytest.raises(ValueError, match="loss_rows must be 'labelled' or 'all' \\(got 'some'\\)"):
         model.set_hot_path(loss_rows="some")
+
+
+@pytest.mark.parametrize("config_cls", [GPTConfig, GPT2Config])
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 0), (0.8, 5)])
+def test_generate_with_kv_cache_equals_recomputing_the_prefix(config_cls, temperature, top_k):
+    torch.manual_seed(0)
+    model = build_model(config_cls(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    prompt = [5, 17, 3, 42, 8]
+    runs = [model.generate(prompt, max_new_tokens=40, temperature=temperature, top_k=top_k, use_cache=use_cache,
+                           generator=torch.Generator().manual_seed(3)) for use_cache in (True, False)]
+    assert runs[0] == runs[1]
+    assert runs[0][:5] == prompt and len(runs[0]) == 32  # stops when the sequence fills n_positions
+
+
+def test_kv_cache_hidden_states_equal_the_full_forward():
+    """Prefill + token-by-token and prefill + a multi-token chunk give the full forward's hidden states."""
+    torch.manual_seed(0)
+    model = build_model(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)).eval()
+    ids = torch.randint(0, 50, (1, 12))
+    full = model.hidden_states(ids)
+    cache = model.new_kv_cache()
+    parts = [model.hidden_states(ids[:, :5], kv_cache=cache), model.hidden_states(ids[:, 5:9], kv_cache=cache)]
+    parts += [model.hidden_states(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+    model.set_hot_path(attention="eager")
+    cache = model.new_kv_cache()
+    chunked = torch.cat([model.hidden_states(ids[:, :7], kv_cache=cache), model.hidden_states(ids[:, 7:], kv_cache=cache)], 1)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
+
+
+def test_multi_token_label_scores_equal_a_full_recomputation():
+    from minift.evaluate import label_log_probs
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=60, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11], [12]]
+    labels = [[20], [21, 22, 23], [24, 25]]
+    scores = label_log_probs(model, prompts, labels, pad_id=59, device="cpu")
+    for p, prompt in enumerate(prompts):
+        for c, label in enumerate(labels):
+            logp = torch.log_softmax(model(torch.tensor([prompt + label]))[0].double(), dim=-1)
+            expected = sum(logp[len(prompt) - 1 + j, tok] for j, tok in enumerate(label))
+            assert scores[p, c].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_generate_refuses_bad_arguments():
+    model = build_model(GPTConfig(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+    for kwargs, message in (({"temperature": float("nan")}, "temperature"), ({"top_k": -3}, "top_k")):
+        with pytest.raises(ValueError, match=message):
+            model.generate([1, 2], **kwargs)
+    with pytest.raises(ValueError, match="no tokens"):
+        model.generate([])

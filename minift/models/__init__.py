@@ -1,6 +1,6 @@
 """Causal LM architectures, chosen by the ``model_type`` of a transformers ``config.json``."""
 from .base import CausalLM
-from .config import CONFIG_CLASSES, ConfigError, GPT2Config, GPTConfig, config_from_json_file
+from .config import CONFIG_CLASSES, ConfigError, GPT2Config, GPTConfig, ModelConfig, config_from_json_file
 from .gpt1 import GPT1LMHeadModel
 from .gpt2 import GPT2LMHeadModel
 from .layers import IGNORE_INDEX, LossOutput
@@ -17,5 +17,5 @@ def build_model(config) -> CausalLM:
 
 
 __all__ = ["CausalLM", "GPTConfig", "GPT2Config", "ConfigError", "GPT1LMHeadModel", "GPT2LMHeadModel",
-           "MODEL_CLASSES", "CONFIG_CLASSES", "build_model", "config_from_json_file", "IGNORE_INDEX",
+           "MODEL_CLASSES", "CONFIG_CLASSES", "ModelConfig", "build_model", "config_from_json_file", "IGNORE_INDEX",
            "LossOutput"]

@@ -7,14 +7,16 @@ of its token embedding.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import _JsonConfig
-from .layers import (CausalSelfAttention, Conv1D, LossOutput, attention_bias, is_right_padded, lm_loss_sum,
+from .config import ModelConfig
+from .layers import (CausalSelfAttention, Conv1D, LayerKV, LossOutput, attention_bias, is_right_padded, lm_loss_sum,
                      lm_loss_sum_all_positions)
 
 WEIGHTS_NAME = "model.safetensors"
@@ -22,11 +24,11 @@ CONFIG_NAME = "config.json"
 
 
 class CausalLM(nn.Module):
-    config_class: type[_JsonConfig]
+    config_class: type[ModelConfig]
     token_embedding_name: str  # attribute of self.transformer holding the token embedding
     scaled_init_suffixes: tuple[str, ...] = ()  # weights GPT-2 inits with std / sqrt(2 n_layer)
 
-    def __init__(self, config: _JsonConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.lm_head: nn.Linear | None = None
@@ -91,17 +93,64 @@ class CausalLM(nn.Module):
         return lm_loss_sum(hidden, self.lm_head_weight, labels)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                      kv_cache: list[LayerKV] | None = None) -> torch.Tensor:
         """The last hidden states [B, T, C] (before the LM head). ``attention_mask`` is
-        applied as given (pass None when right padding makes it unnecessary)."""
+        applied as given (pass None when right padding makes it unnecessary). With ``kv_cache``
+        (one ``LayerKV`` per layer, see ``new_kv_cache``) the tokens continue the cached ones:
+        their positions start after them, and their keys/values are added to the cache."""
+        seen = len(kv_cache[0]) if kv_cache else 0
         time = input_ids.shape[1]
-        if time > self.config.n_positions:
-            raise ValueError(f"sequence length {time} exceeds n_positions={self.config.n_positions}")
+        if seen + time > self.config.n_positions:
+            raise ValueError(f"sequence length {seen + time} exceeds n_positions={self.config.n_positions}")
+        if kv_cache and (attention_mask is not None or document_ids is not None):
+            raise ValueError("a KV cache takes unpadded sequences: no attention_mask or document_ids")
         bias = attention_bias(attention_mask, document_ids, time, input_ids.device)
         if position_ids is None:
-            position_ids = torch.arange(time, device=input_ids.device)[None, :]
-        return self.transformer(input_ids, position_ids, bias)
+            position_ids = torch.arange(seen, seen + time, device=input_ids.device)[None, :]
+        return self.transformer(input_ids, position_ids, bias, kv_cache)
+
+    def new_kv_cache(self) -> list[LayerKV]:
+        """An empty key/value cache, one entry per layer, for ``hidden_states(..., kv_cache=)``."""
+        return [LayerKV() for _ in range(self.config.n_layer)]
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 20, temperature: float = 1.0,
+                 top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> list[int]:
+        """Continue one prompt token by token; returns the prompt's ids followed by the new ones.
+
+        ``temperature`` 0 is greedy; otherwise sample from softmax(logits / temperature), from the
+        ``top_k`` most likely tokens when ``top_k`` > 0. Stops after ``eos_id``, after
+        ``max_new_tokens``, or when the sequence fills the model's ``n_positions``.
+        With ``use_cache`` the keys and values of earlier tokens are kept (one token's forward per
+        step); without, the whole sequence is recomputed each step — the same tokens (tested)."""
+        ids = list(prompt_ids)
+        if not ids:
+            raise ValueError("generate: the prompt has no tokens")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature}")
+        if top_k < 0 or max_new_tokens < 0:
+            raise ValueError(f"generate: top_k and max_new_tokens must be >= 0, got {top_k} and {max_new_tokens}")
+        if len(ids) >= self.config.n_positions:
+            raise ValueError(f"generate: the prompt has {len(ids)} tokens; the model holds {self.config.n_positions}")
+        was_training = self.training
+        self.eval()
+        device = self.lm_head_weight.device
+        cache = self.new_kv_cache() if use_cache else None
+        new_ids = ids
+        for _ in range(min(max_new_tokens, self.config.n_positions - len(ids))):
+            context = new_ids if use_cache else ids  # with a cache only the tokens it has not seen
+            hidden = self.hidden_states(torch.tensor([context], device=device), kv_cache=cache)
+            logits = F.linear(hidden[0, -1], self.lm_head_weight).float()
+            next_id = sample_token(logits, temperature, top_k, generator)
+            ids.append(next_id)
+            new_ids = [next_id]
+            if next_id == eos_id:
+                break
+        self.train(was_training)
+        return ids
 
     # -- parameters -------------------------------------------------------------------------
     def num_parameters(self) -> int:
@@ -165,3 +214,16 @@ class CausalLM(nn.Module):
         self.config.save_json(directory / CONFIG_NAME)
         save_file(self.checkpoint_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         return directory
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                 generator: torch.Generator | None = None) -> int:
+    """The next token from one position's logits: argmax at temperature 0, else a sample."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -19,7 +19,9 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class _JsonConfig:
+class ModelConfig:
+    """What GPT-1 and GPT-2 configs share: reading/writing ``config.json``, type and range checks."""
+
     model_type: ClassVar[str] = ""
     architecture: ClassVar[str] = ""  # transformers class name written to "architectures"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -29,7 +31,7 @@ class _JsonConfig:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "_JsonConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
         known = {}
         extra = {}
         for key, value in raw.items():
@@ -44,7 +46,7 @@ class _JsonConfig:
         return config
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "_JsonConfig":
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
         return cls.from_dict(read_json_object(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,7 +59,7 @@ class _JsonConfig:
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    def replace(self, **changes: Any) -> "_JsonConfig":
+    def replace(self, **changes: Any) -> "ModelConfig":
         new = dataclasses.replace(self, **changes)
         new.validate("config")
         return new
@@ -124,7 +126,7 @@ def _matches(value: Any, type_name: str) -> bool:
 
 
 @dataclass
-class GPTConfig(_JsonConfig):
+class GPTConfig(ModelConfig):
     """openai-gpt (GPT-1): transformers' ``OpenAIGPTConfig`` fields and defaults."""
 
     model_type: ClassVar[str] = "openai-gpt"
@@ -142,13 +144,9 @@ class GPTConfig(_JsonConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
-    @property
-    def activation(self) -> str:
-        return self.afn
-
 
 @dataclass
-class GPT2Config(_JsonConfig):
+class GPT2Config(ModelConfig):
     """GPT-2: transformers' ``GPT2Config`` fields and defaults."""
 
     model_type: ClassVar[str] = "gpt2"
@@ -167,14 +165,9 @@ class GPT2Config(_JsonConfig):
     initializer_range: float = 0.02
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
-    reorder_and_upcast_attn: bool = False
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
     tie_word_embeddings: bool = True
-
-    @property
-    def activation(self) -> str:
-        return self.activation_function
 
     @property
     def inner_dim(self) -> int:
@@ -186,10 +179,10 @@ class GPT2Config(_JsonConfig):
             raise ConfigError(f"{source}: n_inner must be positive or null, got {self.n_inner}")
 
 
-CONFIG_CLASSES: dict[str, type[_JsonConfig]] = {c.model_type: c for c in (GPTConfig, GPT2Config)}
+CONFIG_CLASSES: dict[str, type[ModelConfig]] = {c.model_type: c for c in (GPTConfig, GPT2Config)}
 
 
-def config_from_json_file(path: str | Path) -> _JsonConfig:
+def config_from_json_file(path: str | Path) -> ModelConfig:
     """Read ``config.json`` and return the config class its ``model_type`` names."""
     raw = read_json_object(path)
     model_type = raw.get("model_type")

@@ -27,8 +27,8 @@ class GPT1Block(nn.Module):
         self.mlp = MLP(config.n_embd, 4 * config.n_embd, GPT1_ACTIVATIONS[config.afn], config.resid_pdrop)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
-        n = self.ln_1(x + self.attn(x, attn_bias))
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, layer_cache=None) -> torch.Tensor:
+        n = self.ln_1(x + self.attn(x, attn_bias, layer_cache))
         return self.ln_2(n + self.mlp(n))
 
 
@@ -40,10 +40,10 @@ class GPT1Transformer(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(GPT1Block(config) for _ in range(config.n_layer))
 
-    def forward(self, input_ids, position_ids, attn_bias):
+    def forward(self, input_ids, position_ids, attn_bias, kv_cache=None):
         h = self.drop(self.tokens_embed(input_ids) + self.positions_embed(position_ids))
-        for block in self.h:
-            h = block(h, attn_bias)
+        for i, block in enumerate(self.h):
+            h = block(h, attn_bias, None if kv_cache is None else kv_cache[i])
         return h
 
 

@@ -28,8 +28,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config.n_embd, config.inner_dim, config.activation_function, config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_bias)
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, layer_cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_bias, layer_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -42,10 +42,10 @@ class GPT2Transformer(nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids, position_ids, attn_bias):
+    def forward(self, input_ids, position_ids, attn_bias, kv_cache=None):
         h = self.drop(self.wte(input_ids) + self.wpe(position_ids))
-        for block in self.h:
-            h = block(h, attn_bias)
+        for i, block in enumerate(self.h):
+            h = block(h, attn_bias, None if kv_cache is None else kv_cache[i])
         return self.ln_f(h)
 
 

@@ -72,13 +72,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Conv1D(n_embd, n_embd)
         self.resid_dropout = nn.Dropout(resid_pdrop)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, layer_cache: "LayerKV | None" = None
+                ) -> torch.Tensor:
         """``attn_bias`` None means plain causal attention; otherwise an additive
-        [B, 1, T, T] bias that already contains the causal part (see ``attention_bias``)."""
+        [B, 1, T, T] bias that already contains the causal part (see ``attention_bias``).
+        ``layer_cache``: keys and values of earlier tokens (generation); the new ones are appended."""
         batch, time, channels = x.shape
         q, k, v = self.c_attn(x).split(channels, dim=2)
         q, k, v = (t.view(batch, time, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if layer_cache is not None:
+            k, v = layer_cache.append(k, v)
         dropout_p = self.attn_pdrop if self.training else 0.0
+        if attn_bias is None and k.shape[-2] != time:  # new tokens after cached ones: causal, offset
+            attn_bias = causal_bias(time, k.shape[-2], q.device)
         if self.impl == "eager":
             y = eager_attention(q, k, v, attn_bias, self.scale, dropout_p)
         elif attn_bias is None:
@@ -96,11 +102,8 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias
     padding) bias, softmax, dropout, weighted sum. The plain path SDPA is benchmarked against."""
     scores = (q @ k.transpose(-2, -1)) * scale
     if attn_bias is None:
-        time = q.shape[-2]
-        causal = torch.ones(time, time, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attn_bias.to(scores.dtype)
+        attn_bias = causal_bias(q.shape[-2], k.shape[-2], q.device)
+    scores = scores + attn_bias.to(scores.dtype)
     weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p)
     return weights @ v
 
@@ -115,6 +118,35 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class LayerKV:
+    """One layer's keys and values [B, heads, T_seen, head_dim] of the tokens seen so far."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new tokens' keys/values; return all of them."""
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], dim=-2), torch.cat([self.values, values], dim=-2)
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+
+def causal_visible(queries: int, keys: int, device) -> torch.Tensor:
+    """[queries, keys] bool: query i (the last ``queries`` of ``keys`` positions) sees key j <= its own."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=keys - queries)
+
+
+def causal_bias(queries: int, keys: int, device) -> torch.Tensor:
+    """The additive form of ``causal_visible``: 0 where visible, float32 min elsewhere."""
+    bias = torch.zeros(queries, keys, dtype=torch.float32, device=device)
+    return bias.masked_fill_(~causal_visible(queries, keys, device), torch.finfo(torch.float32).min)
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
@@ -132,7 +164,7 @@ def attention_bias(attention_mask: torch.Tensor | None, document_ids: torch.Tens
     """
     if attention_mask is None and document_ids is None:
         return None
-    visible = torch.ones(time, time, dtype=torch.bool, device=device).tril()[None, None]
+    visible = causal_visible(time, time, device)[None, None]
     if attention_mask is not None:
         visible = visible & attention_mask.bool()[:, None, None, :]
     if document_ids is not None:
