@@ -44,7 +44,7 @@ def _model(model_type: str, vocab_size: int):
 
 def run_trainer(id_: str, name: str, model_type: str, examples, *, max_length_padding: bool, batch_size: int,
                 grad_accum: int, group_by_length: bool, steps: int, warmup: int, output_dir: str,
-                precision: str = "fp32", seed: int = 0) -> Row:
+                precision: str = "fp32", seed: int = 0, compile_model: bool = False) -> Row:
     import datasets
     import transformers
 
@@ -83,7 +83,8 @@ def run_trainer(id_: str, name: str, model_type: str, examples, *, max_length_pa
     args = transformers.TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         max_steps=warmup + steps, learning_rate=5e-5, report_to="none", save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=seed,
+        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), seed=seed, torch_compile=compile_model,
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,  # workers pay on a GPU, not on 2 CPU cores
         train_sampling_strategy="group_by_length" if group_by_length else "random", length_column_name="length",
         remove_unused_columns=False, bf16=precision == "bf16")
     model = _model(model_type, len(tok))
@@ -124,5 +125,16 @@ def trainer_contenders(args) -> list[Contender]:
                                batch_size=half, grad_accum=2, group_by_length=True, steps=args.steps,
                                warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index)
 
-    return [Contender("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", classic, memory=True),
-            Contender(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)", best, memory=True)]
+    def best_compiled(args, round_index):
+        with tempfile.TemporaryDirectory() as out:
+            return run_trainer("trainer-best-compile", f"Trainer at its best + torch_compile=True ({half}x2)",
+                               args.model_type, tokenized_tweets(args.model_type)[1], max_length_padding=False,
+                               batch_size=half, grad_accum=2, group_by_length=True, steps=args.steps,
+                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index,
+                               compile_model=True)
+
+    contenders = [Contender("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", classic, memory=True),
+                  Contender(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)", best, memory=True)]
+    if args.compile:
+        contenders.append(Contender("trainer-best-compile", "Trainer at its best + torch_compile=True", best_compiled))
+    return contenders

@@ -174,6 +174,8 @@ def minift_contenders(args) -> list[Contender]:
 
     def runner(id_, name, overrides, hot_path):
         def run(args, round_index):
+            if args.warm_pass:  # the same steps once untimed: every shape of the timed run seen before
+                run_recipe(args, overrides, hot_path, round_index)
             row = Row(id_, name, run_recipe(args, overrides, hot_path, round_index))
             if pick_device(args.device).type == "cuda":
                 row.peak_memory = peak_memory_bytes(pick_device(args.device))
@@ -196,7 +198,8 @@ def run_benchmark(args, contenders: list[Contender], memory_command: list[str] |
     round (drift check); on CPU the peak memory of ``memory`` contenders from fresh processes."""
     device = pick_device(args.device)
     dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
-    peak_flops = gemm_peak_flops(device, dtype)
+    probe_n = 8192 if device.type == "cuda" else 2048  # a GPU needs a big GEMM to reach its peak
+    peak_flops = gemm_peak_flops(device, dtype, n=probe_n)
     rows: dict[str, Row] = {}
     for round_index in range(args.rounds):
         for contender in contenders:
@@ -208,15 +211,16 @@ def run_benchmark(args, contenders: list[Contender], memory_command: list[str] |
         for contender in contenders:
             if contender.memory:
                 rows[contender.id].peak_memory = peak_memory_in_fresh_process(memory_command, contender.id)
-    peak_flops = max(peak_flops, gemm_peak_flops(device, dtype))
-    peak_source = "GEMM probe"
+    probe_flops = max(peak_flops, gemm_peak_flops(device, dtype, n=probe_n))
+    peak_flops, peak_source = probe_flops, f"GEMM probe ({probe_n}^3)"
     if known_peak_flops(device, args.precision):  # MFU against the vendor's figure on a known GPU
         peak_flops, peak_source = known_peak_flops(device, args.precision), "vendor table"
     n_params = n_parameters(args)
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device_name(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "model_type": args.model_type,
             "n_params": n_params, "precision": args.precision, "peak_gemm_flops": peak_flops,
-            "peak_source": peak_source, "ceiling_real_tokens_per_s": peak_flops / (6 * n_params),
+            "peak_source": peak_source, "probe_gemm_flops": probe_flops,
+            "ceiling_real_tokens_per_s": peak_flops / (6 * n_params),
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
             "runs": [row.summary(n_params, peak_flops) for row in rows.values()]}
 
@@ -270,6 +274,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: the hot path (and --compile) only, "
                         "1 round of 1 warm-up + 2 steps")
     parser.add_argument("--only", metavar="ID", action="append", help="run only these contender ids")
+    parser.add_argument("--warm-pass", action=argparse.BooleanOptionalAction, default=None,
+                        help="run each contender's steps once untimed before timing them, so every shape is warm "
+                             "(default: on CUDA)")
     parser.add_argument("--profile", metavar="TRACE_JSON", help="also write a torch.profiler Chrome trace")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
                         help="folder for the JSON record and table")
@@ -280,13 +287,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def finish_arguments(args) -> None:
     args.steps = args.steps if args.steps is not None else 2
+    if args.warm_pass is None:
+        args.warm_pass = pick_device(args.device).type == "cuda"
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
 
 
 def forwarded_arguments(args) -> list[str]:
     """The options a fresh memory-measuring process needs to build the same contenders."""
     out = ["--model-type", args.model_type, "--precision", args.precision, "--device", args.device,
-           "--sequences-per-step", str(args.sequences_per_step)]
+           "--sequences-per-step", str(args.sequences_per_step), "--no-warm-pass"]
     if args.threads:
         out += ["--threads", str(args.threads)]
     if args.no_keep_large_allocations:
@@ -296,6 +305,16 @@ def forwarded_arguments(args) -> list[str]:
     if args.compile:
         out.append("--compile")
     return out
+
+
+def mfu_line(record: dict[str, Any]) -> str:
+    """MFU of each row against the vendor peak and against the GEMM probe of the same process."""
+    lines = []
+    for s in record["runs"]:
+        probe = 6 * record["n_params"] * s["real_tokens_per_s"] / record["probe_gemm_flops"]
+        lines.append(f"- {s['name']}: MFU on real tokens {100 * s['mfu_real']:.1f} % ({record['peak_source']}), "
+                     f"{100 * probe:.1f} % of the GEMM probe")
+    return "\n".join(lines)
 
 
 def markdown_table(summaries: list[dict[str, Any]], baseline: str | None = None) -> str:
@@ -332,7 +351,7 @@ def write_outputs(record: dict[str, Any], out_dir: str, baseline: str | None) ->
             "contender alone (1 warm-up + 1 step, data loading included), – where not measured. "
             "'at equal GEMM speed': the ratio of real tokens/s each divided by the median GEMM probe taken just "
             "before and after that contender (the machine's speed drifts during a run).")
-    report = header + "\n\n" + table + note
+    report = header + "\n\n" + table + note + "\n\n" + mfu_line(record)
     (out / f"bench-{stamp}.md").write_text(report + "\n")
     return report
 

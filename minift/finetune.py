@@ -210,7 +210,7 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
         with StopRequest() as stop:
             before = evaluate_at(state.step) if cfg.eval.before_training and state.step == 0 else None
             hooks = Hooks(log=metrics, evaluate=lambda s: evaluate_at(s.step), eval_every=t.eval_every,
-                          checkpoint=save, checkpoint_every=t.checkpoint_every, should_stop=stop,
+                          checkpoint=save, checkpoint_every=t.checkpoint_every, should_stop=stop, log_every=t.log_every,
                           on_nonfinite=skip_nonfinite if t.on_nonfinite == "skip" else stop_on_nonfinite)
             state = train(wrap_for_training(cfg, model, dist), optimizer, scheduler, loader, total_steps=total_steps,
                           grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, precision=precision,

@@ -31,7 +31,6 @@ import torch
 from .collate import count_loss_targets, model_inputs
 from .distributed import SINGLE_PROCESS, Distributed
 from .precision import Precision
-from .runtime import device_sync
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,7 +87,8 @@ class Hooks:
     change the step's maths. ``log`` gets one record per optimizer step; ``evaluate`` and
     ``checkpoint`` run every ``eval_every`` / ``checkpoint_every`` steps (0 = never here);
     ``should_stop`` is asked before each step; ``on_nonfinite`` is called when a step's loss is
-    NaN/inf: raise to stop, return to drop that step's gradients and go on."""
+    NaN/inf: raise to stop, return to go on (the step's update was dropped). The loop reads its
+    device values every ``log_every`` steps and before each evaluation and checkpoint."""
 
     log: Callable[[dict], None] = lambda record: None
     evaluate: Callable[[TrainState], Any] | None = None
@@ -97,28 +97,76 @@ class Hooks:
     checkpoint_every: int = 0
     should_stop: Callable[[], bool] = lambda: False
     on_nonfinite: Callable[[TrainState, float], None] = stop_on_nonfinite
+    log_every: int = 1  # steps between reads of the device (the steps between are logged then, all of them)
 
 
 class StepTimer:
-    """Wall-clock seconds per phase of a step. ``sync`` waits for the device at each phase
-    boundary, so asynchronous CUDA kernels are charged to the phase that launched them."""
+    """Seconds per phase of a step, read without a device sync: on CUDA each phase boundary is a
+    CUDA event (the GPU's own clock, read when the step is flushed), elsewhere the wall clock."""
 
-    def __init__(self, sync: Callable[[], None]):
-        self.sync = sync
-        self.seconds: dict[str, float] = defaultdict(float)
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any, Any]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     @contextmanager
     def __call__(self, phase: str):
-        start = time.perf_counter()
+        start = self._now()
         yield
-        self.sync()
-        self.seconds[phase] += time.perf_counter() - start
+        self.marks.append((phase, start, self._now()))
 
-    def record(self) -> dict[str, float]:
-        out = {f"{phase}_time": s for phase, s in self.seconds.items()}
-        out["step_time"] = sum(self.seconds.values())
-        self.seconds.clear()
-        return out
+    def take(self) -> list[tuple[str, Any, Any]]:
+        """This step's marks, to be read by ``seconds`` once the device has caught up."""
+        marks, self.marks = self.marks, []
+        return marks
+
+    @staticmethod
+    def seconds(marks) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for phase, start, end in marks:
+            if isinstance(start, float):
+                out[f"{phase}_time"] += end - start
+            else:
+                end.synchronize()
+                out[f"{phase}_time"] += start.elapsed_time(end) / 1000
+        out["step_time"] = sum(out.values())
+        return dict(out)
+
+
+def to_device(window: list[dict], device: torch.device) -> list[dict]:
+    """The window's tensors on ``device`` (non-blocking from pinned memory); counts stay Python ints."""
+    if device.type == "cpu":
+        return window
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()} for b in window]
+
+
+def prefetched(windows: Iterator[list[dict]], device: torch.device) -> Iterator[list[dict]]:
+    """Windows moved to the device one step ahead: while step k runs, step k+1's batches are
+    collated and copied on a side stream (CUDA), so the input pipeline is off the critical path."""
+    if device.type != "cuda":
+        yield from windows
+        return
+    copy_stream = torch.cuda.Stream(device)
+    ahead = None
+    for window in windows:
+        with torch.cuda.stream(copy_stream):
+            moved = to_device(window, device)
+        if ahead is not None:
+            yield ahead
+        torch.cuda.current_stream(device).wait_stream(copy_stream)
+        for batch in moved:  # the tensors are used on the compute stream: keep their memory until then
+            for value in batch.values():
+                if torch.is_tensor(value):
+                    value.record_stream(torch.cuda.current_stream(device))
+        ahead = moved
+    if ahead is not None:
+        yield ahead
 
 
 def micro_batch_windows(loader, grad_accum: int) -> Iterator[list[dict]]:
@@ -150,25 +198,33 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
     ``model`` may be DDP-wrapped: ``dist.no_sync`` skips the all-reduce of all but the last
     micro-batch, and DDP's averaging over ranks is undone by scaling the loss by the world size.
     ``precision``: fp32 when None; its scaler unscales before clipping and skips fp16 overflows.
+
+    No host sync in a step that neither logs, evaluates nor checkpoints: the step's loss, grad norm
+    and counts stay on the device and are read every ``hooks.log_every`` steps in one transfer.
+    A NaN/inf loss skips its update on the device (fused AdamW's ``found_inf``); the step is reported
+    (``hooks.on_nonfinite``: raise to stop) when it is read, up to ``log_every - 1`` steps later.
+    Optimizers without ``found_inf`` support, and fp16's GradScaler, check every step instead.
     """
     precision = precision or Precision("fp32", next(model.parameters()).device)
     loss_fn = loss or NextTokenLoss()
     state = state or TrainState()
     hooks = hooks or Hooks()
-    scaler = precision.scaler
-    device = precision.device
+    scaler, device = precision.scaler, precision.device
     sampler = loader.batch_sampler
     params = [p for p in model.parameters() if p.requires_grad]
-    windows = micro_batch_windows(loader, grad_accum)
-    timer = StepTimer(device_sync(device))
+    skip_on_device = not scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False)
+    windows = prefetched(micro_batch_windows(loader, grad_accum), device)
+    timer = StepTimer(device)
+    pending: list[dict] = []  # steps run but not yet read back from the device
     model.train()
     while state.step < total_steps and not hooks.should_stop():
         with timer("data"):
             window = next(windows)
-
-        # 1. the denominator: the count of the whole window, on every rank
-        n_counted = int(dist.reduce_sum(torch.tensor(sum(loss_fn.count(b) for b in window), device=device)))
-        denominator = max(n_counted, 1) / dist.world_size  # DDP divides the summed gradients by world_size
+            # 1. the denominator: the count of the whole window, summed over ranks
+            n_counted = sum(loss_fn.count(b) for b in window)  # Python ints from the collator
+            if dist.enabled:
+                n_counted = dist.reduce_sum(torch.tensor(n_counted, device=device, dtype=torch.float64))
+            denominator = (n_counted.clamp(min=1) if dist.enabled else max(n_counted, 1)) / dist.world_size
 
         # 2. K micro-batches: forward, summed loss, backward of its share of the mean
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -183,27 +239,29 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
             for name, value in getattr(out, "metric_sums", {}).items():
                 metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
 
-        # 3. the step's mean loss over all ranks; non-finite: the hook stops or drops the step
         with timer("optimizer"):
-            real = sum(b["n_real_tokens"] for b in window if "n_real_tokens" in b)
-            padded = sum(b["n_padded_tokens"] if "n_padded_tokens" in b else b["input_ids"].numel() for b in window)
-            sums = dist.reduce_sum(torch.stack([loss_sum, torch.tensor(float(real), dtype=torch.float64, device=device),
-                                                torch.tensor(float(padded), dtype=torch.float64, device=device),
-                                                *metric_sums.values()]))
-            loss_value = float(sums[0]) / max(n_counted, 1)  # mean loss per counted unit, all ranks
-            real, padded = int(sums[1]), int(sums[2])
-            finite = math.isfinite(loss_value)
-            if not finite:
+            # 3. the step's summed loss over all ranks; a non-finite one skips the update
+            counts = [sum(b.get("n_real_tokens", 0) for b in window),
+                      sum(b.get("n_padded_tokens", b["input_ids"].numel()) for b in window), n_counted]
+            sums = torch.cat([loss_sum[None], *(v.reshape(1) for v in metric_sums.values())])
+            if dist.enabled:  # every rank's sums and token counts (the counts only leave the host here)
+                sums = torch.cat([dist.reduce_sum(torch.cat([sums, torch.tensor(counts[:2], dtype=torch.float64,
+                                                                                device=device)])),
+                                  n_counted.reshape(1)])  # already summed over ranks in step 1
+            nonfinite = ~torch.isfinite(sums[0])
+            if not skip_on_device and bool(nonfinite):  # this optimizer cannot skip on the device: check now
                 optimizer.zero_grad(set_to_none=True)
-                hooks.on_nonfinite(state, loss_value)
-                state.skipped_nonfinite += 1
 
-            # 4. unscale (fp16) -> clip -> step -> schedule -> zero grads
+            # 4. unscale (fp16) -> clip -> step (skipped when non-finite) -> schedule -> zero grads
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
             lr = optimizer.param_groups[0]["lr"]
-            scale_before = scaler.get_scale()
-            if finite:
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            if skip_on_device:
+                optimizer.found_inf = nonfinite.float()
+                optimizer.step()
+                del optimizer.found_inf
+            elif not nonfinite:
                 scaler.step(optimizer)
             scaler.update()
             overflow = scaler.is_enabled() and scaler.get_scale() < scale_before
@@ -217,17 +275,49 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
         if hasattr(sampler, "consumed"):
             sampler.consumed += len(window)
         state.step += 1
-        state.real_tokens += real
-        state.padded_tokens += padded
         epoch = sampler.epoch + sampler.consumed / max(1, len(sampler)) if hasattr(sampler, "consumed") else None
-        metrics = {name: float(total) / max(n_counted, 1) for name, total in zip(metric_sums, sums[3:])}
-        hooks.log({"step": state.step, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                   **metrics, "real_tokens": real, "padded_tokens": padded, "loss_tokens": n_counted,
-                   "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window),
-                   **timer.record(), "overflow": overflow})
-        if hooks.evaluate is not None and hooks.eval_every and state.step % hooks.eval_every == 0 \
-                and state.step < total_steps:
+        pending.append({"step": state.step, "epoch": epoch, "lr": lr, "overflow": overflow,
+                        "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window),
+                        "_device": torch.cat([sums, grad_norm.double().reshape(1)]),
+                        "_counts": None if dist.enabled else counts, "_metrics": list(metric_sums),
+                        "_timing": timer.take()})
+
+        # 6. hooks: read the pending steps back (one transfer), log; maybe evaluate; maybe checkpoint
+        evaluate_now = hooks.evaluate is not None and hooks.eval_every and state.step % hooks.eval_every == 0 \
+            and state.step < total_steps
+        checkpoint_now = hooks.checkpoint is not None and hooks.checkpoint_every \
+            and state.step % hooks.checkpoint_every == 0
+        if state.step % hooks.log_every == 0 or evaluate_now or checkpoint_now or state.step == total_steps:
+            flush(pending, state, hooks)
+        if evaluate_now:
             hooks.evaluate(state)
-        if hooks.checkpoint is not None and hooks.checkpoint_every and state.step % hooks.checkpoint_every == 0:
+        if checkpoint_now:
             hooks.checkpoint(state)
+    flush(pending, state, hooks)
     return state
+
+
+def flush(pending: list[dict], state: TrainState, hooks: Hooks) -> None:
+    """Read the pending steps' device values in one transfer, report non-finite steps
+    (``hooks.on_nonfinite`` may raise), and hand one record per step to ``hooks.log``."""
+    if not pending:
+        return
+    values = torch.stack([p["_device"] for p in pending]).tolist()  # the one device -> host transfer
+    for record, row in zip(pending, values):
+        n_metrics = len(record["_metrics"])
+        # row: loss sum, the metric sums, [real, padded, counted under DDP: summed over ranks], grad norm
+        loss_sum, metric_values, grad_norm = row[0], row[1:1 + n_metrics], row[-1]
+        real, padded, n_counted = record["_counts"] or row[1 + n_metrics:-1]
+        loss_value = loss_sum / max(n_counted, 1)  # mean loss per counted unit, all ranks
+        if not math.isfinite(loss_value):
+            hooks.on_nonfinite(TrainState(step=record["step"] - 1), loss_value)
+            state.skipped_nonfinite += 1
+        state.real_tokens += int(real)
+        state.padded_tokens += int(padded)
+        metrics = {name: value / max(n_counted, 1) for name, value in zip(record.pop("_metrics"), metric_values)}
+        hooks.log({"step": record["step"], "epoch": record["epoch"], "loss": loss_value, "lr": record["lr"],
+                   "grad_norm": grad_norm, **metrics, "real_tokens": int(real), "padded_tokens": int(padded),
+                   "loss_tokens": int(n_counted), "sequences": record["sequences"],
+                   "micro_batches": record["micro_batches"], **StepTimer.seconds(record.pop("_timing")),
+                   "overflow": record["overflow"]})
+    pending.clear()

@@ -245,3 +245,54 @@ def test_the_loop_reads_its_epoch_batch_list_once_per_epoch():
     sampler.set_epoch(1)
     len(sampler), len(sampler)
     assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("fused", ["yes", "no"])
+def test_nonfinite_step_is_skipped_with_either_optimizer(fused):
+    """Fused AdamW drops a NaN step on the device (found_inf, no host sync); the for-loop one checks
+    on the host. Either way the weights are untouched and the step is counted."""
+    examples = _uneven_examples(16, 60)
+    model = build_model(GPT2Config(vocab_size=60, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = make_adamw(model, lr=1e-2, weight_decay=0.1, fused=fused)
+    state = train(model, optimizer, make_scheduler(optimizer, "constant", 3),
+                  _loader(examples, SequentialSampler(16, 4), Collator(pad_id=59)), total_steps=3, grad_accum=1,
+                  hooks=Hooks(on_nonfinite=skip_nonfinite, log_every=2))
+    assert state.skipped_nonfinite == 3 and state.step == 3
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) or torch.isnan(before[key]).any(), key
+    if fused == "yes":
+        assert all(int(s["step"]) == 0 for s in optimizer.state.values())  # AdamW's step count restored too
+
+
+def test_steps_that_do_not_log_read_nothing_back_from_the_device(monkeypatch):
+    """A CPU proxy for CUDA's sync debug mode: every tensor -> Python conversion made by the loop is
+    counted. With log_every = L the loop reads the device once per L steps, not once per step."""
+    import os
+    import sys
+
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith(os.path.join("minift", "loop.py")):
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = {}
+    for steps in (4, 8):
+        calls.clear()
+        examples = _uneven_examples(64, 60)
+        model = build_model(GPT2Config(vocab_size=60, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+        optimizer = make_adamw(model, lr=1e-2, fused="yes")
+        records = []
+        train(model, optimizer, make_scheduler(optimizer, "constant", steps),
+              _loader(examples, SequentialSampler(64, 4), Collator(pad_id=59)), total_steps=steps, grad_accum=2,
+              hooks=Hooks(log=records.append, log_every=4))
+        assert [r["step"] for r in records] == list(range(1, steps + 1))  # every step is still logged
+        reads[steps] = list(calls)
+    assert reads == {4: ["tolist"], 8: ["tolist", "tolist"]}
