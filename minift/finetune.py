@@ -33,6 +33,7 @@ from .loop import TrainState, autocast_for, train
 from .metrics import MetricsLogger, environment_line, peak_memory_bytes, plot_curves, summarize_steps
 from .models import CONFIG_CLASSES, build_model
 from .runtime import keep_large_allocations
+from .sampling import make_sampler, trainer_eval_batches
 from .optim import make_adamw, make_scheduler, warmup_steps_for, warn_slow_bf16
 from .tokenizer import check_vocab_matches, ensure_pad_token, load_tokenizer
 
@@ -127,7 +128,11 @@ def build_eval_data(cfg: RunConfig, examples, tokenizer, collator: Collator) -> 
     n = len(examples) if not cfg.eval.max_examples else min(cfg.eval.max_examples, len(examples))
     plain = Collator(pad_id=collator.pad_id, objective=collator.objective)  # eval never packs or pads to max
     size = cfg.eval.batch_size
-    batches = [plain([examples[i] for i in range(s, min(s + size, n))]) for s in range(0, n, size)]
+    index_batches = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    if cfg.train.compat == "trainer":  # train.compat: Trainer's eval batches
+        index_batches = trainer_eval_batches(examples.lengths[:n], size, cfg.train.seed,
+                                             group_by_length=cfg.data.sampler == "length_grouped")
+    batches = [plain([examples[i] for i in b]) for b in index_batches]
     prompts = [examples.input_ids[i][:examples.prompt_length[i]] for i in range(n)]
     labels = tuple(cfg.data.labels)
     return EvalData(batches, prompts, examples.label_index[:n], label_token_ids(tokenizer, cfg.data.template, labels))
@@ -195,6 +200,13 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
         say(f"data: training on the first {d.max_train_examples} kept examples (data.max_train_examples)")
     collator = build_collator(cfg, tokenizer.pad_id)
     sampler = dist_utils.make_rank_sampler(d.sampler, train_examples.lengths, t.batch_size, t.seed, dist)
+    # -- train.compat = "trainer": Trainer's sampler order, one process (minift/sampling.py) --
+    if t.compat == "trainer":
+        if dist.enabled:
+            raise DataError("train.compat = \"trainer\" reproduces one-process Trainer runs; run it without torchrun")
+        sampler = make_sampler(d.sampler, train_examples.lengths, t.batch_size, t.seed, order="trainer",
+                               grad_accum=t.grad_accum)
+    # -- end train.compat --
     loader_generator = torch.Generator()  # keeps DataLoader seeding off the global RNG (exact resume)
 
     def make_loader(batch_sampler):
@@ -242,7 +254,7 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
     if cfg.model.compile:
         train_model = torch.compile(train_model)
     metrics = MetricsLogger(out_dir, total_steps, initial_step=state.step, enabled=dist.is_main,
-                            progress=t.progress, log_every=t.log_every)
+                            progress=t.progress, log_every=t.log_every, window_mean=t.compat == "trainer")
     if state.step:
         metrics_path = out_dir / "metrics.jsonl"
         _truncate_metrics(metrics_path, state.step)
@@ -252,7 +264,7 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
     def run_eval(step: int) -> EvalResult:
         result = evaluate(model, eval_shard.batches, eval_shard.prompts, eval_shard.gold, eval_shard.label_ids,
                           tokenizer.pad_id, device, cfg.eval.batch_size, autocast_for(device, t.precision),
-                          accuracy=cfg.eval.accuracy)
+                          accuracy=cfg.eval.accuracy, loss_formula="trainer" if t.compat == "trainer" else "tokens")
         result = dist_utils.reduce_eval(result, dist, len(eval_data.label_ids))
         metrics.write({"step": step, "eval": result.as_dict()})
         say(f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
@@ -360,4 +372,5 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
     print("data: " + report.line())
     data = build_eval_data(cfg, examples, tokenizer, build_collator(cfg, tokenizer.pad_id))
     return evaluate(model, data.batches, data.prompts, data.gold, data.label_ids, tokenizer.pad_id, device,
-                    cfg.eval.batch_size, autocast_for(device, cfg.train.precision), accuracy=cfg.eval.accuracy)
+                    cfg.eval.batch_size, autocast_for(device, cfg.train.precision), accuracy=cfg.eval.accuracy,
+                    loss_formula="trainer" if cfg.train.compat == "trainer" else "tokens")
