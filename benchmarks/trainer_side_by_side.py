@@ -4,6 +4,7 @@ largest difference between the two sets of final weights.
 
     python3 benchmarks/trainer_side_by_side.py                       # tiny GPT-1, both samplers
     python3 benchmarks/trainer_side_by_side.py --model tiny-gpt2 --seed 7 --steps 9 --log-every 3
+    python3 benchmarks/trainer_side_by_side.py --sampling random --stages   # + step 2, stage by stage
 
 Both start from the same checkpoint of the shared fixtures (dropout 0) and the same token ids:
 minift tokenizes the tweets and Trainer receives those ids with its own
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -36,7 +38,9 @@ class Columns:
 
     logged: list[tuple[int, float, float, float]] = field(default_factory=list)
     eval_loss: float = float("nan")
+    eval_loss_per_target: float = float("nan")  # minift's own eval loss, for contrast
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    micro_steps: list[tuple[int, tuple, int, float]] = field(default_factory=list)  # Trainer: per training_step
 
 
 def minift_settings(args, sampling: str, output_dir: str) -> dict:
@@ -66,7 +70,9 @@ def run_minift(settings: dict) -> Columns:
     out = Path(cfg.train.output_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     cols = Columns(logged=[(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in records if "step_time" in r])
-    cols.eval_loss = [r["eval"]["loss"] for r in records if "eval" in r][-1]
+    last_eval = [r["eval"] for r in records if "eval" in r][-1]
+    cols.eval_loss = last_eval["loss"]
+    cols.eval_loss_per_target = math.log(last_eval["perplexity"])  # perplexity stays exp(mean CE per target)
     cols.weights = load_file(str(out / "model" / "model.safetensors"))
     return cols
 
@@ -107,14 +113,83 @@ def run_trainer(args, sampling: str, settings: dict, output_dir: str) -> Columns
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup,
         weight_decay=args.weight_decay, logging_steps=args.log_every, per_device_eval_batch_size=args.eval_batch_size,
         train_sampling_strategy=sampling, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
-    trainer = transformers.Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+    micro_steps = []
+
+    class RecordingTrainer(transformers.Trainer):
+        """Trainer, recording what each ``training_step`` got and returned (for --stages)."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            micro_steps.append((self.state.global_step + 1, tuple(inputs["input_ids"].shape),
+                                int(num_items_in_batch), float(loss)))
+            return loss
+
+    trainer = RecordingTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                                    data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False))
     trainer.train()
     cols = Columns(logged=[(h["step"], h["loss"], h["learning_rate"], h["grad_norm"])
                            for h in trainer.state.log_history if "loss" in h])
     cols.eval_loss = trainer.evaluate()["eval_loss"]
     cols.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cols.micro_steps = micro_steps
     return cols
+
+
+def minift_stages(settings: dict, step: int) -> list[str]:
+    """Optimizer step ``step`` recomputed from minift's parts, stage by stage. Valid while the
+    weights are still the checkpoint's (every earlier step had lr 0: warmup from 0)."""
+    from minift import finetune
+    from minift.collate import model_inputs
+    from minift.config import from_dict
+    from minift.optim import make_adamw, make_scheduler, warmup_steps_for
+    from minift.sampling import make_sampler
+
+    cfg = from_dict(settings, source="side-by-side")
+    t = cfg.train
+    tokenizer = finetune.build_tokenizer(cfg)
+    model = finetune.build_model_for(cfg, tokenizer, torch.device("cpu"))
+    train, _ = finetune.prepare(cfg, finetune.load_data(cfg), cfg.data.train_split, tokenizer)
+    train.truncate(cfg.data.max_train_examples)
+    sampler = make_sampler(cfg.data.sampler, train.lengths, t.batch_size, t.seed, order="trainer",
+                           grad_accum=t.grad_accum)
+    window = sampler.batches(0)[(step - 1) * t.grad_accum:step * t.grad_accum]
+    collate = finetune.build_collator(cfg, tokenizer.pad_id)
+    batches = [collate([train[i] for i in indices]) for indices in window]
+    n_items = sum(b["n_label_tokens"] for b in batches)
+    lines = [f"sampler: micro-batches {window} (lengths {[[train.lengths[i] for i in b] for b in window]})",
+             f"num_items_in_batch = {n_items} counted labels ({sum(b['n_loss_targets'] for b in batches)} "
+             f"next-token targets + {sum(len(b) for b in window)} first tokens)"]
+    model.train()
+    step_loss = 0.0
+    for indices, batch in zip(window, batches):
+        loss = model(**model_inputs(batch, "cpu")).loss_sum / n_items
+        loss.backward()
+        step_loss += float(loss.detach())
+        lines.append(f"micro-batch {list(batch['input_ids'].shape)}: loss_sum / {n_items} = {float(loss.detach()):.7f}")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    optimizer = make_adamw(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, t.fused_adamw)
+    scheduler = make_scheduler(optimizer, t.schedule, t.max_steps,
+                               warmup_steps_for(t.max_steps, t.warmup_steps, t.warmup_ratio))
+    for _ in range(step - 1):
+        optimizer.step()  # no gradients yet: only the schedule moves
+        scheduler.step()
+    lines += [f"step loss = {step_loss:.7f}; grad-norm before clipping {float(norm):.7f}; "
+              f"lr {optimizer.param_groups[0]['lr']:.6g}"]
+    return lines
+
+
+def print_stages(theirs: Columns, minift_lines: list[str], step: int) -> None:
+    print(f"-- optimizer step {step}, stage by stage --")
+    print("Trainer, per training_step: (global step, input_ids shape, num_items_in_batch, returned loss)")
+    for row in theirs.micro_steps:
+        if row[0] == step:
+            print(f"  {row[0]}, {list(row[1])}, {row[2]}, {row[3]:.7f}")
+    per_step = [sum(r[3] for r in theirs.micro_steps if r[0] == k) for k in range(1, step + 1)]
+    print(f"  step losses {[round(x, 7) for x in per_step]}; logged at step {step}: their mean "
+          f"{sum(per_step) / step:.7f}")
+    print("minift, recomputed from its parts:")
+    for line in minift_lines:
+        print("  " + line)
 
 
 def compare(args, sampling: str) -> dict:
@@ -123,6 +198,7 @@ def compare(args, sampling: str) -> dict:
         settings = minift_settings(args, sampling, str(Path(tmp) / "minift"))
         theirs = run_trainer(args, sampling, settings, str(Path(tmp) / "trainer"))
         mine = run_minift(settings)
+        stages = minift_stages(settings, 2) if args.stages else []
     print(f"\n== {args.model}, train_sampling_strategy={sampling!r} / data.sampler={SAMPLINGS[sampling]!r}, "
           f"seed {args.seed}, {args.steps} steps of {args.batch_size} x {args.grad_accum}, "
           f"logging window {args.log_every} ==")
@@ -139,7 +215,10 @@ def compare(args, sampling: str) -> dict:
         "grad_norm": max(abs(a[3] - b[3]) / a[3] for a, b in zip(theirs.logged, mine.logged)),
         "eval_loss": abs(theirs.eval_loss - mine.eval_loss), "weights": weight_diff, "weight_tensors": len(shared),
     }
-    print(f"eval loss: Trainer {theirs.eval_loss:.7f}, minift {mine.eval_loss:.7f}")
+    if stages:
+        print_stages(theirs, stages, step=2)
+    print(f"eval loss: Trainer {theirs.eval_loss:.7f}, minift {mine.eval_loss:.7f} (minift's own formula, "
+          f"mean CE per next-token target: {mine.eval_loss_per_target:.7f})")
     print(f"largest difference: loss {result['loss']:.2e}, lr {result['lr']:.1e}, grad-norm (relative) "
           f"{result['grad_norm']:.1e}, eval loss {result['eval_loss']:.2e}, "
           f"final weights {weight_diff:.2e} over {len(shared)} tensors")
@@ -161,6 +240,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--stages", action="store_true", help="also show step 2 stage by stage (needs --warmup 2)")
     return parser.parse_args(argv)
 
 
