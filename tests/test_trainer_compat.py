@@ -3,6 +3,7 @@ against transformers' Trainer itself (benchmarks/trainer_side_by_side.py)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 
@@ -146,6 +147,30 @@ def test_logged_loss_is_the_mean_of_the_window(tmp_path, window_mean):
     assert [r["step"] for r in written] == [3, 6]  # step 7 starts a window that never closes
     assert [r["loss"] for r in written] == ([5.0, 4.0] if window_mean else [6.0, 9.0])
     assert [r["lr"] for r in written] == pytest.approx([0.3, 0.6])
+
+
+def test_compat_run_logs_trainers_window_means_of_the_shared_trace(tmp_path):
+    """transformers-free: the shared Trainer trace's per-step losses, averaged as logging_steps=4 would."""
+    from minift.finetune import run
+
+    trace = json.loads(shared_path("fixtures", "trainer_trace", "trace.json").read_text())["steps"]
+    cfg = load_config(REPO / "configs" / "trainer-trace.toml", [
+        f'model.name="{shared_path("fixtures", "tiny-openai-gpt")}"',
+        f'data.source="{shared_path("data", "tweet_sentiment_extraction")}"', "train.compat=trainer",
+        "train.log_every=4", f'train.output_dir="{tmp_path}"', "train.progress=false", "train.plot=false",
+        "eval.max_examples=20", "eval.accuracy=false", "eval.before_training=false"])
+    assert (cfg.train.seed, cfg.train.grad_accum, cfg.eval.batch_size) == (42, 2, 8)  # the file's 2 kept
+    run(cfg, log=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "step_time" in r]
+    assert [r["step"] for r in logged] == [4, 8]
+    means = [sum(s["loss"] for s in trace[i:i + 4]) / 4 for i in (0, 4)]
+    assert [r["loss"] for r in logged] == pytest.approx(means, abs=1e-5)
+    assert [r["step_loss"] for r in logged] == pytest.approx([trace[3]["loss"], trace[7]["loss"]], abs=1e-5)
+    assert [r["lr"] for r in logged] == pytest.approx([trace[3]["learning_rate"], trace[7]["learning_rate"]],
+                                                      rel=1e-9)
+    evals = [r["eval"] for r in records if "eval" in r]
+    assert len(evals) == 1 and evals[0]["loss"] < math.log(evals[0]["perplexity"])  # Trainer's count is larger
 
 
 # -- the whole run, beside Trainer ------------------------------------------------------------------------
