@@ -164,6 +164,13 @@ def check(text: str, root: Path | None) -> list[str]:
     return errors
 
 
+def table_span(lines: list[str]) -> tuple[int, int]:
+    """[start, end) of the citation table's rows: the first table of the doc."""
+    start = next(i for i, line in enumerate(lines) if line.startswith("|---")) + 1
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("| "))
+    return start, end
+
+
 def main(argv: list[str]) -> int:
     root, versions = upstream_root()
     text = DOC.read_text(encoding="utf-8")
@@ -176,9 +183,8 @@ def main(argv: list[str]) -> int:
         print(f"cannot re-locate the transformers/accelerate half: {versions}", file=sys.stderr)
         return 1
     lines = text.split("\n")
-    start = next(i for i, line in enumerate(lines) if line.startswith("|---"))
-    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("| "))
-    DOC.write_text("\n".join(lines[:start + 1] + table_rows(root) + lines[end:]), encoding="utf-8")
+    start, end = table_span(lines)
+    DOC.write_text("\n".join(lines[:start] + table_rows(root) + lines[end:]), encoding="utf-8")
     return 0
 
 
