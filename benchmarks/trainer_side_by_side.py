@@ -77,10 +77,8 @@ def run_minift(settings: dict) -> Columns:
     return cols
 
 
-def trainer_examples(settings: dict):
-    """The train and eval token ids exactly as minift prepared them, as ``datasets.Dataset``s."""
-    import datasets
-
+def minift_data(settings: dict):
+    """(config, tokenizer, train examples, eval examples) as minift's recipe prepares them."""
     from minift import finetune
     from minift.config import from_dict
 
@@ -90,6 +88,14 @@ def trainer_examples(settings: dict):
     train, _ = finetune.prepare(cfg, splits, cfg.data.train_split, tokenizer)
     train.truncate(cfg.data.max_train_examples)
     evaluation, _ = finetune.prepare(cfg, splits, finetune.eval_split_name(cfg), tokenizer)
+    return cfg, tokenizer, train, evaluation
+
+
+def trainer_examples(settings: dict):
+    """The train and eval token ids exactly as minift prepared them, as ``datasets.Dataset``s."""
+    import datasets
+
+    cfg, _, train, evaluation = minift_data(settings)
     n_eval = min(cfg.eval.max_examples, len(evaluation.input_ids))
 
     def dataset(ids):
@@ -140,16 +146,12 @@ def minift_stages(settings: dict, step: int) -> list[str]:
     weights are still the checkpoint's (every earlier step had lr 0: warmup from 0)."""
     from minift import finetune
     from minift.collate import model_inputs
-    from minift.config import from_dict
     from minift.optim import make_adamw, make_scheduler, warmup_steps_for
     from minift.sampling import make_sampler
 
-    cfg = from_dict(settings, source="side-by-side")
+    cfg, tokenizer, train, _ = minift_data(settings)
     t = cfg.train
-    tokenizer = finetune.build_tokenizer(cfg)
     model = finetune.build_model_for(cfg, tokenizer, torch.device("cpu"))
-    train, _ = finetune.prepare(cfg, finetune.load_data(cfg), cfg.data.train_split, tokenizer)
-    train.truncate(cfg.data.max_train_examples)
     sampler = make_sampler(cfg.data.sampler, train.lengths, t.batch_size, t.seed, order="trainer",
                            grad_accum=t.grad_accum)
     window = sampler.batches(0)[(step - 1) * t.grad_accum:step * t.grad_accum]
@@ -205,7 +207,8 @@ def compare(args, sampling: str) -> dict:
     print(f"{'step':>4} | {'Trainer loss':>12} {'minift loss':>12} | {'Trainer lr':>11} {'minift lr':>11} | "
           f"{'Trainer gnorm':>13} {'minift gnorm':>13}")
     for (step, loss_t, lr_t, gn_t), (_, loss_m, lr_m, gn_m) in zip(theirs.logged, mine.logged):
-        print(f"{step:>4} | {loss_t:>12.7f} {loss_m:>12.7f} | {lr_t:>11.4e} {lr_m:>11.4e} | {gn_t:>13.7f} {gn_m:>13.7f}")
+        print(f"{step:>4} | {loss_t:>12.7f} {loss_m:>12.7f} | {lr_t:>11.4e} {lr_m:>11.4e} | "
+              f"{gn_t:>13.7f} {gn_m:>13.7f}")
     shared = sorted(set(theirs.weights) & set(mine.weights))
     weight_diff = max(float((theirs.weights[k] - mine.weights[k]).abs().max()) for k in shared)
     result = {
