@@ -62,7 +62,7 @@ class Collator:
             "n_padded_tokens": input_ids.numel(),
             # a label at position t is predicted from t-1: the first position is never a target
             "n_loss_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
-            # Trainer's count for GPT-1 and GPT-2 (unshifted labels, first tokens included); see docs
+            # Trainer's count for GPT-1 (unshifted labels, first tokens included); see docs
             "n_label_tokens": int((labels != IGNORE_INDEX).sum()),
         }
 

@@ -82,7 +82,7 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
 
     ``model`` may be wrapped in DDP (``no_sync`` is used on all but the last micro-batch).
     ``count_key`` selects the loss denominator from the collator's counts: ``n_loss_targets``
-    (next-token targets) or ``n_label_tokens`` (Trainer's GPT-1/GPT-2 count, see docs).
+    (next-token targets) or ``n_label_tokens`` (Trainer's GPT-1 count, see docs).
     ``all_reduce_sum`` sums a tensor over ranks (identity in one process); DDP averages
     gradients over ``world_size`` ranks, so each rank's share is scaled back up by it.
     ``sync`` waits for the device (for honest timings on CUDA).
