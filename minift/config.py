@@ -80,6 +80,7 @@ class TrainSection:
     fused_adamw: str = "auto"  # "auto", "yes", "no"
     precision: str = "fp32"  # "fp32", "bf16", "fp16"
     loss_denominator: str = "targets"  # "targets" (next-token targets) or "trainer" (Trainer's count)
+    compat: str = "minift"  # "trainer": every number a learner can see is Trainer's (see resolve_compat)
     device: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     keep_large_allocations: bool = True  # CPU: reuse big buffers instead of re-faulting them (minift/runtime.py)
@@ -128,6 +129,7 @@ class RunConfig:
             (t.fused_adamw in YES_NO_AUTO, f"train.fused_adamw must be one of {list(YES_NO_AUTO)}"),
             (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
             (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),
+            (t.compat in COMPAT_MODES, f"train.compat {t.compat!r}: minift or trainer"),
             (t.log_every > 0 and t.eval_every >= 0 and t.checkpoint_every >= 0 and t.keep_checkpoints > 0,
              "train.log_every and keep_checkpoints must be positive, eval_every/checkpoint_every >= 0"),
             (d.max_length > 0, "data.max_length must be positive"),
@@ -166,8 +168,53 @@ def _check_value(section: str, key: str, value: Any, default: Any, source: str) 
     return value
 
 
+# -- train.compat ------------------------------------------------------------------------------------
+COMPAT_MODES = ("minift", "trainer")
+
+# transformers 5.24 TrainingArguments defaults that differ from minift's (training_args.py: seed 1293,
+# gradient_accumulation_steps 849, num_train_epochs 778, logging_steps 1001, train_sampling_strategy 1380,
+# per_device_eval_batch_size 1128), plus Trainer's unshifted loss count.
+TRAINER_DEFAULTS = {
+    ("train", "seed"): 42,
+    ("train", "grad_accum"): 1,
+    ("train", "epochs"): 3.0,
+    ("train", "log_every"): 500,
+    ("train", "loss_denominator"): "trainer",
+    ("data", "sampler"): "random",
+    ("eval", "batch_size"): 8,
+}
+
+
+def resolve_compat(raw: dict[str, Any]) -> dict[str, Any]:
+    """What ``train.compat = "trainer"`` implies for the settings, in one place. Returns the raw
+    TOML tables with Trainer's defaults filled in for every key of ``TRAINER_DEFAULTS`` the
+    user did not write (a key given in the file or by ``--set`` is never overridden), and
+    Trainer's ``warmup_steps < 1`` read as a ratio (``training_args.py:2159``) moved to
+    ``warmup_ratio``. The behaviours without a key of their own (Trainer's eval-loss formula,
+    logged loss averaged over the ``log_every`` window, Trainer's sampler order) are switched
+    on by ``train.compat`` itself where they happen. ``compat = "minift"``: ``raw`` unchanged."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or train.get("compat", "minift") != "trainer":
+        return raw
+    resolved = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for (section, key), value in TRAINER_DEFAULTS.items():
+        table = resolved.setdefault(section, {})
+        if isinstance(table, dict):
+            table.setdefault(key, value)
+    warmup = resolved["train"].get("warmup_steps")
+    if isinstance(warmup, float) and 0 <= warmup < 1:
+        if "warmup_ratio" in resolved["train"]:
+            raise RunConfigError("[train] warmup_steps < 1 is Trainer's warmup ratio under compat = \"trainer\"; "
+                                 "give it or warmup_ratio, not both")
+        resolved["train"]["warmup_ratio"] = resolved["train"].pop("warmup_steps")
+    elif isinstance(warmup, float) and warmup.is_integer():
+        resolved["train"]["warmup_steps"] = int(warmup)  # Trainer's int(warmup_steps)
+    return resolved
+
+
 def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     config = RunConfig()
+    raw = resolve_compat(raw)
     for section, values in raw.items():
         if section not in _SECTION_CLASSES:
             raise RunConfigError(f"{source}: unknown section [{section}]; sections are {sorted(_SECTION_CLASSES)}")

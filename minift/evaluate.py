@@ -1,5 +1,9 @@
 """Evaluation: token-weighted loss and perplexity, and sentiment accuracy by label scoring.
 
+Two eval-loss formulas: minift's (``finish_eval``), the whole set's summed cross-entropy over
+its next-token targets, and Trainer's (``trainer_eval_loss``, for ``train.compat = "trainer"``),
+each batch divided by its own count and the batches averaged weighted by their sequences.
+
 Label scoring: for each example, the log-probability of each label's tokens after the
 prompt; the prediction is the label with the highest one. One batched forward per batch of
 prompts when every label is a single token; otherwise one sequence per (example, label).
@@ -58,12 +62,16 @@ class EvalData:
 
 
 def eval_data_from_examples(examples, label_ids: list[list[int]], pad_id: int, objective: str = "all",
-                            batch_size: int = 32, max_examples: int = 0) -> EvalData:
-    """Batches of ``batch_size`` in dataset order, padded to their longest (evaluation never packs
-    or pads to a fixed length), and each example's prompt (its tokens before the label)."""
+                            batch_size: int = 32, max_examples: int = 0,
+                            index_batches: list[list[int]] | None = None) -> EvalData:
+    """Batches of ``batch_size`` in dataset order (or the given ``index_batches``), padded to their
+    longest (evaluation never packs or pads to a fixed length), and each example's prompt (its
+    tokens before the label)."""
     n = min(max_examples, len(examples)) if max_examples else len(examples)
     collate = Collator(pad_id=pad_id, objective=objective)
-    batches = [collate([examples[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
+    if index_batches is None:
+        index_batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    batches = [collate([examples[i] for i in batch]) for batch in index_batches]
     prompts = [examples.input_ids[i][:examples.prompt_length[i]] for i in range(n)]
     return EvalData(batches, prompts, examples.label_index[:n], label_ids, pad_id, batch_size)
 
@@ -81,16 +89,29 @@ def finish_eval(loss_sum: float, n_targets: int, predicted: Sequence[int] | None
     return result
 
 
-def loss_sums(model, batches: Iterable[dict], device, autocast=None) -> tuple[float, int]:
-    """Summed CE and target count over ``batches`` (reduce these across ranks, then divide)."""
-    total, count = 0.0, 0
+def trainer_eval_loss(per_batch: Sequence[tuple[float, int, int]]) -> float:
+    """Trainer's ``eval_loss`` from ``(summed CE, counted labels, sequences)`` per batch.
+
+    transformers 5.24: ``prediction_step`` divides each batch's summed CE by that batch's own
+    ``num_items_in_batch`` (trainer.py:3270-3277; for GPT-1/GPT-2 the unshifted label count,
+    their ``loss_type`` being None), ``evaluation_loop`` repeats it once per sequence
+    (trainer.py:3007, the last batch cut to its real size by accelerate's ``gather_for_metrics``)
+    and takes the mean (trainer.py:3102). A batch of short tweets weighs as much per sequence
+    as a batch of long ones, so this differs from the token-weighted mean."""
+    sequences = sum(n for _, _, n in per_batch)
+    return sum(total / max(1, count) * n for total, count, n in per_batch) / max(1, sequences)
+
+
+def per_batch_loss_sums(model, batches: Iterable[dict], device, autocast=None, count_key: str = "n_label_tokens"
+                        ) -> list[tuple[float, int, int, int]]:
+    """``(summed CE, batch[count_key], sequences, next-token targets)`` for every batch."""
+    out = []
     with torch.no_grad():
         for batch in batches:
             with autocast if autocast is not None else contextlib.nullcontext():
-                out = model(**model_inputs(batch, device))
-            total += float(out.loss_sum)
-            count += out.n_loss_targets
-    return total, count
+                result = model(**model_inputs(batch, device))
+            out.append((float(result.loss_sum), batch[count_key], batch["input_ids"].shape[0], result.n_loss_targets))
+    return out
 
 
 def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,24 +176,29 @@ def accuracy_and_macro_f1(predicted: Sequence[int], gold: Sequence[int], n_class
 
 
 def evaluate(model, data: EvalData, precision=None, dist: Distributed = SINGLE_PROCESS,
-             accuracy: bool = True) -> EvalResult:
-    """Token-weighted loss over ``data.batches`` and, with ``accuracy``, label-scoring accuracy and
-    macro-F1. Under torchrun each rank scores its shard and the sums are reduced: equal to one process."""
+             accuracy: bool = True, loss_formula: str = "tokens") -> EvalResult:
+    """The loss over ``data.batches`` and, with ``accuracy``, label-scoring accuracy and macro-F1.
+    ``loss_formula``: "tokens" (minift's token-weighted loss) or "trainer" (``trainer_eval_loss``;
+    ``perplexity`` stays exp of the mean CE per next-token target). Under torchrun each rank scores
+    its shard and the sums are gathered: equal to one process."""
     device = next(model.parameters()).device
     shard = data.shard(dist)
     was_training = model.training
     model.eval()
-    total, count = loss_sums(model, shard.batches, device, precision.autocast() if precision else None)
+    per_batch = per_batch_loss_sums(model, shard.batches, device, precision.autocast() if precision else None)
     predicted = None
     if accuracy:
         scores = label_log_probs(model, shard.prompts, data.label_ids, data.pad_id, device, data.batch_size)
         predicted = scores.argmax(dim=1).tolist()
     model.train(was_training)
-    if dist.enabled:  # every rank's sums and predictions, in rank order
-        parts = dist.gather((total, count, predicted, shard.gold))
-        total, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        predicted = [x for p in parts for x in p[2]] if accuracy else None
-        gold = [x for p in parts for x in p[3]]
-    else:
-        gold = shard.gold
-    return finish_eval(total, count, predicted, gold if accuracy else None, len(data.label_ids))
+    gold = shard.gold
+    if dist.enabled:  # every rank's batches and predictions, in rank order
+        parts = dist.gather((per_batch, predicted, shard.gold))
+        per_batch = [b for p in parts for b in p[0]]
+        predicted = [x for p in parts for x in p[1]] if accuracy else None
+        gold = [x for p in parts for x in p[2]]
+    result = finish_eval(sum(p[0] for p in per_batch), sum(p[3] for p in per_batch), predicted,
+                         gold if accuracy else None, len(data.label_ids))
+    if loss_formula == "trainer":
+        result.loss = trainer_eval_loss([p[:3] for p in per_batch])
+    return result

@@ -33,7 +33,7 @@ from .models import CONFIG_CLASSES, build_model as build_random_model
 from .optim import make_adamw, make_scheduler, warmup_steps_for
 from .precision import Precision, dtype_of
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
-from .sampling import BatchSampler, make_sampler
+from .sampling import BatchSampler, make_sampler, trainer_eval_batches
 from .tokenizer import check_vocab_matches, ensure_pad_token, load_tokenizer
 
 SYNTHETIC = "synthetic"  # data.source / model.tokenizer: the offline default's own material
@@ -68,10 +68,12 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
 
 @dataclass
 class Datasets:
-    """The tokenized training examples, the evaluation data, and what cleaning did to each split."""
+    """The tokenized training examples, the evaluation data (and the examples it was made from), and
+    what cleaning did to each split."""
 
     train: TokenizedExamples
     eval: EvalData
+    eval_examples: TokenizedExamples
     reports: list[SplitReport]
 
 
@@ -85,14 +87,19 @@ def build_datasets(cfg: RunConfig, tokenizer, with_train: bool = True) -> Datase
                       max_length=d.max_length, text_column=d.text_column, label_column=d.label_column,
                       append_eos={"auto": None, "yes": True, "no": False}[d.append_eos])
     eval_examples, eval_report = prepare("validation" if d.validation_fraction else d.eval_split)
+    n_eval = min(cfg.eval.max_examples or len(eval_examples), len(eval_examples))
+    eval_batches = None  # in dataset order; train.compat = "trainer": the batches Trainer's eval loader makes
+    if cfg.train.compat == "trainer":
+        eval_batches = trainer_eval_batches(eval_examples.lengths[:n_eval], cfg.eval.batch_size, cfg.train.seed,
+                                            group_by_length=d.sampler == "length_grouped")
     eval_data = eval_data_from_examples(eval_examples, label_token_ids(tokenizer, d.template, tuple(d.labels)),
-                                        tokenizer.pad_id, d.objective, cfg.eval.batch_size, cfg.eval.max_examples)
+                                        tokenizer.pad_id, d.objective, cfg.eval.batch_size, n_eval, eval_batches)
     if not with_train:
-        return Datasets(None, eval_data, [eval_report])
+        return Datasets(None, eval_data, eval_examples, [eval_report])
     train_examples, train_report = prepare(d.train_split)
     if d.max_train_examples and d.max_train_examples < len(train_examples):
         train_examples.truncate(d.max_train_examples)
-    return Datasets(train_examples, eval_data, [train_report, eval_report])
+    return Datasets(train_examples, eval_data, eval_examples, [train_report, eval_report])
 
 
 def build_collator(cfg: RunConfig, pad_id: int) -> Collator:
@@ -103,8 +110,14 @@ def build_collator(cfg: RunConfig, pad_id: int) -> Collator:
 
 
 def build_sampler(cfg: RunConfig, examples: TokenizedExamples, dist: Distributed = SINGLE_PROCESS) -> BatchSampler:
-    return make_sampler(cfg.data.sampler, examples.lengths, cfg.train.batch_size, cfg.train.seed,
-                        rank=dist.rank, world_size=dist.world_size)
+    """minift's samplers; under ``train.compat = "trainer"`` Trainer's (its seeded order, its
+    group_by_length megabatches of batch x accumulation), in one process only."""
+    t = cfg.train
+    if t.compat == "trainer" and dist.enabled:
+        raise DataError("train.compat = \"trainer\" reproduces one-process Trainer runs; run it without torchrun")
+    return make_sampler(cfg.data.sampler, examples.lengths, t.batch_size, t.seed, rank=dist.rank,
+                        world_size=dist.world_size, order="trainer" if t.compat == "trainer" else "minift",
+                        grad_accum=t.grad_accum)
 
 
 def build_loader(cfg: RunConfig, examples: TokenizedExamples, sampler: BatchSampler, collator: Collator,
@@ -142,10 +155,15 @@ def wrap_for_training(cfg: RunConfig, model, dist: Distributed):
     return torch.compile(model) if cfg.model.compile else model
 
 
+def eval_loss_formula(cfg: RunConfig) -> str:
+    """minift's token-weighted eval loss, or Trainer's per-batch mean under ``train.compat``."""
+    return "trainer" if cfg.train.compat == "trainer" else "tokens"
+
+
 # -- hooks: what happens between steps ---------------------------------------------------------------
 def evaluate_and_log(step: int, model, data: EvalData, precision: Precision, dist: Distributed, cfg: RunConfig,
                      metrics: MetricsLogger, say: Callable[[str], None]) -> EvalResult:
-    result = evaluate(model, data, precision, dist, accuracy=cfg.eval.accuracy)
+    result = evaluate(model, data, precision, dist, accuracy=cfg.eval.accuracy, loss_formula=eval_loss_formula(cfg))
     metrics.write({"step": step, "eval": result.as_dict()})
     say(eval_line(step, result))
     return result
@@ -201,7 +219,7 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
         say(f"resume: no complete checkpoint in {out_dir}; starting from scratch")
 
     metrics = MetricsLogger(out_dir, total_steps, initial_step=state.step, enabled=dist.is_main,
-                            progress=t.progress, log_every=t.log_every)
+                            progress=t.progress, log_every=t.log_every, window_mean=t.compat == "trainer")
     evaluate_at = partial(evaluate_and_log, model=model, data=data.eval, precision=precision, dist=dist, cfg=cfg,
                           metrics=metrics, say=say)
     save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist, run_config=cfg.to_dict(),
@@ -243,4 +261,5 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
     model = build_model(cfg, tokenizer, device)
     data = build_datasets(cfg, tokenizer, with_train=False)
     print("data: " + data.reports[0].line())
-    return evaluate(model, data.eval, Precision(cfg.train.precision, device), accuracy=cfg.eval.accuracy)
+    return evaluate(model, data.eval, Precision(cfg.train.precision, device), accuracy=cfg.eval.accuracy,
+                    loss_formula=eval_loss_formula(cfg))

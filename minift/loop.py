@@ -57,7 +57,7 @@ class TrainState:
 class NextTokenLoss:
     """The fine-tuning objective: summed next-token cross-entropy of a micro-batch, and the
     count it is divided by over the whole step (``count_key`` of the collator's counts:
-    ``n_loss_targets``, the next-token targets, or ``n_label_tokens``, Trainer's GPT-1 count)."""
+    ``n_loss_targets``, the next-token targets, or ``n_label_tokens``, Trainer's count for GPT-1 and GPT-2)."""
 
     count_key: str = "n_loss_targets"
 

@@ -19,12 +19,20 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    """Writes ``metrics.jsonl`` (appending on resume) and drives the progress bar."""
+    """Writes ``metrics.jsonl`` (appending on resume) and drives the progress bar.
+
+    Every ``log_every``-th step record is written. ``window_mean`` (``train.compat = "trainer"``):
+    its ``loss`` is the mean of the steps since the last written record, as Trainer logs
+    ``logging_steps`` (trainer.py:2257-2263), and the step's own loss goes to ``step_loss``;
+    lr and grad-norm stay the step's own, as in Trainer. Steps after the last full window
+    are not written (Trainer leaves them out of ``log_history`` too)."""
 
     def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 progress: bool = True, log_every: int = 1):
+                 progress: bool = True, log_every: int = 1, window_mean: bool = False):
         self.enabled = enabled
         self.log_every = log_every
+        self.window_mean = window_mean
+        self.window_losses: list[float] = []  # losses of the steps since the last written record
         self.records: list[dict[str, Any]] = []
         self.path = Path(output_dir) / METRICS_FILE
         self.file = None
@@ -39,13 +47,21 @@ class MetricsLogger:
         self.records.append(record)
         if not self.enabled:
             return
+        if "loss" in record:
+            self.window_losses.append(record["loss"])
         if record.get("step", 0) % self.log_every == 0 or "eval" in record:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(self._windowed(record)) + "\n")
             self.file.flush()
         if self.bar is not None and "loss" in record:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  tok_s=f"{record['real_tokens'] / max(record['step_time'], 1e-9):.0f}")
+
+    def _windowed(self, record: dict[str, Any]) -> dict[str, Any]:
+        losses, self.window_losses = self.window_losses, []
+        if not self.window_mean or "loss" not in record:
+            return record
+        return {**record, "loss": sum(losses) / len(losses), "step_loss": record["loss"]}
 
     def write(self, record: dict[str, Any]) -> None:
         """A non-step record (evaluation, summary)."""

@@ -121,13 +121,89 @@ class LengthGroupedSampler(BatchSampler):
         return shuffled
 
 
+# -- Trainer's order (train.compat = "trainer") ---------------------------------------------------------
+# transformers 5.24 / accelerate 1.15, one process. Trainer wraps its RandomSampler in accelerate's
+# SeedableRandomSampler (data_loader.py:73-103): each epoch is randperm(n) from a generator seeded
+# ``seed + epoch``. Its group_by_length sampler (trainer.py:1100, trainer_pt_utils.py:484-516) has no
+# generator of its own: every epoch the DataLoader first draws its worker base seed (one int64) from
+# torch's global RNG, then randperm(n) draws from that same RNG, right after Trainer's set_seed(seed).
+
+
+def trainer_length_grouped_indices(lengths: Sequence[int], batch_size: int, generator: torch.Generator
+                                   ) -> list[int]:
+    """transformers' ``get_length_grouped_indices`` step for step: permute, cut into megabatches
+    of ``min(n // (4 * batch_size), 50) * batch_size`` (at least one batch), sort each by length
+    (longest first, a stable sort), then swap the longest example of all into position 0."""
+    multiplier = min(len(lengths) // (batch_size * 4), 50) or 1
+    indices = torch.randperm(len(lengths), generator=generator)
+    size = multiplier * batch_size
+    megabatches = [sorted(indices[i:i + size].tolist(), key=lambda i: lengths[i], reverse=True)
+                   for i in range(0, len(lengths), size)]
+    longest = int(torch.argmax(torch.tensor([lengths[m[0]] for m in megabatches])))  # first of the maxima
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [i for megabatch in megabatches for i in megabatch]
+
+
+def _draw_loader_base_seed(generator: torch.Generator) -> None:
+    """What torch's DataLoader iterator takes from the RNG before the sampler runs."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+
+
+class TrainerRandomSampler(BatchSampler):
+    """Trainer's random order: epoch ``e`` is ``randperm(n)`` seeded ``seed + e``."""
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return self._cut(torch.randperm(self.n_examples, generator=generator).tolist(), self.batch_size)
+
+
+class TrainerLengthGroupedSampler(BatchSampler):
+    """Trainer's ``group_by_length``: megabatches are built for a whole optimizer step
+    (``batch_size * grad_accum`` sequences, as Trainer passes it), then cut into micro-batches.
+    The random stream is Trainer's global one replayed: ``manual_seed(seed)``, then per epoch
+    the DataLoader's base-seed draw and the permutation. Epochs after the first match Trainer
+    only while nothing else drew from its global RNG (dropout 0, no evaluation mid-epoch)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, grad_accum: int = 1, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(len(lengths), batch_size, seed, rank, world_size)
+        self.lengths = list(lengths)
+        self.grad_accum = grad_accum
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch):  # replay the earlier epochs' draws
+            _draw_loader_base_seed(generator)
+            torch.randperm(self.n_examples, generator=generator)
+        _draw_loader_base_seed(generator)
+        order = trainer_length_grouped_indices(self.lengths, self.batch_size * self.grad_accum, generator)
+        return self._cut(order, self.batch_size)
+
+
+def trainer_eval_batches(lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool
+                         ) -> list[list[int]]:
+    """The eval batches Trainer forms (trainer.py:1148-1177): dataset order, or under group_by_length
+    a LengthGroupedSampler with its own generator seeded ``seed``, the same at every evaluation."""
+    order: Sequence[int] = range(len(lengths))
+    if group_by_length:
+        order = trainer_length_grouped_indices(lengths, batch_size, torch.Generator().manual_seed(seed))
+    return BatchSampler._cut(order, batch_size)
+
+
 SAMPLERS = {"sequential": SequentialSampler, "random": RandomSampler, "length_grouped": LengthGroupedSampler}
+TRAINER_SAMPLERS = {"sequential": SequentialSampler, "random": TrainerRandomSampler,
+                    "length_grouped": TrainerLengthGroupedSampler}
 
 
 def make_sampler(kind: str, lengths: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> BatchSampler:
-    if kind == "length_grouped":
-        return LengthGroupedSampler(lengths, batch_size, seed, rank=rank, world_size=world_size)
+                 world_size: int = 1, order: str = "minift", grad_accum: int = 1) -> BatchSampler:
+    """``order = "trainer"``: Trainer's samplers (train.compat = "trainer"; ``grad_accum`` sizes
+    its length-grouped megabatches)."""
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r}; choose from {sorted(SAMPLERS)}")
-    return SAMPLERS[kind](len(lengths), batch_size, seed, rank=rank, world_size=world_size)
+    if order == "trainer" and kind == "length_grouped":
+        return TrainerLengthGroupedSampler(lengths, batch_size, grad_accum, seed, rank=rank, world_size=world_size)
+    if kind == "length_grouped":
+        return LengthGroupedSampler(lengths, batch_size, seed, rank=rank, world_size=world_size)
+    samplers = TRAINER_SAMPLERS if order == "trainer" else SAMPLERS
+    return samplers[kind](len(lengths), batch_size, seed, rank=rank, world_size=world_size)
