@@ -2,7 +2,6 @@
 
 The public API, re-exported here and nothing else.
 """
-from .collate import Collator
 from .config import RunConfig, load_config
 from .hub import CheckpointError, from_pretrained
 from .collate import Collator
@@ -23,7 +22,7 @@ def __getattr__(name: str):
         return run
     raise AttributeError(f"module 'minift' has no attribute {name!r}")
 
-__all__ = ["from_pretrained", "load_tokenizer", "resize_model_embeddings", "Tokenizer", "Collator", "GPTConfig",
+__all__ = ["from_pretrained", "load_tokenizer", "resize_model_embeddings", "Tokenizer", "GPTConfig",
            "GPT2Config", "GPT1LMHeadModel", "GPT2LMHeadModel", "build_model", "CheckpointError", "train",
            "TrainState", "Hooks", "NextTokenLoss", "Precision", "Distributed", "Collator", "run", "load_config",
            "RunConfig"]

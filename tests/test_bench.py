@@ -48,7 +48,6 @@ def test_ratio_at_equal_gemm_speed_corrects_for_drift():
     assert "| fast | 150.0 (1.50x; 0.75x at equal GEMM speed) |" in markdown_table(summaries, baseline="base")
 
 
-@pytest.mark.slow  # about a minute: runs the benchmark harness end to end
 @pytest.mark.shared
 @pytest.mark.slow
 def test_quick_benchmark_writes_a_record(tmp_path):
