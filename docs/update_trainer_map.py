@@ -16,9 +16,9 @@ DOC = REPO / "docs" / "trainer-map.md"
 rows = [
  # (Trainer behaviour, file, snippet, note)
  ("`TrainingArguments` fields", "minift/config.py", "class TrainSection:", "one typed dataclass per TOML section; unknown keys and wrong types are errors naming the key"),
- ("`per_device_train_batch_size`", "minift/config.py", "batch_size: int = 8", "sequences per micro-batch"),
- ("`gradient_accumulation_steps`", "minift/config.py", "grad_accum: int = 4", "micro-batches per optimizer step"),
- ("`learning_rate=5e-5`, `lr_scheduler_type=\"linear\"`, `warmup_steps/ratio`", "minift/config.py", "lr: float = 5e-5", "Trainer's defaults are minift's defaults (wd 0, betas 0.9/0.999, eps 1e-8, max_grad_norm 1.0)"),
+ ("`per_device_train_batch_size`", "minift/config.py", "batch_size: int = option(8", "sequences per micro-batch"),
+ ("`gradient_accumulation_steps`", "minift/config.py", "grad_accum: int = option(4", "micro-batches per optimizer step"),
+ ("`learning_rate=5e-5`, `lr_scheduler_type=\"linear\"`, `warmup_steps/ratio`", "minift/config.py", "lr: float = option(5e-5", "Trainer's defaults are minift's defaults (wd 0, betas 0.9/0.999, eps 1e-8, max_grad_norm 1.0)"),
  ("`DataCollatorForLanguageModeling(mlm=False)`", "minift/collate.py", "class Collator:", "right-pads to the longest sequence, labels = ids with -100 on pads; also returns the counts"),
  ("`padding=\"max_length\"` (the classic recipe)", "minift/collate.py", "length = self.max_length if self.padding == \"max_length\" else longest", "only for comparison"),
  ("`group_by_length` / `LengthGroupedSampler`", "minift/sampling.py", "class LengthGroupedSampler(BatchSampler):", "megabatches sorted by length, longest batch first"),
@@ -44,7 +44,7 @@ rows = [
  ("skipping already-seen batches on resume", "minift/sampling.py", "yield from self.batches(self.epoch)[self.consumed:]", "no replay of the data loader: the sampler starts at the next batch"),
  ("`evaluate()` (eval loss)", "minift/evaluate.py", "def loss_sums(model, batches: Iterable[dict], device, autocast=None) -> tuple[float, int]:", "token-weighted"),
  ("`resize_token_embeddings` after adding `[PAD]`", "minift/models/base.py", "def resize_token_embeddings(self, new_vocab_size: int) -> None:", "new rows = mean of old rows (transformers 5.x samples around the mean instead)"),
- ("`logging_steps` / `log_history`", "minift/metrics.py", "class MetricsLogger:", "`metrics.jsonl`, one line per optimizer step"),
+ ("`logging_steps` / `log_history` / `report_to`", "minift/metrics.py", "class MetricsLogger:", "`metrics.jsonl`, one line per optimizer step; `train.report_to = [\"tensorboard\"]` sends the same numbers to TensorBoard"),
 ]
 
 

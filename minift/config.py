@@ -55,7 +55,8 @@ class DataSection:
     validation_fraction: float = option(0.0, "> 0: carve a seeded validation split from train and evaluate on it")
     text_column: str = option("text", "column holding the text")
     label_column: str = option("label_text", "column holding the label, one of `labels`")
-    labels: list = option(["negative", "neutral", "positive"], "the label words (the label column's values), scored for accuracy")
+    labels: list = option(["negative", "neutral", "positive"],
+                          "the label words (the label column's values), scored for accuracy")
     template: str = option("{text} sentiment: {label}", "how an example becomes one training text")
     objective: str = option("all", '"all": loss on every real token (as Trainer); "completion": label only')
     max_length: int = option(128, "truncate longer examples to this many tokens (<= the model's n_positions)")
