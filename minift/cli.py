@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not sys.stderr.isatty():  # piped (CI, `| tee`): no bar frames from datasets or the hub either
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if argv[:1] == ["bench"]:  # a thin entry point: the harness lives in benchmarks/, outside the library
         script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
         if not script.exists():

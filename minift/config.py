@@ -28,77 +28,87 @@ class RunConfigError(ValueError):
     pass
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its one-line help (shown by ``minift train --help``); list and dict
+    defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelSection:
-    name: str = "openai-gpt"  # hub name or local checkpoint directory; "random" = init from `config`
-    tokenizer: str = ""  # hub name or directory; "" = same as `name`
-    config: dict = field(default_factory=dict)  # model config.json fields (random init) or overrides
-    model_type: str = "openai-gpt"  # architecture for name = "random"
-    pad_token: str = "auto"  # "auto": [PAD] when the tokenizer has none and no EOS; "eos": pad with EOS
-    dtype: str = "fp32"  # storage dtype of the weights: fp32, bf16, fp16 or fp64
-    compile: bool = False  # torch.compile the model
+    name: str = option("openai-gpt", 'hub name or local checkpoint directory; "random" = init from `config`')
+    tokenizer: str = option("", 'hub name or directory; "" = same as `name`; "synthetic" = the offline vocabulary')
+    config: dict = option({}, "model config.json fields (random init) or overrides, e.g. { n_layer = 2 }")
+    model_type: str = option("openai-gpt", 'architecture for name = "random": "openai-gpt" or "gpt2"')
+    pad_token: str = option("auto", '"auto": keep the tokenizer\'s, else EOS, else add [PAD]; "eos"; or a token')
+    dtype: str = option("fp32", "storage dtype of the weights: fp32, bf16, fp16 or fp64 (or torch's spelling)")
+    compile: bool = option(False, "torch.compile the model")
 
 
 @dataclass
 class DataSection:
-    source: str = "mteb/tweet_sentiment_extraction"  # hub id, local dir/file/glob, or "synthetic"
-    train_split: str = "train"
-    eval_split: str = "test"
-    validation_fraction: float = 0.0  # > 0: carve a seeded validation split from train and evaluate on it
-    text_column: str = "text"
-    label_column: str = "label_text"
-    labels: list = field(default_factory=lambda: ["negative", "neutral", "positive"])
-    template: str = "{text} sentiment: {label}"
-    objective: str = "all"  # "all" (loss on every real token, as Trainer) or "completion" (label only)
-    max_length: int = 128  # truncation, <= the model's n_positions
-    append_eos: str = "auto"  # "auto" (when the tokenizer has EOS), "yes", "no"
-    padding: str = "longest"  # "longest" or "max_length" (the classic recipe, benchmarks only)
-    pad_to_multiple_of: int = 0
-    sampler: str = "length_grouped"  # "random", "sequential" or "length_grouped"
-    packing: bool = False
-    max_train_examples: int = 0  # 0 = all
-    num_workers: int = 0
+    source: str = option("mteb/tweet_sentiment_extraction", 'hub id, local dir/file/glob, or "synthetic"')
+    train_split: str = option("train", "split to train on")
+    eval_split: str = option("test", "split to evaluate on (unless validation_fraction > 0)")
+    validation_fraction: float = option(0.0, "> 0: carve a seeded validation split from train and evaluate on it")
+    text_column: str = option("text", "column holding the text")
+    label_column: str = option("label_text", "column holding the label, one of `labels`")
+    labels: list = option(["negative", "neutral", "positive"],
+                          "the label words (the label column's values), scored for accuracy")
+    template: str = option("{text} sentiment: {label}", "how an example becomes one training text")
+    objective: str = option("all", '"all": loss on every real token (as Trainer); "completion": label only')
+    max_length: int = option(128, "truncate longer examples to this many tokens (<= the model's n_positions)")
+    append_eos: str = option("auto", 'end every example with EOS: "auto" (when the tokenizer has one), "yes", "no"')
+    padding: str = option("longest", '"longest" in the batch, or "max_length" (the classic recipe, benchmarks only)')
+    pad_to_multiple_of: int = option(0, "round padded lengths up to a multiple of this (0 = off)")
+    sampler: str = option("length_grouped", '"random", "sequential" or "length_grouped" (less padding)')
+    packing: bool = option(False, "concatenate examples into rows of max_length instead of padding")
+    max_train_examples: int = option(0, "train on the first N kept examples (0 = all)")
+    num_workers: int = option(0, "DataLoader worker processes (0 = load in the main process)")
 
 
 @dataclass
 class TrainSection:
-    output_dir: str = "runs/minift"
-    seed: int = 0
-    epochs: float = 1.0
-    max_steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 8  # sequences per micro-batch
-    grad_accum: int = 4  # micro-batches per optimizer step
-    lr: float = 5e-5
-    schedule: str = "linear"  # "constant", "linear", "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    fused_adamw: str = "auto"  # "auto", "yes", "no"
-    precision: str = "fp32"  # "fp32", "bf16", "fp16"
-    loss_denominator: str = "targets"  # "targets" (next-token targets) or "trainer" (Trainer's count)
-    compat: str = "minift"  # "trainer": every number a learner can see is Trainer's (see resolve_compat)
-    device: str = "auto"
-    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    keep_large_allocations: bool = True  # CPU: reuse big buffers instead of re-faulting them (minift/runtime.py)
-    log_every: int = 1
-    eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after
-    checkpoint_every: int = 0  # 0 = only at the end
-    keep_checkpoints: int = 2
-    on_nonfinite: str = "stop"  # "stop" or "skip" a step whose loss is NaN/inf
-    progress: bool = True
-    plot: bool = True
+    output_dir: str = option("runs/minift", "metrics, checkpoints, summary and the final model go here")
+    seed: int = option(0, "seed for init, shuffling and dropout")
+    epochs: float = option(1.0, "passes over the training set (fractions allowed)")
+    max_steps: int = option(0, "optimizer steps; > 0 overrides epochs")
+    batch_size: int = option(8, "sequences per micro-batch (per process)")
+    grad_accum: int = option(4, "micro-batches per optimizer step")
+    lr: float = option(5e-5, "peak learning rate (AdamW)")
+    schedule: str = option("linear", 'learning-rate decay after warm-up: "constant", "linear", "cosine"')
+    warmup_steps: int = option(0, "steps of linear warm-up from 0 to lr")
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of all steps (when warmup_steps = 0)")
+    weight_decay: float = option(0.0, "AdamW weight decay (not on biases and LayerNorm weights, as Trainer)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.999, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "clip the gradient's global norm to this (0 = no clipping)")
+    fused_adamw: str = option("auto", 'fused AdamW kernel: "auto" (where supported), "yes", "no"')
+    precision: str = option("fp32", '"fp32", "bf16" or "fp16" (autocast; fp16 with a gradient scaler)')
+    loss_denominator: str = option("targets", '"targets" (next-token targets) or "trainer" (Trainer\'s count)')
+    compat: str = option("minift", '"trainer": every number a learner can see is Trainer\'s (see resolve_compat)')
+    device: str = option("auto", '"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...')
+    threads: int = option(0, "torch intra-op threads; 0 = leave torch's default")
+    keep_large_allocations: bool = option(True, "CPU: reuse big buffers instead of re-faulting them (runtime.py)")
+    log_every: int = option(1, "write a metrics.jsonl line every N optimizer steps")
+    eval_every: int = option(0, "optimizer steps between evaluations; 0 = only before and after")
+    checkpoint_every: int = option(0, "optimizer steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = option(2, "how many checkpoint-<step>/ folders to keep")
+    on_nonfinite: str = option("stop", '"stop" or "skip" a step whose loss is NaN/inf')
+    progress: bool = option(True, "show a progress bar (only on a terminal; plain lines otherwise)")
+    plot: bool = option(True, "write curves.png at the end (needs matplotlib)")
+    report_to: list = option([], 'also log the metrics to: ["tensorboard"] (pip install "minift[tensorboard]")')
 
 
 @dataclass
 class EvalSection:
-    batch_size: int = 32
-    max_examples: int = 0  # 0 = the whole eval split
-    before_training: bool = True
-    accuracy: bool = True
+    batch_size: int = option(32, "sequences per evaluation batch")
+    max_examples: int = option(0, "evaluate on the first N examples (0 = the whole eval split)")
+    before_training: bool = option(True, "evaluate once before the first step")
+    accuracy: bool = option(True, "also score the label words for accuracy and macro-F1")
 
 
 @dataclass
@@ -266,11 +276,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 def describe() -> str:
-    """Every option with its default, for ``minift train --help``."""
+    """Every option, grouped by section, with its default and its one-line help, for
+    ``minift train --help``. The help is the ``option(...)`` text of the field."""
     lines = []
     for section, cls in _SECTION_CLASSES.items():
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {section}.{f.name} = {default!r}")
+            lines.append(f"  {section}.{f.name} = {default!r}".ljust(40) + f"  {f.metadata['help']}")
     return "\n".join(lines)

@@ -219,7 +219,9 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
         say(f"resume: no complete checkpoint in {out_dir}; starting from scratch")
 
     metrics = MetricsLogger(out_dir, total_steps, initial_step=state.step, enabled=dist.is_main,
-                            progress=t.progress, log_every=t.log_every, window_mean=t.compat == "trainer")
+                            progress=t.progress, log_every=t.log_every, echo=say, report_to=t.report_to,
+                            window_mean=t.compat == "trainer")
+    say = metrics.say  # from here on, lines go around the progress bar instead of onto it
     evaluate_at = partial(evaluate_and_log, model=model, data=data.eval, precision=precision, dist=dist, cfg=cfg,
                           metrics=metrics, say=say)
     save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist, run_config=cfg.to_dict(),

@@ -111,7 +111,7 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
         f"({'HF_HUB_OFFLINE is set' if offline else 'no network or no such repo'}; cache: {cache}).\n"
         f"Point at a local directory in the transformers layout instead "
         f"(config.json + model.safetensors or pytorch_model.bin), or fill the cache where a network exists "
-        f"(`huggingface-cli download {hub_candidates(name)[-1]}`).\nTried: " + "; ".join(problems[:8]))
+        f"(`hf download {hub_candidates(name)[-1]}`).\nTried: " + "; ".join(problems[:8]))
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:

@@ -1,5 +1,6 @@
 """What a run reports: one JSON line per optimizer step and per evaluation (``metrics.jsonl``),
-a tqdm bar, the throughput of the logged steps, the end-of-run summary, a plot.
+a tqdm bar on a terminal (plain lines otherwise), optional TensorBoard scalars (``report_to``),
+the throughput of the logged steps, the end-of-run summary, a plot.
 
 The throughput summary (``throughput``) is the one formula for tokens/s and sequences/s: the
 run's summary and the benchmarks both use it.
@@ -7,19 +8,60 @@ run's summary and the benchmarks both use it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
+from .config import RunConfigError
+
 METRICS_FILE = "metrics.jsonl"
 
 
+REPORTERS = ("tensorboard",)
+
+
+class TensorBoardReporter:
+    """The numbers of each ``metrics.jsonl`` record as TensorBoard scalars: ``train/<key>`` for a
+    step, ``eval/<key>`` for an evaluation, at the record's optimizer step."""
+
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError('train.report_to = ["tensorboard"] needs the tensorboard package: '
+                              'pip install "minift[tensorboard]"') from None
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        step = record.get("step", 0)
+        prefix, values = ("eval", record["eval"]) if "eval" in record else ("train", record)
+        for key, value in values.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def make_reporters(names: list[str], output_dir: Path) -> list:
+    """The trackers ``train.report_to`` names; TensorBoard writes under ``<output_dir>/tensorboard``."""
+    unknown = [name for name in names if name not in REPORTERS]
+    if unknown:
+        raise RunConfigError(f"train.report_to: unknown {unknown}; known: {list(REPORTERS)}")
+    return [TensorBoardReporter(output_dir / "tensorboard") for name in names if name == "tensorboard"]
+
+
 class MetricsLogger:
-    """Writes ``metrics.jsonl`` (appending on resume) and drives the progress bar.
+    """Writes ``metrics.jsonl`` (appending on resume), the same records to each ``report_to``
+    tracker, and shows progress: a tqdm bar when stderr is a terminal, else a plain line through
+    ``echo`` about every tenth of the run, so piped output (CI, ``| tee``) never holds bar frames.
+    ``say`` writes a line around the bar instead of gluing it onto the bar's line.
 
     Every ``log_every``-th step record is written. ``window_mean`` (``train.compat = "trainer"``):
     its ``loss`` is the mean of the steps since the last written record, as Trainer logs
@@ -28,20 +70,37 @@ class MetricsLogger:
     are not written (Trainer leaves them out of ``log_history`` too)."""
 
     def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 progress: bool = True, log_every: int = 1, window_mean: bool = False):
+                 progress: bool = True, log_every: int = 1, echo: Callable[[str], None] = print,
+                 report_to: list[str] = (), on_terminal: bool | None = None, window_mean: bool = False):
         self.enabled = enabled
         self.log_every = log_every
         self.window_mean = window_mean
         self.window_losses: list[float] = []  # losses of the steps since the last written record
+        self.echo = echo
+        self.total_steps = total_steps
         self.records: list[dict[str, Any]] = []
         self.path = Path(output_dir) / METRICS_FILE
         self.file = None
         self.bar = None
+        self.plain_every = 0  # steps between plain progress lines; 0 = none
+        self.reporters = []
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.reporters = make_reporters(list(report_to), Path(output_dir))
             self.file = open(self.path, "a", encoding="utf-8")
-            if progress:
+            on_terminal = sys.stderr.isatty() if on_terminal is None else on_terminal
+            if progress and on_terminal:
                 self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+            elif progress:
+                self.plain_every = max(log_every, math.ceil(total_steps / 10))
+
+    def say(self, line: str) -> None:
+        """A log line; with a bar showing, the bar is cleared first and redrawn after."""
+        if self.bar is None:
+            self.echo(line)
+        else:
+            with self.bar.external_write_mode():
+                self.echo(line)
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -50,12 +109,19 @@ class MetricsLogger:
         if "loss" in record:
             self.window_losses.append(record["loss"])
         if record.get("step", 0) % self.log_every == 0 or "eval" in record:
-            self.file.write(json.dumps(self._windowed(record)) + "\n")
-            self.file.flush()
-        if self.bar is not None and "loss" in record:
+            self._write(self._windowed(record))
+        if "loss" not in record:
+            return
+        throughput = record.get("real_tokens", 0) / max(record.get("step_time", 0.0), 1e-9)
+        if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                 tok_s=f"{record['real_tokens'] / max(record['step_time'], 1e-9):.0f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{throughput:.0f}")
+            if self.bar.n >= self.total_steps:  # closed now, so no stale bar follows the summary
+                self.bar.close()
+                self.bar = None
+        elif self.plain_every and (record["step"] % self.plain_every == 0 or record["step"] == self.total_steps):
+            self.echo(f"step {record['step']}/{self.total_steps}: loss {record['loss']:.4f}, "
+                      f"lr {record['lr']:.2e}, {throughput:.0f} tokens/s")
 
     def _windowed(self, record: dict[str, Any]) -> dict[str, Any]:
         losses, self.window_losses = self.window_losses, []
@@ -67,14 +133,23 @@ class MetricsLogger:
         """A non-step record (evaluation, summary)."""
         self.records.append(record)
         if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if "summary" not in record:  # the summary repeats the run's numbers; trackers get them per step
+            for reporter in self.reporters:
+                reporter(record)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.file is not None:
             self.file.close()
+        for reporter in self.reporters:
+            reporter.close()
 
 
 def throughput(step_records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from .hub import TOKENIZER_FILES, resolve
@@ -45,6 +46,42 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool = False,
+                 max_length: int | None = None, return_tensors: str | None = None) -> dict:
+        """Encode as a transformers tokenizer does: ``{"input_ids", "attention_mask"}``.
+
+        ``padding``: True or "longest" pads right with the pad token to the longest row,
+        "max_length" to ``max_length``; ``truncation`` cuts rows to ``max_length``;
+        ``return_tensors="pt"`` gives int64 tensors [rows, time] (a single string is one row),
+        otherwise lists (a single string gives flat lists). No special tokens are added.
+        """
+        single = isinstance(text, str)
+        rows = self.encode_batch([text] if single else list(text))
+        if (truncation or padding == "max_length") and max_length is None:
+            raise TokenizerError("truncation and padding='max_length' need max_length")
+        if truncation:
+            rows = [row[:max_length] for row in rows]
+        masks = [[1] * len(row) for row in rows]
+        if padding not in (False, "do_not_pad"):
+            if padding not in (True, "longest", "max_length"):
+                raise TokenizerError(f"padding={padding!r}: use True / 'longest', 'max_length' or False")
+            if self.pad_id is None:
+                raise TokenizerError(f"tokenizer {self.source} has no pad token: call add_pad_token() (then "
+                                     "resize the model's embeddings) or ensure_pad_token(tokenizer, 'eos')")
+            width = max_length if padding == "max_length" else max(map(len, rows), default=0)
+            masks = [mask + [0] * (width - len(mask)) for mask in masks]
+            rows = [row + [self.pad_id] * (width - len(row)) for row in rows]
+        if return_tensors == "pt":
+            if len({len(row) for row in rows}) > 1:
+                raise TokenizerError("return_tensors='pt' needs rows of one length: pass padding=True")
+            return {"input_ids": torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1),
+                    "attention_mask": torch.tensor(masks, dtype=torch.long).reshape(len(rows), -1)}
+        if return_tensors is not None:
+            raise TokenizerError(f"return_tensors={return_tensors!r}: only 'pt' (PyTorch) is supported")
+        if single:
+            return {"input_ids": rows[0], "attention_mask": masks[0]}
+        return {"input_ids": rows, "attention_mask": masks}
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -67,6 +104,8 @@ class Tokenizer:
     def eos_id(self) -> int | None:
         return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
 
+    pad_token_id, eos_token_id = pad_id, eos_id  # the names transformers users know
+
     # -- special tokens --------------------------------------------------------------------------
     def add_pad_token(self, token: str = PAD_TOKEN) -> int:
         """Add ``token`` as a special padding token (id = current vocab size) and return its id.
@@ -76,13 +115,18 @@ class Tokenizer:
         self.pad_token = token
         return self.backend.token_to_id(token)
 
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` + ``tokenizer_config.json`` (pad and EOS tokens) into
+        ``directory``; ``load_tokenizer(directory)`` reads them back. Written beside
+        ``model.save_pretrained(directory)``, the folder holds the whole model."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {"pad_token": self.pad_token, "eos_token": self.eos_token}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return directory
+
+    save = save_pretrained
 
 
 def ensure_pad_token(tokenizer: Tokenizer, policy: str = "auto") -> Tokenizer:

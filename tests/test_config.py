@@ -66,3 +66,20 @@ def test_train_help_lists_every_option_with_its_default():
     for line in describe().splitlines():
         assert line.strip() in result.stdout
     assert "train.lr = 5e-05" in result.stdout and "train.schedule = 'linear'" in result.stdout
+
+
+def test_help_explains_every_option_in_one_line_grouped_by_section():
+    import dataclasses
+
+    from minift.config import RunConfig
+
+    result = subprocess.run([sys.executable, "-m", "minift", "train", "--help"], capture_output=True, text=True,
+                            cwd=REPO)
+    lines = result.stdout.splitlines()
+    for section in dataclasses.fields(RunConfig):
+        for option in dataclasses.fields(section.default_factory()):
+            text = option.metadata.get("help", "")
+            assert text and "\n" not in text, f"{section.name}.{option.name} has no one-line help"
+            line = next(x for x in lines if x.strip().startswith(f"{section.name}.{option.name} = "))
+            headers_above = [x for x in lines[:lines.index(line)] if x.startswith("[")]
+            assert line.endswith(text) and headers_above[-1] == f"[{section.name}]"

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, SHARED, shared_path
 
-pytestmark = [pytest.mark.shared, pytest.mark.skipif(not torch.distributed.is_available(),
+# slow: each run starts two gloo processes (~30 s together); CI runs them in its second step
+pytestmark = [pytest.mark.shared, pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(),
                                                      reason="torch.distributed is not available")]
 
 

@@ -18,12 +18,14 @@ from conftest import REPO, SHARED, shared_path
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("offline")
+    # stdout and stderr into one pipe, as `minift train ... 2>&1 | tee log` or CI would see them
     result = subprocess.run([sys.executable, "-m", "minift", "train", "configs/offline-default.toml",
-                             "--set", f'train.output_dir="{out}"', "--set", "train.progress=false"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                             "--set", f'train.output_dir="{out}"'],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result.stdout
+    output = result.stdout.decode()  # bytes first: text mode would turn a bar's "\r" into "\n"
+    assert result.returncode == 0, output[-3000:]
+    return out, output
 
 
 def test_offline_default_loss_falls_and_accuracy_rises(offline_run):
@@ -38,6 +40,18 @@ def test_offline_default_loss_falls_and_accuracy_rises(offline_run):
     for key in ("step", "epoch", "loss", "lr", "grad_norm", "real_tokens", "padded_tokens", "loss_tokens",
                 "step_time"):
         assert key in step
+
+
+def test_piped_output_is_plain_lines(offline_run):
+    _, output = offline_run
+    lines = output.splitlines()
+    assert "\r" not in output and "it/s]" not in output and "examples/s]" not in output  # no bar frames
+    assert all(line.startswith("eval @ step") for line in lines if "eval @ step" in line)  # nothing glued
+    total = next(int(line.split()[1]) for line in lines if line.startswith("steps: "))
+    progress = [line for line in lines if line.startswith("step ")]
+    assert 5 <= len(progress) <= 12 and progress[-1].startswith(f"step {total}/{total}: loss ")
+    after_summary = lines[next(i for i, line in enumerate(lines) if line.startswith("done: ")) + 1:]
+    assert all(line.startswith(("  ", "checkpoint: ", "plot written", "no plot")) for line in after_summary)
 
 
 def test_predict_and_generate_on_the_trained_model(offline_run):

@@ -37,7 +37,8 @@ def _wait_for_steps(path, n, timeout=120):
     raise TimeoutError(f"{path} never reached {n} steps")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGINT takes the same path as SIGTERM (StopRequest handles both): the default suite runs one
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_saves_at_the_next_step_boundary_and_exits_cleanly(tmp_path, reference, sig):
     config = tiny_config(tmp_path, "train.checkpoint_every=3")
     proc = subprocess.Popen(cli_command(config), env=subprocess_env(), stdout=subprocess.PIPE,
@@ -88,6 +89,7 @@ def _kill_loop(tmp_path, reference, n_kills, seed):
     assert _same(load_file(str(tmp_path / "checkpoint-20" / "model.safetensors")), reference)
 
 
+@pytest.mark.slow  # the default suite has one SIGKILL + resume (test_checkpoint.py)
 def test_sigkill_at_random_moments(tmp_path, reference):
     _kill_loop(tmp_path, reference, n_kills=3, seed=0)
 

@@ -8,7 +8,7 @@ import torch
 
 import minift
 from minift.models import GPTConfig, build_model
-from minift.tokenizer import TokenizerError, check_vocab_matches
+from minift.tokenizer import TokenizerError, check_vocab_matches, ensure_pad_token
 
 from conftest import shared_path
 
@@ -92,3 +92,52 @@ def test_missing_tokenizer_files_are_named(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
     with pytest.raises(TokenizerError, match="vocab.json: not valid JSON"):
         minift.load_tokenizer(tmp_path)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("checkpoint", ["tiny-openai-gpt", "tiny-gpt2"])
+def test_call_pads_like_transformers(checkpoint):
+    """tok(texts, padding=True, return_tensors="pt") gives the batch transformers built for the reference."""
+    import numpy as np
+
+    ref = np.load(shared_path("fixtures", checkpoint, "reference_logits.npz"))
+    tok = ensure_pad_token(minift.load_tokenizer(shared_path("fixtures", checkpoint)))  # GPT-2: pads with EOS
+    assert tok.pad_token_id == int(ref["pad_token_id"])
+    texts = [str(t) for t in ref["texts"]]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], torch.from_numpy(ref["input_ids"]))
+    assert torch.equal(batch["attention_mask"], torch.from_numpy(ref["attention_mask"]))
+    cut = tok(texts, padding=True, truncation=True, max_length=5, return_tensors="pt")
+    assert torch.equal(cut["input_ids"], torch.from_numpy(ref["input_ids"][:, :5]))
+    assert torch.equal(cut["attention_mask"], torch.from_numpy(ref["attention_mask"][:, :5]))
+    lists = tok(texts)
+    assert lists["input_ids"] == tok.encode_batch(texts) and [sum(m) for m in lists["attention_mask"]] == \
+        ref["attention_mask"].sum(1).tolist()
+    assert tok(texts[0]) == {"input_ids": tok.encode(texts[0]), "attention_mask": [1] * len(tok.encode(texts[0]))}
+    with pytest.raises(TokenizerError, match="padding=True"):
+        tok(texts, return_tensors="pt")  # ragged rows
+
+
+@pytest.mark.shared
+def test_model_and_tokenizer_save_pretrained_round_trip(tmp_path):
+    import numpy as np
+
+    source = shared_path("fixtures", "tiny-openai-gpt")
+    ref = np.load(source / "reference_logits.npz")
+    minift.from_pretrained(source).save_pretrained(tmp_path)
+    minift.load_tokenizer(source).save_pretrained(tmp_path)
+    model, tok = minift.from_pretrained(tmp_path).eval(), minift.load_tokenizer(tmp_path)
+    assert (tok.pad_token, tok.vocab_size) == ("[PAD]", model.config.vocab_size)
+    batch = tok([str(t) for t in ref["texts"]], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch)
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(logits[real], torch.from_numpy(ref["logits"])[real], atol=1e-4)
+
+
+def test_padding_without_a_pad_token_says_what_to_do():
+    from tokenizers import Tokenizer as Backend, models
+
+    tok = minift.Tokenizer(Backend(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>")))
+    with pytest.raises(TokenizerError, match="no pad token: call add_pad_token"):
+        tok(["a b", "a"], padding=True)
