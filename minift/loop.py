@@ -76,7 +76,8 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
           on_nonfinite: str = "stop", log: Callable[[dict], None] = lambda record: None,
           evaluate: Callable[[TrainState], None] | None = None, eval_every: int = 0,
           checkpoint: Callable[[TrainState], None] | None = None, checkpoint_every: int = 0,
-          should_stop: Callable[[], bool] = lambda: False, sync: Callable[[], None] = lambda: None
+          should_stop: Callable[[], bool] = lambda: False, sync: Callable[[], None] = lambda: None,
+          compute_loss: Callable[[Any, dict, torch.device], Any] | None = None
           ) -> TrainState:
     """Run optimizer steps until ``state.step == total_steps`` (or ``should_stop()``).
 
@@ -86,6 +87,9 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
     ``all_reduce_sum`` sums a tensor over ranks (identity in one process); DDP averages
     gradients over ``world_size`` ranks, so each rank's share is scaled back up by it.
     ``sync`` waits for the device (for honest timings on CUDA).
+    ``compute_loss(model, batch, device)`` replaces the LM forward (DPO, reward model): it returns
+    an object with ``loss_sum`` (summed over the micro-batch's ``count_key`` units) and optionally
+    ``metric_sums`` (name -> summed tensor), logged as sum over the window and ranks / count.
     """
     state = state or TrainState()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
@@ -103,6 +107,7 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
 
         # 2. K micro-batches: forward, summed CE, backward of its share of the mean
         loss_sum = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}  # compute_loss's extra sums (e.g. DPO's rewards/*)
         t_forward = t_backward = 0.0
         for i, batch in enumerate(window):
             last = i == len(window) - 1
@@ -110,7 +115,8 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
             with no_sync:
                 t0 = time.perf_counter()
                 with autocast_for(device, precision):
-                    out = model(**model_inputs(batch, device))
+                    out = (compute_loss(model, batch, device) if compute_loss is not None
+                           else model(**model_inputs(batch, device)))
                 loss = out.loss_sum / denominator
                 sync()
                 t1 = time.perf_counter()
@@ -119,6 +125,8 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
                 t_forward += t1 - t0
                 t_backward += time.perf_counter() - t1
             loss_sum += out.loss_sum.detach()
+            for name, value in (getattr(out, "metric_sums", None) or {}).items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().double()
 
         # 3. non-finite loss: stop (default) or drop this step's gradients and go on
         t_opt = time.perf_counter()
@@ -128,6 +136,9 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
                                              torch.tensor(padded, dtype=torch.float64, device=device)]))
         loss_value = float(totals[0]) / max(n_targets, 1)  # mean CE per counted target, all ranks
         real, padded = int(totals[1]), int(totals[2])
+        if metric_sums:  # one all-reduce for all of them; every rank has the same names in the same order
+            summed = all_reduce_sum(torch.stack(list(metric_sums.values())))
+            metric_sums = {name: float(v) / max(n_targets, 1) for name, v in zip(metric_sums, summed)}
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             if on_nonfinite == "stop":
@@ -162,7 +173,7 @@ def train(model, optimizer, scheduler, sampler, make_loader: Callable, *, total_
              "real_tokens": real, "padded_tokens": padded, "loss_tokens": n_targets,
              "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window),
              "step_time": t_end - t_start, "data_time": t_data - t_start, "forward_time": t_forward,
-             "backward_time": t_backward, "optimizer_time": t_end - t_opt, "overflow": overflow})
+             "backward_time": t_backward, "optimizer_time": t_end - t_opt, "overflow": overflow, **metric_sums})
         if evaluate is not None and eval_every and state.step % eval_every == 0 and state.step < total_steps:
             evaluate(state)
         if checkpoint is not None and checkpoint_every and state.step % checkpoint_every == 0:
