@@ -240,12 +240,14 @@ def test_against_trl_trace(stage, reference):
 @requires_trl
 @pytest.mark.parametrize("stage", ["dpo", "reward"])
 def test_against_trl_live(tmp_path, stage):
-    """TRL's DPOTrainer / RewardTrainer run here; final weights compared element by element."""
+    """TRL's DPOTrainer / RewardTrainer run here; final weights compared element by element. Adam turns
+    float32 rounding in near-zero gradients into updates of up to lr per step, so a few of 2.6 M
+    elements differ by up to ~1.3e-5 after 4 steps at lr 1e-3 (the largest possible move is 4e-3)."""
     logs, their_params, score = run_trl(stage, tmp_path)
     records, my_params = run_minift(stage, score)
     _compare_steps(stage, records, logs)
     for name, mine in my_params.items():
-        torch.testing.assert_close(mine, their_params[name], rtol=0, atol=2e-6)
+        torch.testing.assert_close(mine, their_params[name], rtol=0, atol=5e-5)
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------
