@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .config import RunConfig, RunConfigError, _check_value, _parse_override, from_dict
+from .config import RunConfig, RunConfigError, _check_value, apply_overrides, from_dict, read_toml
 from .data import DataError
 from .dpo import LOSS_TYPES, REFERENCES, DPOObjective, SequenceLogProbs, evaluate_pairs, precompute_reference_logps
 from .finetune import (StopRequest, _truncate_metrics, build_model_for, build_tokenizer, load_data,
@@ -96,21 +95,8 @@ PREFERENCE_SECTIONS = {f.name for f in dataclasses.fields(PreferenceConfig)}
 
 def load_preference_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[RunConfig, PreferenceConfig]:
     """A ``minift train`` config plus [pairs], [dpo], [reward]; ``--set`` works for all sections."""
-    raw: dict[str, Any] = {}
-    source = str(path) if path else "defaults"
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RunConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise RunConfigError(f"{path}: invalid TOML ({err})") from None
-    for text in overrides:
-        section, key, value = _parse_override(text)
-        if section == "model" and key.startswith("config."):
-            raw.setdefault("model", {}).setdefault("config", {})[key[len("config."):]] = value
-        else:
-            raw.setdefault(section, {})[key] = value
+    raw = apply_overrides(read_toml(path) if path is not None else {}, overrides)
+    source = str(path) if path is not None else "defaults"
     pref = PreferenceConfig()
     for section in PREFERENCE_SECTIONS & raw.keys():
         target = getattr(pref, section)
