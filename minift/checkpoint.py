@@ -197,6 +197,8 @@ class TrainingParts:
     scheduler: Any
     precision: Any
     sampler: Any
+    extra_state: dict[str, Any] | None = None  # a recipe's own entries (e.g. DPO's precomputed reference)
+    load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
 
 
 def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dist, run_config: dict[str, Any],
@@ -210,17 +212,19 @@ def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dis
         return None
     training_state = {"optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
                       "precision": parts.precision.state_dict(), "rng": rng, "sampler": samplers,
-                      "train_state": state.state_dict(), "total_steps": total_steps, "world_size": dist.world_size}
+                      "train_state": state.state_dict(), "total_steps": total_steps, "world_size": dist.world_size,
+                      **(parts.extra_state or {})}
     return save_checkpoint(output_dir, state.step, parts.model, training_state, run_config, keep=keep)
 
 
-def restore_training_state(path: Path, state, parts: TrainingParts, dist) -> None:
+def restore_training_state(path: Path, state, parts: TrainingParts, dist) -> dict[str, Any]:
     """Load what ``save_training_state`` wrote into ``parts`` and ``state`` (this rank's sampler
-    position and RNG). Refuses a checkpoint written by another number of ranks."""
+    position and RNG); returns the saved dict (a recipe reads its ``extra_state`` entries from it).
+    Refuses a checkpoint written by another number of ranks."""
     saved = load_training_state(path)
     dist.check_world_size(saved.get("world_size", 1))
     device = next(parts.model.parameters()).device
-    load_weights(parts.model, path)
+    parts.load_model_weights(parts.model, path)
     parts.model.to(device)
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scheduler.load_state_dict(saved["scheduler"])
@@ -228,6 +232,7 @@ def restore_training_state(path: Path, state, parts: TrainingParts, dist) -> Non
     parts.sampler.load_state_dict(saved["sampler"][dist.rank])
     state.load_state_dict(saved["train_state"])
     set_rng_state(saved["rng"][dist.rank])
+    return saved
 
 
 def checkpoint_to_resume(resume: str | Path | bool, output_dir: str | Path,

@@ -1,4 +1,4 @@
-"""``minift train | eval | predict | generate`` on top of the library."""
+"""``minift train | eval | predict | generate | dpo | reward | score`` on top of the library."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, RunConfigError, describe, load_config
+from .preference_cli import add_preference_commands
 
 
 def _load_for_inference(model_dir: str):
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+    add_preference_commands(sub)  # dpo, reward, score (minift/preference_cli.py)
     sub.add_parser("bench", help="throughput of the recipe: benchmarks/throughput.py --no-trainer (see benchmarks/)",
                    add_help=False)
     return parser

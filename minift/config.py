@@ -251,18 +251,19 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise RunConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise RunConfigError(f"{path}: invalid TOML ({err})") from None
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config file as a dict; a missing file or bad TOML is a RunConfigError naming it."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise RunConfigError(f"{path}: invalid TOML ({err})") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--set section.key=value`` overrides written into ``raw`` (``model.config.*`` into the table)."""
     for text in overrides:
         section, key, value = _parse_override(text)
         raw.setdefault(section, {})
@@ -272,6 +273,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raw[section].setdefault("config", {})[key[len("config."):]] = value
         else:
             raw[section][key] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw = apply_overrides(read_toml(path) if path is not None else {}, overrides)
+    source = str(path) if path is not None else "defaults"
     return from_dict(raw, source=source if not overrides else f"{source} (with --set)")
 
 

@@ -77,12 +77,18 @@ class Datasets:
     reports: list[SplitReport]
 
 
-def build_datasets(cfg: RunConfig, tokenizer, with_train: bool = True) -> Datasets:
+def load_dataset_splits(cfg: RunConfig):
+    """The raw splits of ``data.source`` (the synthetic set is written first when asked for)."""
     d = cfg.data
     source = d.source
     if source == SYNTHETIC:
         source = str(synthetic.prepare(Path(cfg.train.output_dir) / SYNTHETIC, seed=cfg.train.seed)[0])
-    splits = load_splits(source, validation_fraction=d.validation_fraction, seed=cfg.train.seed)
+    return load_splits(source, validation_fraction=d.validation_fraction, seed=cfg.train.seed)
+
+
+def build_datasets(cfg: RunConfig, tokenizer, with_train: bool = True) -> Datasets:
+    d = cfg.data
+    splits = load_dataset_splits(cfg)
     prepare = partial(prepare_split, splits, tokenizer=tokenizer, template=d.template, labels=tuple(d.labels),
                       max_length=d.max_length, text_column=d.text_column, label_column=d.label_column,
                       append_eos={"auto": None, "yes": True, "no": False}[d.append_eos])

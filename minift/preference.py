@@ -1,0 +1,189 @@
+"""Preference pairs: from rows to one padded batch of chosen and rejected sequences.
+
+The stages, each a function:
+
+    load_pairs        hub id or local JSONL/Parquet in TRL's standard format (prompt, chosen, rejected)
+    tweet_pairs       the built-in pairs: prompt "{text} sentiment:", chosen the gold label, rejected a
+                      wrong one (seeded; one wrong label per tweet, or both)
+    tokenize_pairs    prompt / chosen / rejected ids as TRL splits them, truncated as TRL does, counted
+    PairCollator      chosen rows then rejected rows, right-padded once, completion-only labels
+
+Truncation follows TRL's DPO default (``truncation_mode="keep_start"``): each prompt+completion is
+cut at ``max_length`` from the END, so the completion loses its tail first; a pair whose prompt alone
+fills ``max_length`` keeps no completion token and is dropped. Both are counted in the report.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import datasets
+import torch
+
+from .data import DataError, clean_split, format_prompt, load_splits, split_template
+from .models.layers import IGNORE_INDEX
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+REJECTED_CHOICES = ("one", "both")
+
+
+@dataclass
+class PairReport:
+    """What loading and tokenization did to one split of pairs (printed at the start of a run)."""
+
+    split: str
+    rows_read: int = 0
+    pairs: int = 0
+    truncated: int = 0  # pairs where chosen or rejected lost tokens at the end
+    dropped_long_prompt: int = 0  # pairs whose prompt alone reaches max_length
+    dropped_rows: list[int] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"{self.split}: {self.rows_read} rows read, {self.pairs} pairs, {self.truncated} truncated "
+                f"(end cut, as TRL's keep_start), {self.dropped_long_prompt} dropped (prompt fills max_length)")
+
+
+# -- sources ----------------------------------------------------------------------------------------
+def load_pairs(source: str, seed: int = 0) -> datasets.DatasetDict:
+    """Preference splits from a hub id, local directory (train.jsonl / test.parquet ...) or file, in
+    TRL's standard format: string columns ``prompt``, ``chosen``, ``rejected``."""
+    splits = load_splits(source, seed=seed)
+    for name, split in splits.items():
+        missing = [c for c in PAIR_COLUMNS if c not in split.column_names]
+        if missing:
+            raise DataError(f"{source}: split {name!r} lacks column(s) {missing} of TRL's preference format "
+                            f"(prompt, chosen, rejected); columns are {split.column_names}")
+        for row, values in enumerate(zip(*(split[c] for c in PAIR_COLUMNS))):
+            for column, value in zip(PAIR_COLUMNS, values):
+                if not isinstance(value, str):
+                    raise DataError(f"{source}: split {name!r} row {row}: {column!r} must be plain text, "
+                                    f"got {type(value).__name__} (conversational pairs are not supported)")
+    return splits
+
+
+def tweet_pairs(split: datasets.Dataset, name: str, template: str, labels: Sequence[str], rejected: str = "one",
+                seed: int = 0, text_column: str = "text", label_column: str = "label_text") -> datasets.Dataset:
+    """Pairs from labelled texts: prompt ``"{text} sentiment:"``, chosen ``" {gold}"``, rejected
+    ``" {wrong}"``. ``rejected="one"``: one wrong label per row, drawn with ``seed``; ``"both"``:
+    a pair for every wrong label. Empty texts are skipped as ``minift train`` skips them."""
+    if rejected not in REJECTED_CHOICES:
+        raise DataError(f"rejected must be one of {REJECTED_CHOICES}, got {rejected!r}")
+    cleaned, _ = clean_split(split, name, text_column, label_column, tuple(labels))
+    completion = split_template(template)[1]
+    rng = random.Random(seed)
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": []}
+    columns = cleaned.select_columns([text_column, label_column, "row"]).to_dict()
+    for text, gold, row in zip(columns[text_column], columns[label_column], columns["row"]):
+        wrong = [label for label in labels if label != gold]
+        for bad in (wrong if rejected == "both" else [rng.choice(wrong)]):
+            out["prompt"].append(format_prompt(text, template))
+            out["chosen"].append(completion.format(label=gold))
+            out["rejected"].append(completion.format(label=bad))
+            out["row"].append(row)
+    return datasets.Dataset.from_dict(out)
+
+
+# -- tokenization -------------------------------------------------------------------------------------
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class TokenizedPairs:
+    """Map-style dataset of tokenized pairs (python lists): what the sampler and collator read."""
+
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]  # completion tokens only, after truncation
+    rejected_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        """The longer sequence of each pair (what the batch pads to)."""
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)]
+
+    def truncate(self, n: int) -> None:
+        self.prompt_ids, self.chosen_ids, self.rejected_ids = (
+            self.prompt_ids[:n], self.chosen_ids[:n], self.rejected_ids[:n])
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"prompt_ids": self.prompt_ids[i], "chosen_ids": self.chosen_ids[i],
+                "rejected_ids": self.rejected_ids[i], "index": i}
+
+
+def tokenize_pairs(pairs: datasets.Dataset, tokenizer, max_length: int, append_eos: bool = False,
+                   name: str = "train") -> tuple[TokenizedPairs, PairReport]:
+    """Tokenize as TRL's DPOTrainer does: encode prompt, prompt+chosen and prompt+rejected; the
+    completion starts where the three stop sharing a prefix. ``append_eos`` adds the tokenizer's
+    EOS to both completions (TRL always does; minift's tweet pairs end on the label instead, the
+    token a reward model scores). Then keep_start truncation to ``max_length`` per sequence."""
+    report = PairReport(name, rows_read=len(pairs))
+    eos = [tokenizer.eos_id] if append_eos and tokenizer.eos_id is not None else []
+    if append_eos and not eos:
+        raise DataError(f"append_eos asked for, but tokenizer {tokenizer.source} has no EOS token")
+    columns = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
+    prompts = tokenizer.encode_batch(columns["prompt"])
+    with_chosen = tokenizer.encode_batch([p + c for p, c in zip(columns["prompt"], columns["chosen"])])
+    with_rejected = tokenizer.encode_batch([p + r for p, r in zip(columns["prompt"], columns["rejected"])])
+    out = TokenizedPairs([], [], [])
+    for row, (p_ids, c_full, r_full) in enumerate(zip(prompts, with_chosen, with_rejected)):
+        start = min(common_prefix_length(p_ids, c_full), common_prefix_length(p_ids, r_full))
+        if start >= max_length:
+            report.dropped_long_prompt += 1
+            report.dropped_rows.append(row)
+            continue
+        chosen, rejected = c_full[start:] + eos, r_full[start:] + eos
+        room = max_length - start
+        if len(chosen) > room or len(rejected) > room:
+            report.truncated += 1
+        out.prompt_ids.append(c_full[:start])
+        out.chosen_ids.append(chosen[:room])
+        out.rejected_ids.append(rejected[:room])
+    report.pairs = len(out)
+    if not len(out):
+        raise DataError(f"split {name!r}: no pair left ({report.line()})")
+    return out, report
+
+
+# -- collation ---------------------------------------------------------------------------------------
+@dataclass
+class PairCollator:
+    """B pairs -> one batch of 2B rows: rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected,
+    right-padded to the longest row. ``labels`` carry the completion tokens only (-100 on prompt
+    and pads), so summed log-probs cover exactly the completion. ``n_pairs`` is the loop's count."""
+
+    pad_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        rows = ([(e["prompt_ids"], e["chosen_ids"]) for e in examples]
+                + [(e["prompt_ids"], e["rejected_ids"]) for e in examples])
+        time = max(len(p) + len(c) for p, c in rows)
+        if self.pad_to_multiple_of:
+            time = -(-time // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), time), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), time), dtype=torch.long)
+        labels = torch.full((len(rows), time), IGNORE_INDEX, dtype=torch.long)
+        for r, (prompt, completion) in enumerate(rows):
+            ids = torch.as_tensor(list(prompt) + list(completion), dtype=torch.long)
+            input_ids[r, :len(ids)] = ids
+            attention_mask[r, :len(ids)] = 1
+            labels[r, len(prompt):len(ids)] = ids[len(prompt):]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "pair_index": torch.tensor([e["index"] for e in examples], dtype=torch.long),
+                "n_pairs": len(examples), "n_real_tokens": int(attention_mask.sum()),
+                "n_padded_tokens": input_ids.numel()}
+
+
+def pair_batches(pairs: TokenizedPairs, collator: PairCollator, batch_size: int, limit: int = 0) -> list[dict]:
+    """Sequential batches over the first ``limit`` pairs (all when 0): for evaluation and precompute."""
+    n = len(pairs) if not limit else min(limit, len(pairs))
+    return [collator([pairs[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]

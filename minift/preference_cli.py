@@ -1,0 +1,55 @@
+"""``minift dpo | reward | score``: the preference stage's commands (added to ``minift.cli``'s parser)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+RESUME_HELP = "continue from the newest intact checkpoint in output_dir, or from CHECKPOINT"
+
+
+def cmd_preference(args) -> int:
+    from .preference_run import load_preference_config, run_dpo, run_reward
+
+    cfg, pref = load_preference_config(args.config, args.set or [])
+    resume = True if args.resume == "latest" else args.resume
+    summary = (run_dpo if args.command == "dpo" else run_reward)(cfg, pref, resume=resume)
+    return 0 if summary else 1
+
+
+def cmd_score(args) -> int:
+    """Rank candidate completions of one prompt by reward (best first). Without candidates, the
+    candidates are the labels the reward model's run was configured with (`` {label}``)."""
+    from .data import split_template
+    from .reward import load_reward_model, score_texts
+    from .tokenizer import load_tokenizer
+
+    model = load_reward_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    candidates = args.candidates
+    if not candidates:
+        run_config = json.loads((Path(args.model) / "run_config.json").read_text())["data"]
+        completion = split_template(run_config["template"])[1]
+        candidates = [completion.format(label=label) for label in run_config["labels"]]
+    sequences = [tokenizer.encode(args.prompt + c) for c in candidates]
+    rewards = score_texts(model, sequences, tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+                          torch.device("cpu"))
+    for i in torch.argsort(rewards, descending=True).tolist():
+        print(f"{rewards[i]:+.4f}\t{candidates[i]!r}")
+    return 0
+
+
+def add_preference_commands(sub) -> None:
+    for name, text in (("dpo", "DPO on preference pairs as a TOML config says ([pairs], [dpo])"),
+                       ("reward", "train a reward model on preference pairs ([pairs], [reward])")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", help="TOML config (configs/dpo-tweets.toml, configs/reward-tweets.toml)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+        p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=RESUME_HELP)
+        p.set_defaults(func=cmd_preference)
+    score = sub.add_parser("score", help="rank candidate completions of a prompt with a reward model")
+    score.add_argument("prompt", help='e.g. "what a lovely day sentiment:"')
+    score.add_argument("candidates", nargs="*", help="completions (default: the model's configured labels)")
+    score.add_argument("--model", required=True, help="a reward model directory (<output_dir>/model of minift reward)")
+    score.set_defaults(func=cmd_score)

@@ -1,0 +1,137 @@
+"""The reward model: a GPT backbone with a scalar head on the last real token, trained with the
+Bradley–Terry loss on preference pairs.
+
+    hidden = backbone(prompt + completion)          (the LM's transformer, no LM head)
+    reward = score(hidden at the row's last real token)   (Linear(n_embd, 1), no bias)
+    loss   = -log σ(r_chosen - r_rejected), summed over pairs; pairwise accuracy = P(r_chosen > r_rejected)
+
+The weights are saved in transformers' ``OpenAIGPTForSequenceClassification`` /
+``GPT2ForSequenceClassification`` layout with ``num_labels = 1`` (``transformer.*`` + ``score.weight``,
+``pad_token_id`` in config.json), so ``AutoModelForSequenceClassification`` loads what minift saves.
+transformers finds "the last real token" as the last id that is not ``pad_token_id``; minift uses
+the attention mask. They agree while no real token is the pad id: the tweet pairs end on the label
+(no EOS appended), so with GPT-2's pad = EOS nothing is lost.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dpo import PairLoss
+from .hub import CheckpointError, read_state_dict, resolve_checkpoint
+from .models import build_model, config_from_json_file
+from .models.base import CONFIG_NAME, WEIGHTS_NAME, CausalLM
+
+SEQUENCE_CLASSIFIERS = {"openai-gpt": "OpenAIGPTForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+
+
+class RewardModel(nn.Module):
+    """``transformer`` (shared with the ``CausalLM`` it is built from) + ``score`` head."""
+
+    def __init__(self, lm: CausalLM, pad_token_id: int | None):
+        super().__init__()
+        self.config = lm.config
+        self.transformer = lm.transformer
+        self._hidden_states = lm.hidden_states  # the LM's forward up to the head (mask, positions, blocks)
+        self.score = nn.Linear(lm.config.n_embd, 1, bias=False, device=lm.token_embedding.weight.device,
+                               dtype=lm.token_embedding.weight.dtype)
+        self.pad_token_id = pad_token_id
+        nn.init.normal_(self.score.weight, std=lm.config.initializer_range)  # transformers' init of the head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One reward per row: the head applied at the row's last token with attention_mask 1."""
+        hidden = self._hidden_states(input_ids, attention_mask)
+        last = attention_mask.sum(dim=1) - 1
+        return self.score(hidden[torch.arange(len(input_ids), device=input_ids.device), last]).squeeze(-1)
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """config.json (sequence-classification architecture, num_labels 1, pad_token_id) +
+        model.safetensors with ``transformer.*`` and ``score.weight``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.config.to_dict()
+        config.update(architectures=[SEQUENCE_CLASSIFIERS[self.config.model_type]], id2label={"0": "LABEL_0"},
+                      label2id={"LABEL_0": 0}, pad_token_id=self.pad_token_id)
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(self.state_dict_for_save(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        return directory
+
+
+def load_reward_model(name_or_path: str | Path) -> RewardModel:
+    """A reward model saved by minift or by transformers (``…ForSequenceClassification``, num_labels 1)."""
+    directory = resolve_checkpoint(name_or_path)
+    raw = json.loads((directory / CONFIG_NAME).read_text())
+    if len(raw.get("id2label", {"0": 0})) != 1:
+        raise CheckpointError(f"{directory}: a reward model has num_labels = 1, config.json has "
+                              f"{len(raw['id2label'])} labels")
+    with torch.device("meta"):
+        model = RewardModel(build_model(config_from_json_file(directory / CONFIG_NAME)), raw.get("pad_token_id"))
+    load_reward_weights(model, directory, assign=True)
+    return model.eval()
+
+
+def load_reward_weights(model: RewardModel, directory: Path, assign: bool = False) -> None:
+    """Copy ``transformer.*`` + ``score.weight`` from ``directory``; every key must match."""
+    tensors, origin = read_state_dict(Path(directory))
+    expected = model.state_dict()
+    problems = [f"missing key {k}" for k in expected.keys() - tensors.keys()]
+    problems += [f"unexpected key {k} in {origin[k]}" for k in tensors.keys() - expected.keys()]
+    problems += [f"shape mismatch for {k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
+                 for k in tensors.keys() & expected.keys() if tensors[k].shape != expected[k].shape]
+    if problems:
+        raise CheckpointError(f"{directory} is not a reward model of this config:\n  " + "\n  ".join(sorted(problems)))
+    model.load_state_dict(tensors, strict=True, assign=assign)
+
+
+def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> PairLoss:
+    """Summed -log σ(r_c - r_r) and summed pairwise accuracy / margin (the loop divides by pairs)."""
+    margin = chosen - rejected
+    metrics = {"accuracy": (margin.detach() > 0).sum(), "margin": margin.detach().sum(),
+               "rewards/chosen": chosen.detach().sum(), "rewards/rejected": rejected.detach().sum()}
+    return PairLoss(-F.logsigmoid(margin).sum(), metrics)
+
+
+def reward_loss(model: nn.Module, batch: dict, device: torch.device) -> PairLoss:
+    """``compute_loss`` for ``loop.train``: rewards of [chosen; rejected] rows in one forward."""
+    rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return bradley_terry(*rewards.float().chunk(2))
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: RewardModel, batches: list[dict], device: torch.device) -> dict[str, float]:
+    """Held-out pairs: mean loss, pairwise accuracy (ties count as wrong) and mean margin."""
+    was_training = model.training
+    model.eval()
+    totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+    n = 0
+    for batch in batches:
+        out = reward_loss(model, batch, device)
+        totals["loss"] += float(out.loss_sum)
+        totals["accuracy"] += float(out.metric_sums["accuracy"])
+        totals["margin"] += float(out.metric_sums["margin"])
+        n += batch["n_pairs"]
+    model.train(was_training)
+    return {name: value / max(n, 1) for name, value in totals.items()}
+
+
+@torch.no_grad()
+def score_texts(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
+                ) -> torch.Tensor:
+    """Rewards of token sequences (right-padded together)."""
+    time = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), time), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, :len(ids)] = 1
+    return model.eval().to(device)(input_ids.to(device), attention_mask.to(device)).float().cpu()

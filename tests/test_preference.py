@@ -1,0 +1,274 @@
+"""The preference stage: pairs, collation, DPO and the reward model, against independent references
+(hand-written float64 formulas, a full-logits log-prob computation, transformers' sequence
+classifier, TRL's trainers live or through their saved trace)."""
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minift.config import RunConfigError
+from minift.data import DataError
+from minift.dpo import DPOObjective, SequenceLogProbs, dpo_losses
+from minift.loop import Hooks, train
+from minift.models import GPTConfig, build_model
+from minift.optim import make_adamw, make_scheduler
+from minift.preference import PairCollator, TokenizedPairs, load_pairs, tokenize_pairs, tweet_pairs
+from minift.preference_run import PairObjective, load_preference_config, run_dpo
+from minift.reward import RewardModel, load_reward_model
+from minift.sampling import SequentialSampler
+
+from conftest import REPO, shared_path
+from trl_preference import SETUP, STEP_KEYS, TRACE, run_minift, run_trl, weight_sums
+
+CPU = torch.device("cpu")
+
+
+def have_trl() -> bool:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_trl = pytest.mark.skipif(not have_trl(), reason="trl is not installed (pip install --no-deps trl)")
+
+
+class CharTokenizer:
+    """One id per character (a=1, b=2, ...; space=27, ':'=28): token boundaries known by hand."""
+
+    source = "chars"
+    eos_id = 29
+    pad_id = 0
+
+    def encode(self, text):
+        return [27 if c == " " else 28 if c == ":" else ord(c) - 96 for c in text]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+
+def _pairs(rows):
+    return datasets.Dataset.from_dict({k: [r[i] for r in rows] for i, k in enumerate(("prompt", "chosen", "rejected"))})
+
+
+# -- pairs ----------------------------------------------------------------------------------------------
+def test_tweet_pairs_chosen_is_gold_rejected_is_wrong_and_seeded():
+    rows = datasets.Dataset.from_dict({"text": ["good day ", "meh", "  ", "awful"],
+                                       "label_text": ["positive", "neutral", "neutral", "negative"]})
+    labels = ["negative", "neutral", "positive"]
+    one = tweet_pairs(rows, "train", "{text} sentiment: {label}", labels, "one", seed=3)
+    assert one["prompt"] == ["good day sentiment:", "meh sentiment:", "awful sentiment:"]  # empty row 2 skipped
+    assert one["chosen"] == [" positive", " neutral", " negative"]
+    assert all(r != c and r.strip() in labels for r, c in zip(one["rejected"], one["chosen"]))
+    assert one["rejected"] == tweet_pairs(rows, "train", "{text} sentiment: {label}", labels, "one", seed=3)["rejected"]
+    both = tweet_pairs(rows, "train", "{text} sentiment: {label}", labels, "both")
+    assert both["row"] == [0, 0, 1, 1, 3, 3]
+    assert both["rejected"][:2] == [" negative", " neutral"]
+
+
+def test_tokenize_pairs_truncates_the_end_and_drops_prompts_that_fill_max_length():
+    pairs = _pairs([("ab:", " xyz", " q"), ("abcdef:", " x", " y"), ("abcdefgh:", " x", " y")])
+    tokenized, report = tokenize_pairs(pairs, CharTokenizer(), max_length=6)
+    # pair 0: prompt 3 tokens, room 3: " xyz" (4 tokens) loses its last token; pair 1: prompt 7 >= 6; pair 2 too
+    assert tokenized.prompt_ids == [[1, 2, 28]]
+    assert tokenized.chosen_ids == [[27, 24, 25]] and tokenized.rejected_ids == [[27, 17]]
+    assert (report.pairs, report.truncated, report.dropped_long_prompt, report.dropped_rows) == (1, 1, 2, [1, 2])
+    with_eos, _ = tokenize_pairs(pairs.select([0]), CharTokenizer(), max_length=20, append_eos=True)
+    assert with_eos.chosen_ids == [[27, 24, 25, 26, 29]] and with_eos.rejected_ids == [[27, 17, 29]]
+
+
+def test_pair_collator_one_batch_chosen_then_rejected_completion_only_labels():
+    pairs = TokenizedPairs(prompt_ids=[[5, 6], [7]], chosen_ids=[[8], [9, 10]], rejected_ids=[[11, 12, 13], [14]])
+    batch = PairCollator(pad_id=0)([pairs[0], pairs[1]])
+    assert batch["input_ids"].tolist() == [[5, 6, 8, 0, 0], [7, 9, 10, 0, 0], [5, 6, 11, 12, 13], [7, 14, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 8, -100, -100], [-100, 9, 10, -100, -100],
+                                        [-100, -100, 11, 12, 13], [-100, 14, -100, -100, -100]]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 3, 5, 2]
+    assert (batch["n_pairs"], batch["n_real_tokens"], batch["n_padded_tokens"]) == (2, 13, 20)
+    assert batch["pair_index"].tolist() == [0, 1]
+
+
+def test_load_pairs_reads_trl_format_and_names_a_missing_column(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n")
+    assert load_pairs(str(tmp_path))["train"]["chosen"] == [" a"]
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a"}) + "\n")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['rejected'\]"):
+        load_pairs(str(tmp_path))
+
+
+def test_preference_config_sections_and_errors(tmp_path):
+    cfg, pref = load_preference_config(REPO / "configs" / "dpo-tiny.toml", ["dpo.beta=0.5", "pairs.rejected=both"])
+    assert (pref.dpo.beta, pref.pairs.rejected, cfg.train.max_steps) == (0.5, "both", 6)
+    with pytest.raises(RunConfigError, match=r"unknown key \[dpo\] betta"):
+        load_preference_config(REPO / "configs" / "dpo-tiny.toml", ["dpo.betta=0.5"])
+    with pytest.raises(RunConfigError, match="loss_type"):
+        load_preference_config(REPO / "configs" / "dpo-tiny.toml", ["dpo.loss_type=kto"])
+
+
+# -- DPO --------------------------------------------------------------------------------------------------
+def _tiny_lm(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return build_model(GPTConfig(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                 embd_pdrop=0.0, attn_pdrop=0.0)).to(dtype)
+
+
+def _random_pairs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        return torch.randint(1, 39, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+    return TokenizedPairs([ids(1, 6) for _ in range(n)], [ids(1, 4) for _ in range(n)], [ids(1, 4) for _ in range(n)])
+
+
+def test_sequence_log_probs_equal_full_logits_sum_over_completion():
+    lm = _tiny_lm()
+    batch = PairCollator(pad_id=0)([_random_pairs(5)[i] for i in range(5)])
+    got = SequenceLogProbs(lm)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logp = torch.log_softmax(lm(batch["input_ids"], batch["attention_mask"]), dim=-1)  # every position, float64
+    want = torch.zeros(10, dtype=torch.float64)
+    for row in range(10):
+        for t in range(1, batch["input_ids"].shape[1]):
+            if batch["labels"][row, t] != -100:
+                want[row] += logp[row, t - 1, batch["labels"][row, t]]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_losses_match_the_formulas_in_float64(loss_type):
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) * 3 for _ in range(4))
+    nc, nr = torch.tensor([1, 2, 3, 1, 2, 3]), torch.tensor([3, 1, 2, 2, 1, 1])
+    beta, eps = 0.3, 0.1
+    got = dpo_losses(pc - rc, pr - rr, beta, loss_type, eps if loss_type == "sigmoid" else 0.0, nc, nr)
+    for i in range(6):
+        d = (pc[i] - rc[i]) - (pr[i] - rr[i])
+        if loss_type == "sigmoid":
+            want = -(1 - eps) * math.log(1 / (1 + math.exp(-beta * d))) - eps * math.log(1 / (1 + math.exp(beta * d)))
+        elif loss_type == "hinge":
+            want = max(0.0, 1 - beta * float(d))
+        else:
+            want = (float((pc[i] - rc[i]) / nc[i] - (pr[i] - rr[i]) / nr[i]) - 1 / (2 * beta)) ** 2
+        assert float(got[i]) == pytest.approx(want, rel=1e-12, abs=1e-14)
+
+
+def _dpo_run(batch_size, accum, reference):
+    lm = _tiny_lm()
+    pairs = _random_pairs(12)
+    ref = SequenceLogProbs(_tiny_lm(seed=1)).eval()
+    objective = DPOObjective(beta=0.5, loss_type="sigmoid", reference=ref)
+    if reference == "precomputed":
+        batch = PairCollator(0)([pairs[i] for i in range(12)])
+        with torch.no_grad():
+            objective = DPOObjective(beta=0.5, reference_logps=torch.stack(ref(batch["input_ids"], batch[
+                "attention_mask"], batch["labels"]).chunk(2), dim=1))
+    module = SequenceLogProbs(lm)
+    optimizer = make_adamw(module, 1e-2, 0.0, fused="no")
+    records = []
+    train(module, optimizer, make_scheduler(optimizer, "constant", 3),
+          torch.utils.data.DataLoader(pairs, batch_sampler=SequentialSampler(12, batch_size), collate_fn=PairCollator(0)),
+          total_steps=3, grad_accum=accum, max_grad_norm=0.5, loss=PairObjective(objective),
+          hooks=Hooks(log=records.append))
+    return lm.state_dict(), records
+
+
+def test_dpo_accumulation_equals_one_big_batch_and_precomputed_equals_frozen():
+    big, big_log = _dpo_run(4, 1, "frozen")
+    for batch_size, accum, reference in ((1, 4, "frozen"), (4, 1, "precomputed")):
+        small, small_log = _dpo_run(batch_size, accum, reference)
+        for key in big:
+            torch.testing.assert_close(small[key], big[key], rtol=0, atol=1e-10)
+        for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):  # the loop sums the loss in float32
+            assert [r[name] for r in small_log] == pytest.approx([r[name] for r in big_log], abs=1e-6)
+    assert big_log[0]["rewards/chosen"] != 0.0  # the reference differs from the policy: real rewards logged
+
+
+# -- reward model --------------------------------------------------------------------------------------------
+@pytest.mark.transformers
+@pytest.mark.parametrize("fixture", ["tiny-openai-gpt", "tiny-gpt2"])
+def test_reward_model_saved_by_minift_loads_in_transformers(tmp_path, fixture):
+    from transformers import AutoModelForSequenceClassification
+
+    import minift
+
+    lm = minift.from_pretrained(shared_path("fixtures", fixture))
+    pad = lm.config.vocab_size - 1  # any id; GPT-2 pads with EOS (50256) exactly so
+    torch.manual_seed(0)
+    rm = RewardModel(lm, pad).eval()
+    rm.save_pretrained(tmp_path)
+    theirs = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    assert theirs.config.num_labels == 1
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, pad, pad], [11, pad, pad, pad]])
+    mask = (torch.arange(4)[None] < torch.tensor([[4], [2], [1]])).long()
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        torch.testing.assert_close(rm(ids, mask), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(load_reward_model(tmp_path)(ids, mask), want, rtol=0, atol=1e-5)
+
+
+# -- against TRL --------------------------------------------------------------------------------------------
+def _compare_steps(stage, mine, theirs):
+    """float32 on both sides, same ids, same order: per-step values agree to float32 rounding of sums
+    (observed <= 5e-7 on logps, <= 3e-7 on grad norms); 1e-5 leaves room for other CPUs' kernels."""
+    assert len(mine) == len(theirs) == SETUP["steps"]
+    for m, t in zip(mine, theirs):
+        for key in STEP_KEYS[stage]:
+            assert m[key] == pytest.approx(t[key], abs=1e-5, rel=1e-5), (stage, key)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("stage,reference", [("dpo", "frozen"), ("dpo", "precomputed"), ("reward", None)])
+def test_against_trl_trace(stage, reference):
+    """minift against the TRL numbers saved in tests/data (regenerate: python3 tests/trl_preference.py)."""
+    trace = json.loads(TRACE.read_text())
+    score = torch.tensor(trace["reward"]["initial_score_weight"]).view(1, -1) if stage == "reward" else None
+    records, params = run_minift(stage, score, reference or "frozen")
+    _compare_steps(stage, records, trace[stage]["steps"])
+    mine = weight_sums(params, stage)
+    assert mine.keys() == trace[stage]["final_weight_sums"].keys()
+    for name, value in trace[stage]["final_weight_sums"].items():  # sums over up to 2.6 M elements
+        assert mine[name] == pytest.approx(value, abs=2e-4, rel=1e-5), name
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@requires_trl
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_against_trl_live(tmp_path, stage):
+    """TRL's DPOTrainer / RewardTrainer run here; final weights compared element by element. Adam turns
+    float32 rounding in near-zero gradients into updates of up to lr per step, so a few of 2.6 M
+    elements differ by up to ~1.3e-5 after 4 steps at lr 1e-3 (the largest possible move is 4e-3)."""
+    logs, their_params, score = run_trl(stage, tmp_path)
+    records, my_params = run_minift(stage, score)
+    _compare_steps(stage, records, logs)
+    for name, mine in my_params.items():
+        torch.testing.assert_close(mine, their_params[name], rtol=0, atol=5e-5)
+
+
+# -- the recipe -------------------------------------------------------------------------------------------------
+def test_dpo_recipe_resume_is_bit_exact_with_precomputed_reference(tmp_path):
+    def config(out, steps_override=()):
+        return load_preference_config(REPO / "configs" / "dpo-tiny.toml", [
+            f'train.output_dir="{out}"', "train.checkpoint_every=3", "dpo.reference=precomputed",
+            "pairs.max_train_pairs=48", "pairs.max_eval_pairs=16", *steps_override])
+    quiet = dict(log=lambda *_: None)
+    run_dpo(*config(tmp_path / "straight"), **quiet)
+    run_dpo(*config(tmp_path / "resumed", ["train.max_steps=3"]), **quiet)
+    cfg, pref = config(tmp_path / "resumed")
+    run_dpo(cfg, pref, resume=True, **quiet)
+    from safetensors.torch import load_file
+
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "step_time" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(key in steps[-1] for key in STEP_KEYS["dpo"])
