@@ -15,6 +15,7 @@ from typing import Any
 
 # the choice lists live with the code that implements them; validation reads them from there
 from .collate import OBJECTIVES, PADDINGS
+from .errors import InputError
 from .optim import SCHEDULES
 from .precision import AUTOCAST_PRECISIONS, DTYPES
 from .sampling import SAMPLERS
@@ -24,7 +25,7 @@ DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "floa
 YES_NO_AUTO = ("auto", "yes", "no")
 
 
-class RunConfigError(ValueError):
+class RunConfigError(InputError):
     pass
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import datasets
 
 from .config import DataSection
+from .errors import InputError
 
 _DEFAULTS = DataSection()  # one source for the defaults: the [data] section of the config
 DEFAULT_DATASET = _DEFAULTS.source
@@ -26,7 +27,7 @@ DEFAULT_MAX_LENGTH = _DEFAULTS.max_length
 _EXTENSION_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Input data that cannot be used; the message names the file, split, row or column."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import MiniftError, MissingFile
 from .models import CausalLM, build_model, config_from_json_file
 from .models.base import CONFIG_NAME, WEIGHTS_NAME as SAFE_WEIGHTS
 
@@ -41,8 +42,10 @@ _REVERSE_ALIASES = {v: k for k, v in HUB_ALIASES.items()}
 _LEGACY_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$|^position_ids$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MiniftError, RuntimeError):
     """A checkpoint that cannot be found or does not match the model."""
+
+    exit_code = 2
 
 
 # -- resolution -------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         what = "is a file, not a directory" if path.exists() else "no such directory"
-        raise FileNotFoundError(f"{name}: {what} (expected a checkpoint directory or a hub name)")
+        raise MissingFile(f"{name}: {what} (expected a checkpoint directory or a hub name)")
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError

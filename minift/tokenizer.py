@@ -17,12 +17,13 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from .hub import TOKENIZER_FILES, resolve
+from .errors import InputError
 
 PAD_TOKEN = "[PAD]"
 GPT2_EOS = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     pass
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import InputError, MissingFile
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A model config with impossible or malformed values."""
 
 
@@ -100,7 +102,7 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"model config not found: {path}") from None
+        raise MissingFile(f"model config not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
