@@ -15,6 +15,7 @@ older checkpoints are pruned only after the new one is complete.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -105,10 +106,25 @@ def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
             _delete(final)
         os.replace(tmp, final)
         _fsync(parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(err) is not None and not isinstance(err, OSError):  # said in the words of the OS
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from err
         raise
     return final
+
+
+def _disk_full(err: BaseException | None) -> BaseException | None:
+    """The exception in ``err``'s chain that says the disk is full: torch.save reports it as
+    ``RuntimeError: [enforce fail ...] unexpected pos`` with the OSError as its context, and
+    safetensors as ``SafetensorError: ... (os error 28)``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "(os error 28)" in str(err):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, training_state: dict[str, Any],
@@ -122,7 +138,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model, training_state: di
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        torch.save(training_state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as f:  # a file object: a full disk surfaces as OSError ENOSPC
+            torch.save(training_state, f)
         (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,

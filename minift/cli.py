@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig, describe, load_config
-from .errors import MiniftError
+from .errors import InputError, MiniftError
 
 
 def _load_for_inference(model_dir: str):
@@ -44,7 +45,7 @@ def cmd_eval(args) -> int:
     from .finetune import evaluate_only
 
     result = evaluate_only(cfg, args.model)
-    print(json.dumps(result.as_dict(), indent=2))
+    print(json.dumps({"model": args.model or cfg.model.name, **result.as_dict()}, indent=2))
     return 0
 
 
@@ -68,7 +69,18 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def check_generation_args(args) -> None:
+    """Refuse sampling arguments before the model is loaded."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    for flag, value in (("--top-k", args.top_k), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 0:
+            raise InputError(f"{flag} {value}: must be >= 0 ({flag} 0 = " +
+                             ("no top-k filter)" if flag == "--top-k" else "nothing to generate)"))
+
+
 def cmd_generate(args) -> int:
+    check_generation_args(args)
     model, tokenizer, _ = _load_for_inference(args.model)
     ids = model.generate(tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, eos_id=tokenizer.eos_id,

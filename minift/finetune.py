@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from . import checkpoint as ckpt
 from . import synthetic
 from .collate import Collator, PackingCollator, padding_efficiency
-from .config import RunConfig
+from .config import RunConfig, RunConfigError
 from .data import DataError, SplitReport, TokenizedExamples, label_token_ids, load_splits, prepare_split
 from .distributed import SINGLE_PROCESS, Distributed
 from .evaluate import EvalData, EvalResult, eval_data_from_examples, evaluate
@@ -55,7 +55,7 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
     if cfg.model.name == "random":
         config_cls = CONFIG_CLASSES[cfg.model.model_type]
         model = build_random_model(config_cls.from_dict({"vocab_size": tokenizer.vocab_size, **cfg.model.config},
-                                                        source="[model] config"))
+                                                        source="[model] config", strict=True))
     else:
         model = from_pretrained(cfg.model.name, **cfg.model.config)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -251,6 +251,9 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
     """``minift eval``: the eval split's loss, perplexity and label accuracy for one model."""
     if model_name:
         cfg.model.name = model_name
+    if cfg.model.name == "random":
+        raise RunConfigError("minift eval: the config's model is \"random\", so there is no trained model to score "
+                                  "(each call would score a fresh random init) — pass --model <output_dir>/model or a hub name")
     device = pick_device(cfg.train.device)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, device)
