@@ -385,9 +385,10 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints: dict[str, str],
-                       world_size: int) -> list[tuple[str, Any, Any]]:
-    """(setting, checkpoint's value, this run's) for every setting that changes the maths."""
+def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints: dict[str, str]
+                       ) -> list[tuple[str, Any, Any]]:
+    """(setting, checkpoint's value, this run's) for every setting that changes the maths (the
+    world size is checked apart: no flag can resume on another number of ranks)."""
     saved = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
     old, new = _flatten(saved), _flatten(run_config)
     rows = [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
@@ -396,9 +397,6 @@ def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints:
     for name, value in run_fingerprints.items():
         if name in saved_prints and saved_prints[name] != value:
             rows.append((f"{name} sha256", saved_prints[name][:12], value[:12]))
-    saved_world = load_training_state(path).get("world_size", 1)
-    if saved_world != world_size:
-        rows.append(("world size", saved_world, world_size))
     return rows
 
 
@@ -412,7 +410,8 @@ def resume_training(resume: str | Path | bool, output_dir: str | Path, state, pa
     if path is None:
         log(f"resume: no complete checkpoint in {output_dir}; starting from scratch")
         return None
-    rows = resume_differences(path, run_config, run_fingerprints, dist.world_size)
+    dist.check_world_size(load_training_state(path).get("world_size", 1))
+    rows = resume_differences(path, run_config, run_fingerprints)
     table = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in rows)
     if rows and not allow_changes:
         raise ResumeRefused(f"{path} was written with other settings (setting: checkpoint -> this run):\n{table}\n"
