@@ -24,8 +24,12 @@ def _load_for_inference(model_dir: str):
     run_config_path = Path(model_dir) / "run_config.json"
     data = RunConfig().data
     if run_config_path.exists():
-        saved = json.loads(run_config_path.read_text())["data"]
-        data.template, data.labels = saved["template"], saved["labels"]
+        try:
+            saved = json.loads(run_config_path.read_text(encoding="utf-8"))["data"]
+            data.template, data.labels = saved["template"], saved["labels"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"{run_config_path}: not a minift run config ({type(err).__name__}: {err}) — "
+                             f"remove it to use the default template and labels, or pass --template") from None
     return model, tokenizer, data
 
 

@@ -16,3 +16,11 @@ def test_trainer_map_citations_point_at_the_quoted_code():
         lines = (REPO / path).read_text().splitlines()
         code = code.replace("\\|", "|")
         assert code in lines[int(line) - 1], f"{path}:{line} no longer holds {code!r}"
+
+
+def test_robustness_table_cites_tests_that_exist():
+    text = (REPO / "docs" / "robustness.md").read_text()
+    cited = re.findall(r"`(tests/\w+\.py)::(\w+)`", text)
+    assert len(cited) >= 30
+    for path, name in cited:
+        assert f"def {name}(" in (REPO / path).read_text(), f"docs/robustness.md cites {path}::{name}, which is gone"
