@@ -15,6 +15,7 @@ older checkpoints are pruned only after the new one is complete.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .errors import MiniftError, MissingFile, ResumeRefused
 from .hub import load_weights
 from .models.base import WEIGHTS_NAME
 
@@ -37,8 +39,10 @@ RUN_CONFIG = "run_config.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointCorrupt(RuntimeError):
-    pass
+class CheckpointCorrupt(MiniftError, RuntimeError):
+    """A checkpoint whose files do not match its manifest (exit 2)."""
+
+    exit_code = 2
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,34 +88,68 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model, training_state: dict[str, Any],
-                    run_config: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``checkpoint-<step>`` atomically; then keep only the newest ``keep`` complete ones."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
+def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling of ``final`` with ``write(tmp)``, fsync every file and the
+    directory, then rename it into place: ``final`` is either the old or the complete new one.
+    A failed write removes the temporary directory and leaves ``final`` untouched."""
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
+        write(tmp)  # creates tmp (save_pretrained does)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        if final.exists():  # the same step again (a rerun), or the exported model: swap only now
+            _delete(final)
+        os.replace(tmp, final)
+        _fsync(parent)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(err) is not None and not isinstance(err, OSError):  # said in the words of the OS
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from err
+        raise
+    return final
+
+
+def _disk_full(err: BaseException | None) -> BaseException | None:
+    """The exception in ``err``'s chain that says the disk is full: torch.save reports it as
+    ``RuntimeError: [enforce fail ...] unexpected pos`` with the OSError as its context, and
+    safetensors as ``SafetensorError: ... (os error 28)``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "(os error 28)" in str(err):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model, training_state: dict[str, Any],
+                    run_config: dict[str, Any], keep: int = 2, tokenizer=None,
+                    fingerprints: dict[str, str] | None = None, log: Callable[[str], None] = print) -> Path:
+    """Write ``checkpoint-<step>`` atomically (with the tokenizer's files when given, and the
+    run's ``fingerprints`` in the manifest); then keep only the newest ``keep`` verified ones."""
+    output_dir = Path(output_dir)
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        torch.save(training_state, tmp / STATE_FILE)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        with open(tmp / STATE_FILE, "wb") as f:  # a file object: a full disk surfaces as OSError ENOSPC
+            torch.save(training_state, f)
         (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,
                                                    "sha256": _sha256(tmp / name)} for name in files}}
+        if fingerprints:
+            manifest["fingerprints"] = dict(fingerprints)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for name in files + [MANIFEST]:
-            _fsync(tmp / name)
-        _fsync(tmp)
-        if final.exists():  # a checkpoint of the same step (a rerun): replace it only now
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    prune_checkpoints(output_dir, keep)
+
+    final = write_dir_atomically(output_dir / f"checkpoint-{step}", write)
+    prune_checkpoints(output_dir, keep, log=log)
     return final
 
 
@@ -124,16 +162,34 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointCorrupt naming the file and the reason unless ``path`` is complete."""
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``path``, its schema checked: ``files`` maps plain file names
+    to ``{"bytes": int, "sha256": str}``; ``fingerprints`` (optional) maps names to strings."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise CheckpointCorrupt(f"{path}: no {MANIFEST} (the write did not finish)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest ({err})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest (no 'files' object)")
+    for name, entry in files.items():
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest (file name {name!r} is not a plain name)")
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+            raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest (files[{name!r}] must be "
+                                    f"{{\"bytes\": int, \"sha256\": str}}, got {entry!r})")
+    fingerprints = manifest.get("fingerprints", {})
+    if not (isinstance(fingerprints, dict) and all(isinstance(v, str) for v in fingerprints.values())):
+        raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest (fingerprints must map names to strings)")
+    return manifest
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointCorrupt naming the file and the reason unless ``path`` is complete."""
+    files = read_manifest(path)["files"]
     for name in ("config.json", WEIGHTS_NAME, STATE_FILE):
         if name not in files:
             raise CheckpointCorrupt(f"{path}: manifest does not list {name}")
@@ -146,6 +202,17 @@ def verify_checkpoint(path: Path) -> None:
             raise CheckpointCorrupt(f"{file}: {size} bytes, manifest says {expected['bytes']} (truncated?)")
         if _sha256(file) != expected["sha256"]:
             raise CheckpointCorrupt(f"{file}: sha256 does not match the manifest")
+
+
+# A checkpoint verified once is not hashed again while its files keep their sizes and times.
+_verified: dict[Path, tuple] = {}
+
+
+def _verify_cached(path: Path) -> None:
+    signature = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()))
+    if _verified.get(path) != signature:
+        verify_checkpoint(path)
+        _verified[path] = signature
 
 
 def find_resumable(output_dir: str | Path, log=print) -> Path | None:
@@ -163,17 +230,40 @@ def load_training_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    complete = []
+def prune_checkpoints(output_dir: Path, keep: int, log: Callable[[str], None] = print) -> None:
+    """Keep the newest ``keep`` *verified* checkpoints (so never the last good one). A
+    ``checkpoint-*`` without a manifest is what a killed deletion leaves (writes appear only
+    complete): it is finished off. One whose files fail verification is moved to
+    ``corrupt-<name>-<n>``, kept for inspection and no longer counted."""
+    for leftover in output_dir.glob(".deleting-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    good = []
     for path in list_checkpoints(output_dir):
-        if (path / MANIFEST).exists():
-            complete.append(path)
-    for old in complete[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _verify_cached(path)
+            good.append(path)
+        except CheckpointCorrupt as err:
+            if not (path / MANIFEST).exists():
+                _delete(path)
+                continue
+            n = 1 + sum(1 for _ in output_dir.glob(f"corrupt-{path.name}-*"))
+            os.replace(path, output_dir / f"corrupt-{path.name}-{n}")
+            log(f"moved aside: {err} -> {output_dir / f'corrupt-{path.name}-{n}'}")
+    for old in good[keep:]:
+        _delete(old)
     for leftover in output_dir.glob(".tmp-checkpoint-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _delete(path: Path) -> None:
+    """Rename, then remove: a kill mid-way leaves a ``.deleting-*`` folder the next prune
+    finishes off, never a ``checkpoint-*`` that looks like a checkpoint."""
+    doomed = path.with_name(f".deleting-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    _verified.pop(path, None)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -190,19 +280,22 @@ def _pid_alive(pid: int) -> bool:
 @dataclass
 class TrainingParts:
     """The objects whose state a checkpoint saves and restores. ``model`` is the unwrapped model
-    (not DDP, not compiled), ``sampler`` minift's batch sampler, ``precision`` holds the scaler."""
+    (not DDP, not compiled), ``sampler`` minift's batch sampler, ``precision`` holds the scaler;
+    ``tokenizer`` (optional) is saved beside the weights so the checkpoint is self-contained."""
 
     model: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
     precision: Any
     sampler: Any
+    tokenizer: Any = None
     extra_state: dict[str, Any] | None = None  # a recipe's own entries (e.g. DPO's precomputed reference)
     load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
 
 
 def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dist, run_config: dict[str, Any],
-                        total_steps: int, keep: int = 2) -> Path | None:
+                        total_steps: int, keep: int = 2, fingerprints: dict[str, str] | None = None,
+                        log: Callable[[str], None] = print) -> Path | None:
     """Checkpoint step ``state.step``: weights, optimizer, scheduler, scaler, every rank's RNG and
     sampler position, the loop's counters. Every rank must call it (the states are gathered);
     rank 0 writes. Returns the checkpoint directory (None on other ranks)."""
@@ -214,25 +307,45 @@ def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dis
                       "precision": parts.precision.state_dict(), "rng": rng, "sampler": samplers,
                       "train_state": state.state_dict(), "total_steps": total_steps, "world_size": dist.world_size,
                       **(parts.extra_state or {})}
-    return save_checkpoint(output_dir, state.step, parts.model, training_state, run_config, keep=keep)
+    return save_checkpoint(output_dir, state.step, parts.model, training_state, run_config, keep=keep,
+                           tokenizer=parts.tokenizer, fingerprints=fingerprints, log=log)
 
 
-def restore_training_state(path: Path, state, parts: TrainingParts, dist) -> dict[str, Any]:
+def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_new_hyperparameters: bool = False
+                           ) -> None:
     """Load what ``save_training_state`` wrote into ``parts`` and ``state`` (this rank's sampler
-    position and RNG); returns the saved dict (a recipe reads its ``extra_state`` entries from it).
-    Refuses a checkpoint written by another number of ranks."""
+    position and RNG; a recipe's ``extra_state`` entries are filled in place). Refuses a checkpoint
+    written by another number of ranks. ``keep_new_hyperparameters``: the optimizer's lr, betas,
+    eps and weight decay and the schedule stay this run's (loading a state dict would bring back
+    the checkpoint's)."""
     saved = load_training_state(path)
     dist.check_world_size(saved.get("world_size", 1))
     device = next(parts.model.parameters()).device
     parts.load_model_weights(parts.model, path)
     parts.model.to(device)
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in parts.optimizer.param_groups]
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scheduler.load_state_dict(saved["scheduler"])
+    if keep_new_hyperparameters:
+        _reapply_hyperparameters(parts.optimizer, parts.scheduler, fresh)
     parts.precision.load_state_dict(saved["precision"])
     parts.sampler.load_state_dict(saved["sampler"][dist.rank])
     state.load_state_dict(saved["train_state"])
     set_rng_state(saved["rng"][dist.rank])
-    return saved
+    for key in parts.extra_state or {}:
+        if key in saved:
+            parts.extra_state[key] = saved[key]
+
+
+def _reapply_hyperparameters(optimizer, scheduler, fresh: list[dict[str, Any]]) -> None:
+    """This run's hyperparameters over the restored optimizer state; the lr recomputed from this
+    run's schedule at the restored step (LambdaLR's own formula: base lr x multiplier)."""
+    for group, values in zip(optimizer.param_groups, fresh):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base_lr, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def checkpoint_to_resume(resume: str | Path | bool, output_dir: str | Path,
@@ -242,5 +355,77 @@ def checkpoint_to_resume(resume: str | Path | bool, output_dir: str | Path,
     if resume is True:
         return find_resumable(output_dir, log=log)
     path = Path(resume)
+    if not path.is_dir():
+        raise MissingFile(f"--resume {path}: no such checkpoint directory — give a checkpoint-<step> folder, "
+                          f"or --resume alone for the newest intact one in train.output_dir")
     verify_checkpoint(path)
+    return path
+
+
+# -- resume refuses what it cannot honour ------------------------------------------------------------
+# Settings that may differ on resume: where and how often things are written, shown or evaluated,
+# and how the same maths is run. Every other setting changes the training and is compared.
+FREE_ON_RESUME = {"train.output_dir", "train.device", "train.threads", "train.keep_large_allocations",
+                  "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.on_nonfinite", "train.progress", "train.plot", "data.num_workers", "data.eval_split",
+                  "model.compile"}
+
+
+def fingerprints(tokenizer, examples) -> dict[str, str]:
+    """sha256 of what the training sees besides the config: the tokenizer (its serialized vocabulary,
+    merges and special tokens) and the tokenized training examples."""
+    tok = hashlib.sha256(tokenizer.backend.to_str().encode("utf-8"))
+    tok.update(json.dumps([tokenizer.pad_token, tokenizer.eos_token]).encode())
+    data = hashlib.sha256()
+    for ids, prompt_length in zip(examples.input_ids, examples.prompt_length):
+        data.update(json.dumps([ids, prompt_length]).encode())
+    return {"tokenizer": tok.hexdigest(), "train_data": data.hexdigest()}
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and not (prefix == "model." and key == "config"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints: dict[str, str]
+                       ) -> list[tuple[str, Any, Any]]:
+    """(setting, checkpoint's value, this run's) for every setting that changes the maths (the
+    world size is checked apart: no flag can resume on another number of ranks)."""
+    saved = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
+    old, new = _flatten(saved), _flatten(run_config)
+    rows = [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if key not in FREE_ON_RESUME and not key.startswith("eval.") and old.get(key) != new.get(key)]
+    saved_prints = read_manifest(path).get("fingerprints", {})
+    for name, value in run_fingerprints.items():
+        if name in saved_prints and saved_prints[name] != value:
+            rows.append((f"{name} sha256", saved_prints[name][:12], value[:12]))
+    return rows
+
+
+def resume_training(resume: str | Path | bool, output_dir: str | Path, state, parts: TrainingParts, dist,
+                    run_config: dict[str, Any], run_fingerprints: dict[str, str], allow_changes: bool = False,
+                    log: Callable[[str], None] = print) -> Path | None:
+    """Find the checkpoint to resume from and load it, refusing (``ResumeRefused``, with a table
+    of old and new values) when a setting that changes the maths differs, unless
+    ``allow_changes``: then the new values are used and the next checkpoint records them."""
+    path = checkpoint_to_resume(resume, output_dir, log=log)
+    if path is None:
+        log(f"resume: no complete checkpoint in {output_dir}; starting from scratch")
+        return None
+    dist.check_world_size(load_training_state(path).get("world_size", 1))
+    rows = resume_differences(path, run_config, run_fingerprints)
+    table = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in rows)
+    if rows and not allow_changes:
+        raise ResumeRefused(f"{path} was written with other settings (setting: checkpoint -> this run):\n{table}\n"
+                            "— resume with the checkpoint's settings, or pass --resume-with-changes to continue "
+                            "with the new ones (they are recorded in the next checkpoint's run_config.json)")
+    if rows:
+        log(f"resume with changes (setting: checkpoint -> this run):\n{table}")
+    restore_training_state(path, state, parts, dist, keep_new_hyperparameters=bool(rows))
+    log(f"resume: {path} (step {state.step}, epoch {parts.sampler.epoch}, batch {parts.sampler.consumed})")
     return path

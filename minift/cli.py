@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from .config import RunConfig, RunConfigError, describe, load_config
+from .config import RunConfig, describe, load_config
+from .errors import InputError, MiniftError
 from .preference_cli import add_preference_commands
 
 
@@ -22,8 +25,12 @@ def _load_for_inference(model_dir: str):
     run_config_path = Path(model_dir) / "run_config.json"
     data = RunConfig().data
     if run_config_path.exists():
-        saved = json.loads(run_config_path.read_text())["data"]
-        data.template, data.labels = saved["template"], saved["labels"]
+        try:
+            saved = json.loads(run_config_path.read_text(encoding="utf-8"))["data"]
+            data.template, data.labels = saved["template"], saved["labels"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"{run_config_path}: not a minift run config ({type(err).__name__}: {err}) — "
+                             f"remove it to use the default template and labels, or pass --template") from None
     return model, tokenizer, data
 
 
@@ -32,7 +39,9 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set or [])
     resume = True if args.resume == "latest" else args.resume
-    summary = run(cfg, resume=resume)
+    if args.resume_with_changes and not resume:
+        resume = True
+    summary = run(cfg, resume=resume, overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
     return 0 if summary else 1
 
 
@@ -41,7 +50,7 @@ def cmd_eval(args) -> int:
     from .finetune import evaluate_only
 
     result = evaluate_only(cfg, args.model)
-    print(json.dumps(result.as_dict(), indent=2))
+    print(json.dumps({"model": args.model or cfg.model.name, **result.as_dict()}, indent=2))
     return 0
 
 
@@ -65,7 +74,18 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def check_generation_args(args) -> None:
+    """Refuse sampling arguments before the model is loaded."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    for flag, value in (("--top-k", args.top_k), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 0:
+            raise InputError(f"{flag} {value}: must be >= 0 ({flag} 0 = " +
+                             ("no top-k filter)" if flag == "--top-k" else "nothing to generate)"))
+
+
 def cmd_generate(args) -> int:
+    check_generation_args(args)
     model, tokenizer, _ = _load_for_inference(args.model)
     ids = model.generate(tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, eos_id=tokenizer.eos_id,
@@ -76,30 +96,44 @@ def cmd_generate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also MINIFT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command as well as before it
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    train = sub.add_parser("train", help="fine-tune as a TOML config says",
+    train = sub.add_parser("train", parents=[common],
+                           help="fine-tune as a TOML config says",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="options (set in the TOML file or with --set section.key=value):\n" + describe())
     train.add_argument("config", nargs="?", help="TOML config (configs/*.toml); defaults when omitted")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                        help="continue from the newest intact checkpoint in output_dir, or from CHECKPOINT")
+    train.add_argument("--resume-with-changes", action="store_true",
+                       help="resume although settings that change the maths differ from the checkpoint's "
+                            "(the new values are used and recorded)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an output_dir that holds another run: the old run is moved aside "
+                            "to <output_dir>.previous-N, never deleted")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="loss, perplexity and label accuracy of a model on the eval split")
+    ev = sub.add_parser("eval", parents=[common],
+                           help="loss, perplexity and label accuracy of a model on the eval split")
     ev.add_argument("config", nargs="?")
     ev.add_argument("--model", help="model directory or hub name (default: the config's model.name)")
     ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     ev.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="sentiment of one or more texts, with the label probabilities")
+    pr = sub.add_parser("predict", parents=[common],
+                           help="sentiment of one or more texts, with the label probabilities")
     pr.add_argument("text", nargs="+")
     pr.add_argument("--model", required=True, help="a trained model directory (<output_dir>/model)")
     pr.add_argument("--template", help="prompt template (default: the one the model was trained with)")
     pr.set_defaults(func=cmd_predict)
 
-    gen = sub.add_parser("generate", help="sample a continuation of a prompt (KV cache; stops at EOS or n_positions)")
+    gen = sub.add_parser("generate", parents=[common],
+                           help="sample a continuation of a prompt (KV cache; stops at EOS or n_positions)")
     gen.add_argument("prompt")
     gen.add_argument("--model", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=20)
@@ -127,12 +161,24 @@ def main(argv: list[str] | None = None) -> int:
         import subprocess
 
         return subprocess.call([sys.executable, str(script), "--no-trainer", *argv[1:]])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("MINIFT_DEBUG", "0") not in ("", "0")
     try:
         return args.func(args)
-    except RunConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # bad input found past the config: data, tokenizer, generation arguments
-        print(f"minift: error: {err}", file=sys.stderr)
-        return 2
+    except (MiniftError, OSError) as err:
+        if debug:
+            raise
+        print(f"minift: error: {error_line(err)}", file=sys.stderr)
+        return getattr(err, "exit_code", 1)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for the terminal: a ``MiniftError``'s message (its lines joined), or an
+    ``OSError`` with its file and what to do ("No space left on device" for a full disk)."""
+    if isinstance(err, OSError) and not isinstance(err, MiniftError):
+        where = f" ({err.filename})" if err.filename else ""
+        hint = {errno.ENOSPC: "free space or point train.output_dir at a larger disk, then rerun with --resume",
+                errno.EACCES: "check the permissions", errno.EROFS: "choose a writable train.output_dir"}
+        return f"{err.strerror or err}{where} — {hint.get(err.errno, 'rerun with --debug for the traceback')}"
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())

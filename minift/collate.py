@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .models.layers import IGNORE_INDEX
+from .errors import InputError
 
 OBJECTIVES = ("all", "completion")  # loss on every real token / only after the prompt
 PADDINGS = ("longest", "max_length")  # dynamic / the classic recipe's fixed length
@@ -29,13 +30,13 @@ class Collator:
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise InputError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+            raise InputError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
         if self.padding == "max_length" and not self.max_length:
-            raise ValueError("padding='max_length' needs max_length")
+            raise InputError("padding='max_length' needs max_length")
         if self.pad_id is None:
-            raise ValueError("the tokenizer has no pad token: add one (tokenizer.add_pad_token()) or use EOS")
+            raise InputError("the tokenizer has no pad token: add one (tokenizer.add_pad_token()) or use EOS")
 
     def padded_length(self, longest: int) -> int:
         length = self.max_length if self.padding == "max_length" else longest
@@ -74,7 +75,7 @@ class PackingCollator(Collator):
         for i, example in enumerate(examples):
             n = len(example["input_ids"])
             if n > self.row_length:
-                raise ValueError(f"example of {n} tokens does not fit a packed row of {self.row_length}")
+                raise InputError(f"example of {n} tokens does not fit a packed row of {self.row_length}")
             if used + n > self.row_length:
                 rows.append([])
                 used = 0

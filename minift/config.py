@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 # the choice lists live with the code that implements them; validation reads them from there
 from .collate import OBJECTIVES, PADDINGS
+from .errors import InputError
 from .optim import SCHEDULES
 from .precision import AUTOCAST_PRECISIONS, DTYPES
 from .sampling import SAMPLERS
@@ -24,7 +26,7 @@ DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "floa
 YES_NO_AUTO = ("auto", "yes", "no")
 
 
-class RunConfigError(ValueError):
+class RunConfigError(InputError):
     pass
 
 
@@ -151,6 +153,13 @@ class RunConfig:
              "data.pad_to_multiple_of, max_train_examples, num_workers must be >= 0"),
             (0 <= d.validation_fraction < 1, "data.validation_fraction must be in [0, 1)"),
             (len(d.labels) >= 2 and all(isinstance(x, str) for x in d.labels), "data.labels: two or more strings"),
+            (len(set(d.labels)) == len(d.labels),
+             f"data.labels {d.labels}: {sorted({x for x in d.labels if d.labels.count(x) > 1})} appear more than once "
+             f"— list each label once"),
+            (not (unknown := template_fields(d.template) - TEMPLATE_FIELDS),
+             f"data.template {d.template!r}: unknown field(s) {sorted(unknown)}; a template can use "
+             f"{{text}} (the column data.text_column = {d.text_column!r}) and {{label}} (data.label_column = "
+             f"{d.label_column!r})"),
             (self.eval.batch_size > 0 and self.eval.max_examples >= 0, "eval.batch_size > 0, max_examples >= 0"),
             (self.model.pad_token in ("auto", "eos") or self.model.pad_token.strip() != "",
              "model.pad_token must be auto, eos or a token"),
@@ -159,6 +168,17 @@ class RunConfig:
             if not ok:
                 raise RunConfigError(message)
         return self
+
+
+TEMPLATE_FIELDS = {"text", "label"}
+
+
+def template_fields(template: str) -> set[str]:
+    """The ``{field}`` names of a prompt template (format syntax)."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:  # an unmatched brace
+        raise RunConfigError(f"data.template {template!r}: {err} (write a literal brace as {{{{ or }}}})") from None
 
 
 _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
@@ -260,6 +280,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise RunConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as err:
         raise RunConfigError(f"{path}: invalid TOML ({err})") from None
+    except UnicodeDecodeError as err:
+        raise RunConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}) "
+                             f"— save the file as UTF-8") from None
+    except IsADirectoryError:
+        raise RunConfigError(f"{path}: a directory, not a TOML file") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

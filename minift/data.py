@@ -9,6 +9,7 @@ The stages, each a function:
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import datasets
 
 from .config import DataSection
+from .errors import InputError
 
 _DEFAULTS = DataSection()  # one source for the defaults: the [data] section of the config
 DEFAULT_DATASET = _DEFAULTS.source
@@ -26,7 +28,7 @@ DEFAULT_MAX_LENGTH = _DEFAULTS.max_length
 _EXTENSION_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Input data that cannot be used; the message names the file, split, row or column."""
 
 
@@ -63,15 +65,40 @@ def _expand(pattern: str) -> list[str]:
     return paths
 
 
-def check_utf8(path: str) -> None:
-    """Refuse a text file with invalid UTF-8 (``datasets`` would replace the bytes silently)."""
+def check_text_file(path: str, as_jsonl: bool = False) -> None:
+    """Refuse a text data file that ``datasets`` would mangle or fail on with a traceback that
+    hides the row: invalid UTF-8 (replaced silently), no rows at all, and for ``.jsonl`` a line
+    that is not a JSON object (a malformed row, or CSV under a .jsonl name). Errors name the
+    file and line."""
+    jsonl = as_jsonl or Path(path).suffix.lower() == ".jsonl"
+    rows = 0
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             try:
-                line.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}: line {line_no} is not valid UTF-8 (byte {err.start}: "
                                 f"{line[err.start:err.start + 1]!r}); fix or re-encode the file") from None
+            if not text.strip():
+                continue
+            rows += 1
+            if jsonl:
+                _check_json_object(text, path, line_no)
+    if rows == 0:
+        raise DataError(f"{path}: empty (no rows) — fill it, or point data.source at another file")
+
+
+def _check_json_object(text: str, path: str, line_no: int) -> None:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = " — is it CSV? name the file .csv" if line_no == 1 and "," in text and text.lstrip()[:1] not in "{[" else \
+            " — fix or remove that line"
+        raise DataError(f"{path}: line {line_no} is not valid JSON ({err.msg} at column {err.colno}): "
+                        f"{text.strip()[:60]!r}{hint}") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: line {line_no} is a JSON {type(row).__name__}, not an object of column -> value "
+                        f"— one {{\"text\": ..., \"label_text\": ...}} object per line")
 
 
 def _builder_for(paths: list[str]) -> str:
@@ -120,11 +147,13 @@ def load_splits(source: str = DEFAULT_DATASET, data_files: dict[str, str] | None
             if builder in ("json", "csv"):
                 for paths in files.values():
                     for path in paths:
-                        check_utf8(path)
+                        check_text_file(path)
             dsd = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
     except DataError:
         raise
     except Exception as err:
+        for path in [p for paths in (files or {}).values() for p in paths if p.lower().endswith(".json")]:
+            check_text_file(path, as_jsonl=True)  # JSON lines under a .json name: name the bad line
         where = files if files is not None else source
         raise DataError(f"cannot load {where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                         ) from err

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
+from .errors import ResumeRefused
 
 @dataclass
 class Distributed:
@@ -89,7 +90,7 @@ class Distributed:
 
     def check_world_size(self, saved_world_size: int) -> None:
         if saved_world_size != self.world_size:
-            raise RuntimeError(f"checkpoint was written with world size {saved_world_size}, this run has "
+            raise ResumeRefused(f"checkpoint was written with world size {saved_world_size}, this run has "
                                f"{self.world_size}: resume with --nproc-per-node {saved_world_size} (each rank's "
                                f"sampler position and RNG state are per rank)")
 

@@ -22,16 +22,17 @@ from torch.utils.data import DataLoader
 from . import checkpoint as ckpt
 from . import synthetic
 from .collate import Collator, PackingCollator, padding_efficiency
-from .config import RunConfig
+from .config import RunConfig, RunConfigError
 from .data import DataError, SplitReport, TokenizedExamples, label_token_ids, load_splits, prepare_split
 from .distributed import SINGLE_PROCESS, Distributed
 from .evaluate import EvalData, EvalResult, eval_data_from_examples, evaluate
 from .hub import from_pretrained
-from .loop import Hooks, NextTokenLoss, TrainState, skip_nonfinite, stop_on_nonfinite, train
+from .loop import Hooks, NextTokenLoss, TrainState, fail_if_mostly_skipped, skip_nonfinite, stop_on_nonfinite, train
 from .metrics import MetricsLogger, eval_line, plot_curves, run_summary, summary_text, trim_metrics
 from .models import CONFIG_CLASSES, build_model as build_random_model
 from .optim import make_adamw, make_scheduler, warmup_steps_for
 from .precision import Precision, dtype_of
+from .run_dir import claim_output_dir
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
 from .sampling import BatchSampler, make_sampler, trainer_eval_batches
 from .tokenizer import check_vocab_matches, ensure_pad_token, load_tokenizer
@@ -54,7 +55,7 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
     if cfg.model.name == "random":
         config_cls = CONFIG_CLASSES[cfg.model.model_type]
         model = build_random_model(config_cls.from_dict({"vocab_size": tokenizer.vocab_size, **cfg.model.config},
-                                                        source="[model] config"))
+                                                        source="[model] config", strict=True))
     else:
         model = from_pretrained(cfg.model.name, **cfg.model.config)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -177,19 +178,32 @@ def evaluate_and_log(step: int, model, data: EvalData, precision: Precision, dis
 
 def export_model(out_dir: Path, model, tokenizer, cfg: RunConfig, summary: dict[str, Any]) -> Path:
     """``<output_dir>/model``: weights + tokenizer + the run config, for predict/generate; ``summary.json``."""
-    model.save_pretrained(out_dir / "model")
-    tokenizer.save(out_dir / "model")
-    (out_dir / "model" / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save(directory)
+        (directory / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    ckpt.write_dir_atomically(out_dir / "model", write)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir / "model"
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], None] = print,
+        overwrite: bool = False, resume_with_changes: bool = False) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says. ``resume``: True = newest intact checkpoint in output_dir,
-    a path = that checkpoint. Returns the summary (also written to ``summary.json``)."""
-    t, out_dir = cfg.train, Path(cfg.train.output_dir)
+    a path = that checkpoint; ``resume_with_changes``: resume although settings that change the
+    maths differ (they are used and recorded). ``overwrite``: a fresh run into a folder holding
+    another run moves that run aside. Returns the summary (also written to ``summary.json``)."""
     dist = Distributed.from_env()
+    with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, enabled=dist.is_main,
+                          log=log):
+        return _run_in_claimed_dir(cfg, dist, resume, resume_with_changes, log)
+
+
+def _run_in_claimed_dir(cfg: RunConfig, dist: Distributed, resume: str | bool | None, resume_with_changes: bool,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    t, out_dir = cfg.train, Path(cfg.train.output_dir)
     say = log if dist.is_main else (lambda *_: None)
     device = dist.device if dist.enabled else pick_device(t.device)
     setup_process(t.seed, device, t.threads, t.keep_large_allocations)
@@ -215,14 +229,12 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
 
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps)
-    parts = ckpt.TrainingParts(model, optimizer, scheduler, precision, sampler)
-    state = TrainState()
-    if resume and (path := ckpt.checkpoint_to_resume(resume, out_dir, log=say)):
-        ckpt.restore_training_state(path, state, parts, dist)
-        trim_metrics(out_dir, state.step)
-        say(f"resume: {path} (step {state.step}, epoch {sampler.epoch}, batch {sampler.consumed})")
-    elif resume:
-        say(f"resume: no complete checkpoint in {out_dir}; starting from scratch")
+    parts = ckpt.TrainingParts(model, optimizer, scheduler, precision, sampler, tokenizer)
+    state, fingerprints = TrainState(), ckpt.fingerprints(tokenizer, data.train)
+    if resume:  # metrics.jsonl cut back to the resumed step (all of it when starting from scratch)
+        resumed = ckpt.resume_training(resume, out_dir, state, parts, dist, cfg.to_dict(), fingerprints,
+                                       allow_changes=resume_with_changes, log=say)
+        trim_metrics(out_dir, state.step if resumed else -1, keep_evals_at_step=state.step < total_steps)
 
     metrics = MetricsLogger(out_dir, total_steps, initial_step=state.step, enabled=dist.is_main,
                             progress=t.progress, log_every=t.log_every, echo=say, report_to=t.report_to,
@@ -231,7 +243,7 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
     evaluate_at = partial(evaluate_and_log, model=model, data=data.eval, precision=precision, dist=dist, cfg=cfg,
                           metrics=metrics, say=say)
     save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist, run_config=cfg.to_dict(),
-                   total_steps=total_steps, keep=t.keep_checkpoints)
+                   total_steps=total_steps, keep=t.keep_checkpoints, fingerprints=fingerprints, log=say)
     try:
         with StopRequest() as stop:
             before = evaluate_at(state.step) if cfg.eval.before_training and state.step == 0 else None
@@ -254,6 +266,7 @@ def run(cfg: RunConfig, resume: str | bool | None = None, log: Callable[[str], N
             say(f"checkpoint: {checkpoint}; model for predict/generate: {export_model(out_dir, model, tokenizer, cfg, summary)}")
             if t.plot:
                 say(plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"))
+        fail_if_mostly_skipped(state)
         return summary
     finally:
         metrics.close()
@@ -264,6 +277,9 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
     """``minift eval``: the eval split's loss, perplexity and label accuracy for one model."""
     if model_name:
         cfg.model.name = model_name
+    if cfg.model.name == "random":
+        raise RunConfigError("minift eval: the config's model is \"random\", so there is no trained model to score "
+                                  "(each call would score a fresh random init) — pass --model <output_dir>/model or a hub name")
     device = pick_device(cfg.train.device)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, device)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
+from .errors import MiniftError, MissingFile
 from .models import CausalLM, build_model, config_from_json_file
 from .models.base import CONFIG_NAME, WEIGHTS_NAME as SAFE_WEIGHTS
 
@@ -41,8 +44,10 @@ _REVERSE_ALIASES = {v: k for k, v in HUB_ALIASES.items()}
 _LEGACY_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$|^position_ids$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MiniftError, RuntimeError):
     """A checkpoint that cannot be found or does not match the model."""
+
+    exit_code = 2
 
 
 # -- resolution -------------------------------------------------------------------------------
@@ -62,6 +67,24 @@ def weights_present(directory: Path) -> bool:
     return any((directory / f).exists() for f in WEIGHT_FILES)
 
 
+_reachable: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint (``HF_ENDPOINT``) opens within ``timeout``
+    seconds; asked once per process. A failed DNS lookup answers at once."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _reachable:
+        url = urlsplit(endpoint)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            _reachable[endpoint] = True
+        except OSError:
+            _reachable[endpoint] = False
+    return _reachable[endpoint]
+
+
 def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tuple[str, ...] = ()) -> Path:
     """A local directory holding the files of ``name_or_path``.
 
@@ -75,15 +98,15 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         what = "is a file, not a directory" if path.exists() else "no such directory"
-        raise FileNotFoundError(f"{name}: {what} (expected a checkpoint directory or a hub name)")
+        raise MissingFile(f"{name}: {what} (expected a checkpoint directory or a hub name)")
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError as err:  # pragma: no cover - huggingface_hub comes with datasets
         raise CheckpointError(f"{name}: not a local directory and huggingface_hub is not installed") from err
 
-    # After one failed network attempt (which costs huggingface_hub's retries) look only in the cache.
-    cache_only = _offline()
+    # Without a reachable hub look only in the cache: huggingface_hub would spend ~25 s retrying.
+    cache_only = _offline() or not hub_reachable()
     problems = []
     for repo_id in hub_candidates(name):
         snapshot: Path | None = None
@@ -104,11 +127,13 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
         if snapshot is not None and all((snapshot / f).exists() for f in required):
             return snapshot
     offline = _offline()
+    reason = "HF_HUB_OFFLINE is set" if offline else (
+        "not in the cache, and the hub is not reachable" if not hub_reachable() else "no such repo, or no network")
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
     raise CheckpointError(
         f"could not find {name!r} locally or on the Hugging Face hub "
-        f"({'HF_HUB_OFFLINE is set' if offline else 'no network or no such repo'}; cache: {cache}).\n"
+        f"({reason}; cache: {cache}).\n"
         f"Point at a local directory in the transformers layout instead "
         f"(config.json + model.safetensors or pytorch_model.bin), or fill the cache where a network exists "
         f"(`hf download {hub_candidates(name)[-1]}`).\nTried: " + "; ".join(problems[:8]))
@@ -212,6 +237,17 @@ def load_weights(model: CausalLM, directory: Path) -> None:
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True, assign=on_meta)
 
 
+def check_finite(model: CausalLM, directory: Path) -> None:
+    """Refuse weights holding NaN or inf: every prediction from them would be NaN (and a
+    fine-tune from them could not recover)."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise CheckpointError(f"{directory}: the weights hold NaN/inf values ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}) — the training that wrote them diverged; "
+                              f"use an earlier checkpoint")
+
+
 def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None, **config_overrides) -> CausalLM:
     """Load a GPT-1 or GPT-2 checkpoint (local directory or hub name) in eval mode.
@@ -225,6 +261,7 @@ def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype | None =
     with torch.device("meta"):
         model = build_model(config)
     load_weights(model, directory)
+    check_finite(model, directory)
     model.eval()
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)

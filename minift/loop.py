@@ -30,10 +30,11 @@ import torch
 
 from .collate import count_loss_targets, model_inputs
 from .distributed import SINGLE_PROCESS, Distributed
+from .errors import RunFailure
 from .precision import Precision
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunFailure):
     pass
 
 
@@ -79,6 +80,15 @@ def skip_nonfinite(state: TrainState, loss_value: float) -> None:
 def stop_on_nonfinite(state: TrainState, loss_value: float) -> None:
     raise NonFiniteLoss(f"loss is {loss_value} at optimizer step {state.step + 1}; stopping "
                         f"(set train.on_nonfinite = \"skip\" to drop such steps)")
+
+
+def fail_if_mostly_skipped(state: TrainState) -> None:
+    """Called once the run's outputs are written: a run that dropped more than half of its steps
+    for a NaN/inf loss did not train, so it fails (exit 1) instead of reporting success."""
+    if state.skipped_nonfinite * 2 > state.step:
+        raise NonFiniteLoss(f"{state.skipped_nonfinite} of {state.step} optimizer steps were skipped for a NaN/inf "
+                            f"loss (train.on_nonfinite = \"skip\") — lower train.lr, use train.precision = \"fp32\", "
+                            f"or check the data; the outputs are kept for inspection")
 
 
 @dataclass

@@ -184,9 +184,11 @@ def summarize_steps(records: list[dict[str, Any]], skip_first: int = 1) -> dict[
     return {"logged_steps": len(steps), **throughput(timed)}
 
 
-def trim_metrics(output_dir: str | Path, step: int) -> None:
+def trim_metrics(output_dir: str | Path, step: int, keep_evals_at_step: bool = True) -> None:
     """On resume from ``step``: drop the records of later steps (they are redone) and any summary,
-    replacing the file atomically so a crash here loses nothing."""
+    replacing the file atomically so a crash here loses nothing. ``step = -1`` empties it (a
+    restart from scratch). ``keep_evals_at_step=False``: an evaluation at ``step`` is redone too
+    (the final one, when a finished run is resumed)."""
     path = Path(output_dir) / METRICS_FILE
     if not path.exists():
         return
@@ -194,9 +196,14 @@ def trim_metrics(output_dir: str | Path, step: int) -> None:
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
-        record = json.loads(line)
-        if record.get("step", 0) <= step and "summary" not in record:
-            kept.append(line + "\n")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed mid-write
+            continue
+        at = record.get("step", 0)
+        if "summary" in record or at > step or (at == step and "eval" in record and not keep_evals_at_step):
+            continue
+        kept.append(line + "\n")
     tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, path)
@@ -226,6 +233,9 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append(f"  throughput: {s['real_tokens_per_s']:.1f} real tokens/s, {s['sequences_per_s']:.2f} "
                      f"sequences/s, padding efficiency {s['padding_efficiency']:.3f}, median step {s['median_step_s']:.3f} s")
     lines.append(f"  peak memory: {s['peak_memory_mb']:.0f} MiB")
+    if s.get("skipped_nonfinite"):
+        lines.append(f"  skipped: {s['skipped_nonfinite']} of {s['steps']} steps had a NaN/inf loss "
+                     f"(their gradients were dropped)")
     if "first_loss" in s:
         lines.append(f"  train loss: {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
     for key in ("eval_before", "eval_after"):

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from .errors import InputError
+
 # Trainer.get_decay_parameter_names: names matching these get no weight decay ...
 _NO_DECAY_NAME = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 # ... nor do the parameters of normalization modules.
@@ -64,7 +66,7 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
 
     schedules = {"constant": constant, "linear": linear, "cosine": cosine}
     if schedule not in schedules:
-        raise ValueError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
+        raise InputError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
     return schedules[schedule]
 
 

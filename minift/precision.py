@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 AUTOCAST_PRECISIONS = ("fp32", "bf16", "fp16")  # what train.precision may be (fp64 is a storage dtype only)
 
@@ -25,7 +26,7 @@ def dtype_of(name: str, where: str = "dtype") -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"{where} {name!r} is not a dtype minift knows: {sorted(DTYPES)}") from None
+        raise InputError(f"{where} {name!r} is not a dtype minift knows: {sorted(DTYPES)}") from None
 
 
 class Precision:
@@ -38,7 +39,7 @@ class Precision:
 
     def __init__(self, name: str = "fp32", device: torch.device | str = "cpu"):
         if name not in AUTOCAST_PRECISIONS:
-            raise ValueError(f"precision {name!r}: choose one of {list(AUTOCAST_PRECISIONS)}")
+            raise InputError(f"precision {name!r}: choose one of {list(AUTOCAST_PRECISIONS)}")
         self.name = name
         self.device = torch.device(device)
         self.compute_dtype = DTYPES[name]
@@ -61,7 +62,7 @@ class Precision:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name", self.name) != self.name:
-            raise ValueError(f"checkpoint was trained in {state['name']}, this run asks for {self.name}")
+            raise InputError(f"checkpoint was trained in {state['name']}, this run asks for {self.name}")
         self.scaler.load_state_dict(state["scaler"])
 
     def __repr__(self) -> str:

@@ -37,6 +37,7 @@ from .precision import Precision
 from .preference import (REJECTED_CHOICES, PairCollator, TokenizedPairs, load_pairs, pair_batches, tokenize_pairs,
                          tweet_pairs)
 from .reward import RewardModel, load_reward_weights, pairwise_accuracy, reward_loss
+from .run_dir import claim_output_dir
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
 
 TWEETS = "tweets"
@@ -147,13 +148,17 @@ def without_dropout(cfg: RunConfig) -> RunConfig:
 
 # -- the runs -------------------------------------------------------------------------------------------
 def run_dpo(cfg: RunConfig, pref: PreferenceConfig, resume: str | bool | None = None,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
-    return _run(cfg, pref, "dpo", resume, log)
+            log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
+    with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, log=log,
+                          enabled=Distributed.from_env().is_main):
+        return _run(cfg, pref, "dpo", resume, log)
 
 
 def run_reward(cfg: RunConfig, pref: PreferenceConfig, resume: str | bool | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    return _run(cfg, pref, "reward", resume, log)
+               log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
+    with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, log=log,
+                          enabled=Distributed.from_env().is_main):
+        return _run(cfg, pref, "reward", resume, log)
 
 
 @dataclass
@@ -219,9 +224,9 @@ def _run(cfg: RunConfig, pref: PreferenceConfig, stage: str, resume, log) -> dic
 
     # 4. resume: weights, optimizer, scheduler, scaler, sampler, RNG (and precomputed reference log-probs)
     if resume and (path := ckpt.checkpoint_to_resume(resume, out_dir, log=say)):
-        saved = ckpt.restore_training_state(path, state, parts, dist)
-        if "reference_logps" in saved:
-            objective.reference_logps = saved["reference_logps"]
+        ckpt.restore_training_state(path, state, parts, dist)
+        if parts.extra_state:
+            objective.reference_logps = parts.extra_state["reference_logps"]
         trim_metrics(out_dir, state.step)
         say(f"resume: {path} (step {state.step})")
 

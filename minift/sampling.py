@@ -13,13 +13,14 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import InputError
 
 class BatchSampler:
     def __init__(self, n_examples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InputError(f"batch_size must be positive, got {batch_size}")
         if n_examples <= 0:
-            raise ValueError("cannot sample from an empty dataset")
+            raise InputError("cannot sample from an empty dataset")
         self.n_examples = n_examples
         self.batch_size = batch_size
         self.seed = seed
@@ -67,7 +68,7 @@ class BatchSampler:
         for key in ("kind", "seed", "batch_size", "n_examples", "world_size"):
             mine = type(self).__name__ if key == "kind" else getattr(self, key)
             if state.get(key, mine) != mine:
-                raise ValueError(f"sampler state has {key}={state.get(key)!r} but this run has {mine!r}: "
+                raise InputError(f"sampler state has {key}={state.get(key)!r} but this run has {mine!r}: "
                                  f"resume with the same data, batch size, seed and world size")
         self.epoch = state["epoch"]
         self.consumed = state["consumed"]
@@ -200,7 +201,7 @@ def make_sampler(kind: str, lengths: Sequence[int], batch_size: int, seed: int =
     """``order = "trainer"``: Trainer's samplers (train.compat = "trainer"; ``grad_accum`` sizes
     its length-grouped megabatches)."""
     if kind not in SAMPLERS:
-        raise ValueError(f"unknown sampler {kind!r}; choose from {sorted(SAMPLERS)}")
+        raise InputError(f"unknown sampler {kind!r}; choose from {sorted(SAMPLERS)}")
     if order == "trainer" and kind == "length_grouped":
         return TrainerLengthGroupedSampler(lengths, batch_size, grad_accum, seed, rank=rank, world_size=world_size)
     if kind == "length_grouped":

@@ -18,12 +18,13 @@ import torch
 from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, normalizers, pre_tokenizers
 
 from .hub import TOKENIZER_FILES, resolve
+from .errors import InputError
 
 PAD_TOKEN = "[PAD]"
 GPT2_EOS = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     pass
 
 

@@ -151,7 +151,7 @@ def test_missing_and_empty_files(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         load_splits(str(tmp_path / "nope.jsonl"))
     (tmp_path / "train.jsonl").write_text("")
-    with pytest.raises(DataError, match="cannot load"):
+    with pytest.raises(DataError, match=r"train.jsonl: empty \(no rows\)"):
         load_splits(str(tmp_path / "train.jsonl"))
     (tmp_path / "train.jsonl").write_bytes(b'{"text": "ok", "label_text": "neutral"}\n'
                                            b'{"text": "\xff\xfe bad", "label_text": "neutral"}\n')

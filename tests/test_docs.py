@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import re
+
 import pytest
 
 from conftest import REPO
@@ -44,3 +46,11 @@ def test_a_stale_or_ambiguous_citation_fails(tmp_path):
     row = next(line for line in TEXT.splitlines() if "`minift/loop.py:" in line and "zero_grad" in line)
     moved = TEXT.replace(row, row.replace("`minift/loop.py:", "`minift/loop.py:1", 1))
     assert any("which is on line" in e for e in trainer_map.check(moved, root=None))
+
+
+def test_robustness_table_cites_tests_that_exist():
+    text = (REPO / "docs" / "robustness.md").read_text()
+    cited = re.findall(r"`(tests/\w+\.py)::(\w+)`", text)
+    assert len(cited) >= 30
+    for path, name in cited:
+        assert f"def {name}(" in (REPO / path).read_text(), f"docs/robustness.md cites {path}::{name}, which is gone"

@@ -12,8 +12,23 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {
 
 
 def build_model(config) -> CausalLM:
-    """A randomly initialized model for ``config`` (transformers' init)."""
+    """A randomly initialized model for ``config`` (transformers' init). Its size is checked
+    against the memory available first, so an impossible config fails at once instead of
+    allocating (or building millions of modules) for minutes."""
+    config.check_fits(available_memory_bytes())
     return MODEL_CLASSES[config.model_type](config)
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the OS can give this process now (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 __all__ = ["CausalLM", "GPTConfig", "GPT2Config", "ConfigError", "GPT1LMHeadModel", "GPT2LMHeadModel",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from ..errors import InputError
 from .layers import (CausalSelfAttention, Conv1D, LayerKV, LossOutput, attention_bias, is_right_padded, lm_loss_sum,
                      lm_loss_sum_all_positions)
 
@@ -128,13 +129,13 @@ class CausalLM(nn.Module):
         step); without, the whole sequence is recomputed each step — the same tokens (tested)."""
         ids = list(prompt_ids)
         if not ids:
-            raise ValueError("generate: the prompt has no tokens")
+            raise InputError("generate: the prompt has no tokens")
         if not (math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature}")
+            raise InputError(f"generate: temperature must be a finite number >= 0, got {temperature}")
         if top_k < 0 or max_new_tokens < 0:
-            raise ValueError(f"generate: top_k and max_new_tokens must be >= 0, got {top_k} and {max_new_tokens}")
+            raise InputError(f"generate: top_k and max_new_tokens must be >= 0, got {top_k} and {max_new_tokens}")
         if len(ids) >= self.config.n_positions:
-            raise ValueError(f"generate: the prompt has {len(ids)} tokens; the model holds {self.config.n_positions}")
+            raise InputError(f"generate: the prompt has {len(ids)} tokens; the model holds {self.config.n_positions}")
         was_training = self.training
         self.eval()
         device = self.lm_head_weight.device

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..errors import InputError, MissingFile
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A model config with impossible or malformed values."""
 
 
@@ -31,12 +33,16 @@ class ModelConfig:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config", strict: bool = False) -> "ModelConfig":
+        """``strict``: a key minift does not model is an error (a user's config, where it is a typo)
+        instead of being kept in ``extra`` (a config.json, where transformers may have written it)."""
         known = {}
         extra = {}
         for key, value in raw.items():
             if key in cls.field_names():
                 known[key] = value
+            elif strict and key not in ("model_type", "architectures"):
+                cls.refuse_unknown(key, source)
             elif key != "model_type":
                 extra[key] = value
         if raw.get("model_type", cls.model_type) != cls.model_type:
@@ -59,7 +65,14 @@ class ModelConfig:
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
+    @classmethod
+    def refuse_unknown(cls, key: str, source: str) -> None:
+        raise ConfigError(f"{source}: unknown key {key!r} for {cls.model_type}; known keys: {cls.field_names()}")
+
     def replace(self, **changes: Any) -> "ModelConfig":
+        for key in changes:
+            if key not in self.field_names():
+                self.refuse_unknown(key, "[model] config")
         new = dataclasses.replace(self, **changes)
         new.validate("config")
         return new
@@ -89,6 +102,24 @@ class ModelConfig:
         if self.layer_norm_epsilon <= 0:
             raise ConfigError(f"{source}: layer_norm_epsilon must be positive")
 
+    def parameter_count(self) -> int:
+        """Parameters of the model this config builds (embeddings, blocks, final norm for GPT-2;
+        a tied head adds none), computed without allocating anything."""
+        d, inner = self.n_embd, getattr(self, "inner_dim", 4 * self.n_embd)
+        per_block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * inner + inner) + (inner * d + d)
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        final_norm = 2 * d if self.model_type == "gpt2" else 0
+        return self.vocab_size * d + self.n_positions * d + self.n_layer * per_block + final_norm + head
+
+    def check_fits(self, available_bytes: int | None, bytes_per_parameter: int = 4, source: str = "config") -> None:
+        """Refuse, before anything is allocated, a model whose weights alone exceed ``available_bytes``."""
+        needed = self.parameter_count() * bytes_per_parameter
+        if available_bytes is not None and needed > available_bytes:
+            raise ConfigError(f"{source}: n_layer={self.n_layer}, n_embd={self.n_embd}, vocab_size={self.vocab_size} "
+                              f"make {self.parameter_count() / 1e6:,.0f} M parameters ({needed / 2**30:,.1f} GiB), "
+                              f"more than the {available_bytes / 2**30:,.1f} GiB of memory available — "
+                              f"check the config's sizes")
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
@@ -100,7 +131,7 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"model config not found: {path}") from None
+        raise MissingFile(f"model config not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
