@@ -89,7 +89,7 @@ def loss_sums(model, batches: Iterable[dict], device, autocast=None) -> tuple[fl
             with autocast if autocast is not None else contextlib.nullcontext():
                 out = model(**model_inputs(batch, device))
             total += float(out.loss_sum)
-            count += out.n_loss_targets
+            count += int(out.n_loss_targets)  # a 0-d tensor on the sync-free loss paths
     return total, count
 
 
