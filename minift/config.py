@@ -15,6 +15,7 @@ from typing import Any
 
 # the choice lists live with the code that implements them; validation reads them from there
 from .collate import OBJECTIVES, PADDINGS
+from .models.lm_loss import LOSS_ROWS
 from .optim import SCHEDULES
 from .precision import AUTOCAST_PRECISIONS, DTYPES
 from .sampling import SAMPLERS
@@ -36,7 +37,17 @@ class ModelSection:
     model_type: str = "openai-gpt"  # architecture for name = "random"
     pad_token: str = "auto"  # "auto": [PAD] when the tokenizer has none and no EOS; "eos": pad with EOS
     dtype: str = "fp32"  # storage dtype of the weights: fp32, bf16, fp16 or fp64
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (pair with data.sampler = "packed": one shape, one graph)
+    pad_vocab_to: int = 64  # embedding/head rows rounded up to a multiple (GPU GEMM widths); 0 or 1 = off
+    loss_rows: str = "auto"  # "labelled": LM head on labelled rows; "all": fixed shapes, no sync (auto: compile/CUDA)
+    fused_lm_head: str = "auto"  # yes: chunked head + CE, own backward, no token x vocab logits (auto: compile/CUDA)
+
+    def hot_path(self, device_type: str) -> dict[str, Any]:
+        """``CausalLM.set_hot_path`` settings: "auto" resolved for the device (benchmarks/RESULTS.md:
+        on CPU the label-only plain head is fastest; compile and CUDA want fixed shapes, no syncs)."""
+        static = self.compile or device_type == "cuda"
+        return {"loss_rows": ("all" if static else "labelled") if self.loss_rows == "auto" else self.loss_rows,
+                "fused_head": static if self.fused_lm_head == "auto" else self.fused_lm_head == "yes"}
 
 
 @dataclass
@@ -54,7 +65,8 @@ class DataSection:
     append_eos: str = "auto"  # "auto" (when the tokenizer has EOS), "yes", "no"
     padding: str = "longest"  # "longest" or "max_length" (the classic recipe, benchmarks only)
     pad_to_multiple_of: int = 0
-    sampler: str = "length_grouped"  # "random", "sequential" or "length_grouped"
+    sampler: str = "length_grouped"  # random, sequential, length_grouped; packed: batch_size rows x max_length
+
     packing: bool = False
     max_train_examples: int = 0  # 0 = all
     num_workers: int = 0
@@ -125,6 +137,9 @@ class RunConfig:
             (t.schedule in SCHEDULES, f"train.schedule {t.schedule!r}: one of {list(SCHEDULES)}"),
             (t.precision in AUTOCAST_PRECISIONS, f"train.precision {t.precision!r}: one of {list(AUTOCAST_PRECISIONS)}"),
             (self.model.dtype in DTYPES, f"model.dtype {self.model.dtype!r}: one of {list(DTYPES)}"),
+            (self.model.pad_vocab_to >= 0, "model.pad_vocab_to must be >= 0"),
+            (self.model.loss_rows in ("auto", *LOSS_ROWS), f"model.loss_rows must be one of {['auto', *LOSS_ROWS]}"),
+            (self.model.fused_lm_head in YES_NO_AUTO, f"model.fused_lm_head must be one of {list(YES_NO_AUTO)}"),
             (t.fused_adamw in YES_NO_AUTO, f"train.fused_adamw must be one of {list(YES_NO_AUTO)}"),
             (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
             (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),

@@ -60,7 +60,8 @@ class CausalLM(nn.Module):
         Every setting gives the same loss within float error (tests/test_models.py,
         tests/test_lm_loss.py); only the speed differs (benchmarks/RESULTS.md)."""
         if loss_rows not in (None, *LOSS_ROWS) or attention not in (None, "sdpa", "eager"):
-            raise ValueError(f"set_hot_path: loss_rows must be {' or '.join(map(repr, LOSS_ROWS))} (got {loss_rows!r}), "
+            rows = " or ".join(map(repr, LOSS_ROWS))
+            raise ValueError(f"set_hot_path: loss_rows must be {rows} (got {loss_rows!r}), "
                              f"attention 'sdpa' or 'eager' (got {attention!r})")
         self.loss_rows = loss_rows or self.loss_rows
         self.attention = attention or self.attention

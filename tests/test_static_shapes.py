@@ -1,0 +1,94 @@
+"""The static path: packed rows of a fixed shape (sampling.PackedSampler + PackingCollator with
+rows_per_batch), per-document attention and loss in float64, and torch.compile over an epoch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minift.collate import Collator, PackingCollator, model_inputs
+from minift.models import GPT2Config, GPTConfig, build_model
+from minift.sampling import PackedSampler
+
+P = 0  # pad id
+
+
+def _examples(n: int, seed: int = 0, longest: int = 14) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, longest + 1, (n,), generator=g).tolist()
+    return [{"input_ids": torch.randint(1, 90, (k,), generator=g).tolist(), "prompt_length": k // 2}
+            for k in lengths]
+
+
+def test_packed_sampler_fills_fixed_rows_and_covers_the_epoch_once():
+    examples = _examples(101)
+    lengths = [len(e["input_ids"]) for e in examples]
+    sampler = PackedSampler(lengths, batch_size=3, seed=4, row_length=16)
+    collate = PackingCollator(pad_id=P, row_length=16, rows_per_batch=3)
+    batches = sampler.batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(101))
+    for index in batches:
+        batch = collate([examples[i] for i in index])
+        assert batch["input_ids"].shape == (3, 16)  # the last batch too
+        assert batch["n_real_tokens"] == sum(lengths[i] for i in index)
+    # a batch closes only when its next example fits none of its full set of rows
+    for index, following in zip(batches, batches[1:]):
+        rows = [0, 0, 0]
+        for i in index:
+            rows[next(r for r in range(3) if rows[r] + lengths[i] <= 16)] += lengths[i]
+        assert all(used + lengths[following[0]] > 16 for used in rows)
+    assert sampler.batches(1) != batches  # a new order every epoch
+
+
+def test_fixed_rows_refuse_a_batch_that_does_not_fit():
+    three_full_rows = [{"input_ids": [5] * 8}] * 3
+    with pytest.raises(ValueError, match="3 examples need 3 packed rows of 8 tokens; the batch has 2"):
+        PackingCollator(pad_id=P, row_length=8, rows_per_batch=2)(three_full_rows)
+    with pytest.raises(ValueError, match="does not fit a packed row of 4"):
+        PackedSampler([3, 5], batch_size=2, row_length=4)
+
+
+@pytest.mark.parametrize("config_cls", [GPTConfig, GPT2Config])
+def test_packed_rows_equal_each_document_alone_float64(config_cls):
+    """Per-document logits and summed loss equal the unpacked ones; positions restart per document."""
+    torch.manual_seed(0)
+    model = build_model(config_cls(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2)).double().eval()
+    examples = _examples(7, seed=1)
+    packed = PackingCollator(pad_id=P, row_length=16, rows_per_batch=6, objective="completion")(examples)
+    doc_starts = (packed["position_ids"] == 0) & (packed["document_ids"] >= 0)
+    assert int(doc_starts.sum()) == len(examples)  # positions restart at every document
+    with torch.no_grad():
+        logits = model(packed["input_ids"], position_ids=packed["position_ids"], document_ids=packed["document_ids"])
+        packed_out = model(**model_inputs(packed, "cpu"))
+        alone_sum = 0.0
+        for r in range(packed["input_ids"].shape[0]):
+            for doc in packed["document_ids"][r].unique().tolist():
+                if doc < 0:
+                    continue
+                cols = (packed["document_ids"][r] == doc).nonzero()[:, 0]
+                ids = packed["input_ids"][r, cols]
+                assert packed["position_ids"][r, cols].tolist() == list(range(len(cols)))
+                torch.testing.assert_close(logits[r, cols], model(ids[None])[0], rtol=0, atol=1e-12)
+                example = next(e for e in examples if e["input_ids"] == ids.tolist())
+                single = Collator(pad_id=P, objective="completion")([example])
+                alone_sum += model(**model_inputs(single, "cpu")).loss_sum.item()
+    assert packed_out.n_loss_targets == packed["n_loss_targets"]
+    assert packed_out.loss_sum.item() == pytest.approx(alone_sum, rel=1e-12)
+
+
+def test_no_attention_across_documents():
+    """Changing one document's tokens leaves every other document's logits exactly unchanged."""
+    torch.manual_seed(0)
+    model = build_model(GPT2Config(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2)).double().eval()
+    examples = _examples(5, seed=2, longest=6)
+    batch = PackingCollator(pad_id=P, row_length=16, rows_per_batch=2)(examples)
+    docs = batch["document_ids"]
+    target = docs[0] == 1
+    changed = batch["input_ids"].clone()
+    changed[0, target] = (changed[0, target] + 7) % 90 + 1
+    with torch.no_grad():
+        before, after = (model(ids, position_ids=batch["position_ids"], document_ids=docs)
+                         for ids in (batch["input_ids"], changed))
+    assert not torch.equal(before[0, target], after[0, target])
+    others = torch.ones_like(docs, dtype=torch.bool)
+    others[0] = ~target
+    assert torch.equal(before[others], after[others])
