@@ -27,7 +27,7 @@ rows = [
  ("fetch the accumulation window first (`get_batch_samples`)", "minift/loop.py", "window = next(windows)", "a window never spans two epochs; the last may be short"),
  ("`num_items_in_batch` (loss denominator)", "minift/loop.py", "n_counted = int(dist.reduce_sum(torch.tensor(sum(loss_fn.count(b) for b in window), device=device)))", "counted before the first backward, summed over ranks"),
  ("`ForCausalLMLoss(reduction=\"sum\") / num_items_in_batch`", "minift/loop.py", "scaler.scale(out.loss_sum / denominator).backward()", "the model returns the summed CE (`lm_loss_sum`)"),
- ("shifted next-token CE, `ignore_index=-100`", "minift/models/layers.py", "targets = labels[:, 1:]", "only labelled rows reach the LM head"),
+ ("shifted next-token CE, `ignore_index=-100`", "minift/models/lm_loss.py", "targets = labels[:, 1:]", "only labelled rows reach the LM head on CPU; every row, masked, on the static path"),
  ("`accelerator.backward(loss)` with `no_sync` under DDP", "minift/loop.py", "scaler.scale(out.loss_sum / denominator).backward()", ""),
  ("`clip_grad_norm_(model.parameters(), max_grad_norm)`; logged `grad_norm` is pre-clip", "minift/loop.py", "grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)", ""),
  ("`optimizer.step()`; skipped under fp16 overflow", "minift/loop.py", "scaler.step(optimizer)", "GradScaler skips and lowers the scale; counted in `skipped_overflow`"),

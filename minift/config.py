@@ -40,14 +40,15 @@ class ModelSection:
     compile: bool = False  # torch.compile the model (pair with data.sampler = "packed": one shape, one graph)
     pad_vocab_to: int = 64  # embedding/head rows rounded up to a multiple (GPU GEMM widths); 0 or 1 = off
     loss_rows: str = "auto"  # "labelled": LM head on labelled rows; "all": fixed shapes, no sync (auto: compile/CUDA)
-    fused_lm_head: str = "auto"  # yes: chunked head + CE, own backward, no token x vocab logits (auto: compile/CUDA)
+    fused_lm_head: bool = True  # chunked head + CE with its own backward: no [tokens x vocab] logits kept
 
     def hot_path(self, device_type: str) -> dict[str, Any]:
-        """``CausalLM.set_hot_path`` settings: "auto" resolved for the device (benchmarks/RESULTS.md:
-        on CPU the label-only plain head is fastest; compile and CUDA want fixed shapes, no syncs)."""
+        """``CausalLM.set_hot_path`` settings, ``loss_rows = "auto"`` resolved for the device: label rows
+        only on CPU (fewest FLOPs, fastest there: benchmarks/RESULTS.md); every row under compile and on
+        CUDA (fixed shapes, no host sync)."""
         static = self.compile or device_type == "cuda"
-        return {"loss_rows": ("all" if static else "labelled") if self.loss_rows == "auto" else self.loss_rows,
-                "fused_head": static if self.fused_lm_head == "auto" else self.fused_lm_head == "yes"}
+        rows = ("all" if static else "labelled") if self.loss_rows == "auto" else self.loss_rows
+        return {"loss_rows": rows, "fused_head": self.fused_lm_head}
 
 
 @dataclass
@@ -139,7 +140,6 @@ class RunConfig:
             (self.model.dtype in DTYPES, f"model.dtype {self.model.dtype!r}: one of {list(DTYPES)}"),
             (self.model.pad_vocab_to >= 0, "model.pad_vocab_to must be >= 0"),
             (self.model.loss_rows in ("auto", *LOSS_ROWS), f"model.loss_rows must be one of {['auto', *LOSS_ROWS]}"),
-            (self.model.fused_lm_head in YES_NO_AUTO, f"model.fused_lm_head must be one of {list(YES_NO_AUTO)}"),
             (t.fused_adamw in YES_NO_AUTO, f"train.fused_adamw must be one of {list(YES_NO_AUTO)}"),
             (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
             (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),

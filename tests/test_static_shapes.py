@@ -136,3 +136,47 @@ def test_label_gathering_breaks_the_graph():
     data-dependent shape."""
     stats, _ = _compiled_epoch("labelled", False)
     assert stats.get("graph_break") or stats["stats"]["unique_graphs"] > 1
+
+
+def _recipe(tmp_path, *overrides):
+    from minift.config import load_config
+    from minift.finetune import run
+
+    from conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "offline-default.toml", [
+        f'train.output_dir="{tmp_path}"', "train.progress=false", "train.plot=false", "eval.max_examples=64",
+        "eval.before_training=false", "data.sampler=packed", "train.batch_size=4", "train.grad_accum=1",
+        *overrides])
+    return cfg, run(cfg, log=lambda *_: None)
+
+
+def test_recipe_static_path_trains_and_exports_the_true_vocabulary(tmp_path):
+    """data.sampler = "packed": every step [4 x 64]; the padded vocabulary stays out of the export."""
+    import json
+
+    import minift
+
+    cfg, summary = _recipe(tmp_path, "train.max_steps=3")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step_time" in r]
+    assert len(steps) == 3 and all(r["padded_tokens"] == 4 * cfg.data.max_length for r in steps)
+    exported = minift.from_pretrained(tmp_path / "model")
+    saved_vocab = json.loads((tmp_path / "model" / "config.json").read_text())["vocab_size"]
+    assert exported.token_embedding.weight.shape[0] == exported.config.vocab_size == saved_vocab
+    from minift.finetune import build_model as recipe_model, build_tokenizer
+
+    trained_shape = recipe_model(cfg, build_tokenizer(cfg), torch.device("cpu"))
+    assert trained_shape.token_embedding.weight.shape[0] == -(-saved_vocab // 64) * 64 > saved_vocab
+
+
+@pytest.mark.slow
+def test_recipe_compile_holds_over_an_epoch(tmp_path):
+    """model.compile = true with the default backend over a whole epoch of the packed recipe."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    _recipe(tmp_path, "model.compile=true", "data.max_train_examples=200", "train.epochs=1")
+    assert not counters.get("graph_break"), dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2  # training graph; eval (no grad) may add one
