@@ -167,8 +167,10 @@ def minift_contenders(args) -> list[Contender]:
                   ("random-2x", f"minift (random order {n // 2}x2)", half + ["data.sampler=random"], None, False),
                   ("forloop-adamw", f"minift (length-grouped {n}x1, for-loop AdamW)", hot + ["train.fused_adamw=no"],
                    None, False),
-                  ("lm-head-all", f"minift (length-grouped {n}x1, LM head at every position)", hot,
-                   {"loss_rows": "all"}, True),
+                  ("lm-head-all", f"minift (length-grouped {n}x1, logits at every position, unfused)", hot,
+                   {"loss_rows": "all", "fused_head": False}, True),
+                  ("packed", f"minift (packed {n // 2} rows x 128 tokens, static shapes)",
+                   [f"train.batch_size={n // 2}", "train.grad_accum=1", "data.sampler=packed"], None, False),
                   ("eager-attention", f"minift (length-grouped {n}x1, eager attention + mask)", hot,
                    {"attention": "eager"}, False)]
 

@@ -3,8 +3,11 @@
 Right padding to the longest sequence of the batch (optionally to a multiple of N), or to a
 fixed ``max_length`` (only to reproduce the classic Trainer recipe). Labels are the input
 ids with -100 on pads (and, under the ``completion`` objective, on the prompt); the model
-shifts them. ``pack`` concatenates examples into rows with per-example positions and
-attention confined to each example.
+shifts them. ``PackingCollator`` concatenates examples into rows with per-example positions
+and attention confined to each example; with ``rows_per_batch`` every batch has the same
+shape [rows_per_batch, row_length] (the static path: one compiled graph, CUDA-graph-able).
+Every batch says ``right_padded`` (a Python bool), so the model never reads its mask back
+from the device to decide it.
 """
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ class Collator:
         if self.pad_id is None:
             raise InputError("the tokenizer has no pad token: add one (tokenizer.add_pad_token()) or use EOS")
 
+    def padded_tokens(self, lengths: Sequence[int]) -> int:
+        """Tokens (real + pad) of the batch holding examples of these lengths."""
+        return len(lengths) * self.padded_length(max(lengths))
+
     def padded_length(self, longest: int) -> int:
         length = self.max_length if self.padding == "max_length" else longest
         if self.pad_to_multiple_of:
@@ -56,33 +63,56 @@ class Collator:
             attention_mask[row, :length] = 1
             first_label = example.get("prompt_length", 0) if self.objective == "completion" else 0
             labels[row, first_label:length] = ids[first_label:]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "right_padded": True,
                 **batch_counts(input_ids, labels, n_real_tokens=sum(lengths))}
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """Indices into ``lengths`` per row, first fit in the given order: each example goes into
+    the first row with room, else opens a row; an example never splits across rows. The packed
+    sampler (sampling.PackedSampler) cuts batches with this same rule."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        if n > row_length:
+            raise InputError(f"example of {n} tokens does not fit a packed row of {row_length} "
+                             f"(raise data.max_length or truncate the examples)")
+        row = next((r for r, u in enumerate(used) if u + n <= row_length), len(used))
+        if row == len(used):
+            rows.append([])
+            used.append(0)
+        rows[row].append(i)
+        used[row] += n
+    return rows
 
 
 @dataclass
 class PackingCollator(Collator):
-    """Packs the batch's examples greedily (in order) into rows of at most ``row_length``
-    tokens; an example never splits across rows. Each example keeps positions 0..n-1, sees
-    only itself (``document_ids``), and its first token is never a target, so no attention
-    and no loss crosses an example boundary."""
+    """Packs the batch's examples (``pack_rows``) into rows of at most ``row_length`` tokens.
+    Each example keeps positions 0..n-1, sees only itself (``document_ids``; -1 on padding),
+    and its first token is never a target, so no attention and no loss crosses an example
+    boundary. ``rows_per_batch``: every batch is exactly [rows_per_batch, row_length] (empty
+    rows are all padding); None: as many rows as the examples need, as long as the longest."""
 
     row_length: int = 128
+    rows_per_batch: int | None = None
+
+    def padded_tokens(self, lengths: Sequence[int]) -> int:
+        rows = pack_rows(lengths, self.row_length)
+        if self.rows_per_batch:
+            return self.rows_per_batch * self.row_length
+        return len(rows) * self.padded_length(max(sum(lengths[i] for i in row) for row in rows))
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        rows: list[list[int]] = [[]]
-        used = 0
-        for i, example in enumerate(examples):
-            n = len(example["input_ids"])
-            if n > self.row_length:
-                raise InputError(f"example of {n} tokens does not fit a packed row of {self.row_length}")
-            if used + n > self.row_length:
-                rows.append([])
-                used = 0
-            rows[-1].append(i)
-            used += n
-        time = self.padded_length(max(sum(len(examples[i]["input_ids"]) for i in row) for row in rows))
-        shape = (len(rows), time)
+        rows = pack_rows([len(e["input_ids"]) for e in examples], self.row_length)
+        if self.rows_per_batch:
+            if len(rows) > self.rows_per_batch:
+                raise InputError(f"{len(examples)} examples need {len(rows)} packed rows of {self.row_length} "
+                                 f"tokens; the batch has {self.rows_per_batch} (use sampling.PackedSampler)")
+            shape = (self.rows_per_batch, self.row_length)
+        else:
+            shape = (len(rows), self.padded_length(max(sum(len(examples[i]["input_ids"]) for i in row)
+                                                       for row in rows)))
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
@@ -102,7 +132,7 @@ class PackingCollator(Collator):
                 labels[r, start + max(first_label, 1):end] = ids[max(first_label, 1):]
                 start = end
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "position_ids": position_ids, "document_ids": document_ids,
+                "position_ids": position_ids, "document_ids": document_ids, "right_padded": True,
                 **batch_counts(input_ids, labels, n_real_tokens=int(attention_mask.sum()))}
 
 
@@ -129,11 +159,13 @@ def count_loss_targets(batch: dict[str, Any], count_key: str = "n_loss_targets")
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "document_ids")
+MODEL_HINTS = ("right_padded",)  # Python values the collator decided on the CPU
 
 
-def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The tensors of a batch that the model takes, moved to ``device``."""
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The tensors of a batch that the model takes, moved to ``device``, and the collator's hints."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+    return {**inputs, **{k: batch[k] for k in MODEL_HINTS if k in batch}}
 
 
 def padding_efficiency(lengths: Sequence[int], batches: Sequence[Sequence[int]], collator: Collator) -> float:
@@ -142,5 +174,5 @@ def padding_efficiency(lengths: Sequence[int], batches: Sequence[Sequence[int]],
     for batch in batches:
         batch_lengths = [lengths[i] for i in batch]
         real += sum(batch_lengths)
-        padded += len(batch) * collator.padded_length(max(batch_lengths))
+        padded += collator.padded_tokens(batch_lengths)
     return real / padded

@@ -17,6 +17,7 @@ from typing import Any
 # the choice lists live with the code that implements them; validation reads them from there
 from .collate import OBJECTIVES, PADDINGS
 from .errors import InputError
+from .models.lm_loss import LOSS_ROWS
 from .optim import SCHEDULES
 from .precision import AUTOCAST_PRECISIONS, DTYPES
 from .sampling import SAMPLERS
@@ -47,6 +48,18 @@ class ModelSection:
     pad_token: str = option("auto", '"auto": keep the tokenizer\'s, else EOS, else add [PAD]; "eos"; or a token')
     dtype: str = option("fp32", "storage dtype of the weights: fp32, bf16, fp16 or fp64 (or torch's spelling)")
     compile: bool = option(False, "torch.compile the model")
+    pad_vocab_to: int = option(64, "embedding/head rows rounded up to a multiple (GPU GEMM widths); 0 or 1 = off")
+    loss_rows: str = option("auto", '"labelled": LM head on labelled rows only; "all": fixed shapes, no host sync; '
+                                    '"auto": labelled on CPU, all under compile or on CUDA')
+    fused_lm_head: bool = option(True, "chunked LM head + cross-entropy with its own backward: no [tokens x vocab] logits kept")
+
+    def hot_path(self, device_type: str) -> dict[str, Any]:
+        """``CausalLM.set_hot_path`` settings, ``loss_rows = "auto"`` resolved for the device: label rows
+        only on CPU (fewest FLOPs, fastest there: benchmarks/RESULTS.md); every row under compile and on
+        CUDA (fixed shapes, no host sync)."""
+        static = self.compile or device_type == "cuda"
+        rows = ("all" if static else "labelled") if self.loss_rows == "auto" else self.loss_rows
+        return {"loss_rows": rows, "fused_head": self.fused_lm_head}
 
 
 @dataclass
@@ -65,7 +78,8 @@ class DataSection:
     append_eos: str = option("auto", 'end every example with EOS: "auto" (when the tokenizer has one), "yes", "no"')
     padding: str = option("longest", '"longest" in the batch, or "max_length" (the classic recipe, benchmarks only)')
     pad_to_multiple_of: int = option(0, "round padded lengths up to a multiple of this (0 = off)")
-    sampler: str = option("length_grouped", '"random", "sequential" or "length_grouped" (less padding)')
+    sampler: str = option("length_grouped", '"random", "sequential", "length_grouped" (less padding) or "packed" '
+                                            '(batch_size rows of max_length tokens: one shape, for compile/GPU)')
     packing: bool = option(False, "concatenate examples into rows of max_length instead of padding")
     max_train_examples: int = option(0, "train on the first N kept examples (0 = all)")
     num_workers: int = option(0, "DataLoader worker processes (0 = load in the main process)")
@@ -138,6 +152,8 @@ class RunConfig:
             (t.schedule in SCHEDULES, f"train.schedule {t.schedule!r}: one of {list(SCHEDULES)}"),
             (t.precision in AUTOCAST_PRECISIONS, f"train.precision {t.precision!r}: one of {list(AUTOCAST_PRECISIONS)}"),
             (self.model.dtype in DTYPES, f"model.dtype {self.model.dtype!r}: one of {list(DTYPES)}"),
+            (self.model.pad_vocab_to >= 0, "model.pad_vocab_to must be >= 0"),
+            (self.model.loss_rows in ("auto", *LOSS_ROWS), f"model.loss_rows must be one of {['auto', *LOSS_ROWS]}"),
             (t.fused_adamw in YES_NO_AUTO, f"train.fused_adamw must be one of {list(YES_NO_AUTO)}"),
             (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
             (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),

@@ -110,7 +110,7 @@ def per_batch_loss_sums(model, batches: Iterable[dict], device, autocast=None, c
         for batch in batches:
             with autocast if autocast is not None else contextlib.nullcontext():
                 result = model(**model_inputs(batch, device))
-            out.append((float(result.loss_sum), batch[count_key], batch["input_ids"].shape[0], result.n_loss_targets))
+            out.append((float(result.loss_sum), batch[count_key], batch["input_ids"].shape[0], int(result.n_loss_targets)))  # 0-d on the sync-free paths
     return out
 
 

@@ -64,6 +64,7 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
     if cfg.data.max_length > model.config.n_positions:
         raise DataError(f"data.max_length ({cfg.data.max_length}) exceeds the model's n_positions "
                         f"({model.config.n_positions})")
+    model.pad_vocab(cfg.model.pad_vocab_to).set_hot_path(**cfg.model.hot_path(device.type))
     return model.to(device=device, dtype=dtype_of(cfg.model.dtype, "model.dtype"))
 
 
@@ -113,6 +114,8 @@ def build_collator(cfg: RunConfig, pad_id: int) -> Collator:
     d = cfg.data
     kwargs = dict(pad_id=pad_id, objective=d.objective, pad_to_multiple_of=d.pad_to_multiple_of or None,
                   padding=d.padding, max_length=d.max_length)
+    if d.sampler == "packed":  # static shapes: every batch [batch_size rows, max_length]
+        return PackingCollator(**kwargs, row_length=d.max_length, rows_per_batch=cfg.train.batch_size)
     return PackingCollator(**kwargs, row_length=d.max_length) if d.packing else Collator(**kwargs)
 
 
@@ -124,7 +127,7 @@ def build_sampler(cfg: RunConfig, examples: TokenizedExamples, dist: Distributed
         raise DataError("train.compat = \"trainer\" reproduces one-process Trainer runs; run it without torchrun")
     return make_sampler(cfg.data.sampler, examples.lengths, t.batch_size, t.seed, rank=dist.rank,
                         world_size=dist.world_size, order="trainer" if t.compat == "trainer" else "minift",
-                        grad_accum=t.grad_accum)
+                        grad_accum=t.grad_accum, row_length=cfg.data.max_length)
 
 
 def build_loader(cfg: RunConfig, examples: TokenizedExamples, sampler: BatchSampler, collator: Collator,

@@ -217,7 +217,7 @@ def load_weights(model: CausalLM, directory: Path) -> None:
     """Copy a checkpoint into ``model``: every key must exist on both sides with the same shape."""
     tensors, origin = read_state_dict(directory)
     tensors, origin = normalize_keys(model, tensors, origin)
-    expected = model.state_dict()
+    expected = model.checkpoint_state_dict()  # vocabulary rows without pad_vocab's padding
     files = sorted({str(p) for p in origin.values()}) or [str(directory)]
     problems = []
     for key in expected.keys() - tensors.keys():
@@ -234,7 +234,7 @@ def load_weights(model: CausalLM, directory: Path) -> None:
     # A model built on the meta device takes the loaded tensors as its parameters; a real one
     # is copied into in place, so an optimizer holding its parameters stays attached.
     on_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True, assign=on_meta)
+    model.load_checkpoint_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, assign=on_meta)
 
 
 def check_finite(model: CausalLM, directory: Path) -> None:

@@ -191,17 +191,52 @@ def trainer_eval_batches(lengths: Sequence[int], batch_size: int, seed: int, gro
     return BatchSampler._cut(order, batch_size)
 
 
-SAMPLERS = {"sequential": SequentialSampler, "random": RandomSampler, "length_grouped": LengthGroupedSampler}
+class PackedSampler(BatchSampler):
+    """Static shapes: a new seeded permutation every epoch, cut into batches that fill
+    ``batch_size`` rows of ``row_length`` tokens (first fit, ``collate.pack_rows``' rule): an
+    example that fits none of the batch's rows and finds all ``batch_size`` rows open starts the
+    next batch. With ``PackingCollator(rows_per_batch=batch_size)`` every batch has the same
+    shape; the number of examples per batch varies."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, row_length: int = 128,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(len(lengths), batch_size, seed, rank, world_size)
+        self.lengths = list(lengths)
+        self.row_length = row_length
+        if max(self.lengths) > row_length:
+            raise InputError(f"an example of {max(self.lengths)} tokens does not fit a packed row of {row_length}")
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        batches: list[list[int]] = [[]]
+        used: list[int] = []  # tokens in each row of the current batch
+        for i in self._permutation(epoch):
+            n = self.lengths[i]
+            row = next((r for r, u in enumerate(used) if u + n <= self.row_length), len(used))
+            if row == self.batch_size:
+                batches.append([])
+                used, row = [], 0
+            if row == len(used):
+                used.append(0)
+            used[row] += n
+            batches[-1].append(i)
+        return batches
+
+
+SAMPLERS = {"sequential": SequentialSampler, "random": RandomSampler, "length_grouped": LengthGroupedSampler,
+            "packed": PackedSampler}
 TRAINER_SAMPLERS = {"sequential": SequentialSampler, "random": TrainerRandomSampler,
                     "length_grouped": TrainerLengthGroupedSampler}
 
 
 def make_sampler(kind: str, lengths: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, order: str = "minift", grad_accum: int = 1) -> BatchSampler:
+                 world_size: int = 1, order: str = "minift", grad_accum: int = 1, row_length: int = 128
+                 ) -> BatchSampler:
     """``order = "trainer"``: Trainer's samplers (train.compat = "trainer"; ``grad_accum`` sizes
-    its length-grouped megabatches)."""
+    its length-grouped megabatches). ``row_length``: the packed sampler's row (data.max_length)."""
     if kind not in SAMPLERS:
         raise InputError(f"unknown sampler {kind!r}; choose from {sorted(SAMPLERS)}")
+    if kind == "packed":
+        return PackedSampler(lengths, batch_size, seed, row_length, rank=rank, world_size=world_size)
     if order == "trainer" and kind == "length_grouped":
         return TrainerLengthGroupedSampler(lengths, batch_size, grad_accum, seed, rank=rank, world_size=world_size)
     if kind == "length_grouped":

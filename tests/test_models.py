@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import minift
 from minift.models import GPT2Config, GPTConfig, build_model
-from minift.models.layers import ACTIVATIONS, gelu_tanh, lm_loss_sum
+from minift.models.layers import ACTIVATIONS, gelu_tanh
+from minift.models.lm_loss import lm_loss_sum
 
 from conftest import requires_transformers, shared_path
 
@@ -158,7 +159,7 @@ def test_resize_token_embeddings_mean_init_and_tied_head():
     torch.testing.assert_close(new[:30], old)
     torch.testing.assert_close(new[30], old.mean(0))
     torch.testing.assert_close(new[31], old.mean(0))
-    assert model.lm_head_weight is new
+    assert model.padded_head_weight is new and torch.equal(model.lm_head_weight, new)  # tied
     assert model(torch.tensor([[31, 1]])).shape == (1, 2, 32)
 
 
@@ -199,15 +200,18 @@ def test_random_configs_match_transformers(tmp_path, model_type, variant):
     assert (got - expected)[real].abs().max() < 1e-5
 
 
-HOT_PATHS = [("labelled", "sdpa"), ("all", "sdpa"), ("labelled", "eager"), ("all", "eager")]
+# loss_rows, attention, fused_head, pad_vocab multiple
+HOT_PATHS = [("labelled", "sdpa", False, 1), ("all", "sdpa", False, 1), ("labelled", "eager", False, 1),
+             ("all", "eager", False, 1), ("labelled", "sdpa", False, 64), ("all", "sdpa", False, 64),
+             ("labelled", "sdpa", True, 64), ("all", "sdpa", True, 64), ("all", "sdpa", True, 1)]
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("loss_rows,attention", HOT_PATHS)
-def test_every_hot_path_setting_matches_transformers(loss_rows, attention):
+@pytest.mark.parametrize("loss_rows,attention,fused_head,pad_vocab", HOT_PATHS)
+def test_every_hot_path_setting_matches_transformers(loss_rows, attention, fused_head, pad_vocab):
     """The benchmark's lever switches change speed only: the transformers reference still holds."""
-    model = minift.from_pretrained(shared_path("fixtures", "tiny-openai-gpt-perturbed"))
-    model.set_hot_path(loss_rows=loss_rows, attention=attention)
+    model = minift.from_pretrained(shared_path("fixtures", "tiny-openai-gpt-perturbed")).pad_vocab(pad_vocab)
+    model.set_hot_path(loss_rows=loss_rows, attention=attention, fused_head=fused_head)
     ref = _reference("tiny-openai-gpt-perturbed")
     real = ref["attention_mask"].bool()
     with torch.no_grad():
@@ -237,13 +241,18 @@ def test_hot_path_levers_keep_loss_and_gradients(config, padding):
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, :3] = -100
     results = {}
-    for loss_rows, attention in HOT_PATHS:
+    for loss_rows, attention, fused_head, pad_vocab in HOT_PATHS:
         torch.manual_seed(0)
-        model = build_model(config).double().set_hot_path(loss_rows=loss_rows, attention=attention)
+        model = build_model(config).double().pad_vocab(pad_vocab)
+        model.set_hot_path(loss_rows=loss_rows, attention=attention, fused_head=fused_head)
         out = model(ids, attention_mask=mask, labels=labels)
         (out.loss_sum / out.n_loss_targets).backward()
-        results[loss_rows, attention] = (out, {n: p.grad.clone() for n, p in model.named_parameters()})
-    base_out, base_grads = results["labelled", "sdpa"]
+        embedding = model.token_embedding.weight
+        assert embedding.shape[0] == -(-97 // pad_vocab) * pad_vocab
+        assert not embedding.grad[97:].any()  # padding rows: no probability mass, no gradient
+        grads = {n: p.grad[:97] if p is embedding else p.grad.clone() for n, p in model.named_parameters()}
+        results[loss_rows, attention, fused_head, pad_vocab] = (out, grads)
+    base_out, base_grads = results["labelled", "sdpa", False, 1]
     assert base_out.n_loss_targets == int((labels[:, 1:] != -100).sum())
     for key, (out, grads) in results.items():
         assert out.n_loss_targets == base_out.n_loss_targets, key

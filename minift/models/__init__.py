@@ -3,7 +3,7 @@ from .base import CausalLM
 from .config import CONFIG_CLASSES, ConfigError, GPT2Config, GPTConfig, ModelConfig, config_from_json_file
 from .gpt1 import GPT1LMHeadModel
 from .gpt2 import GPT2LMHeadModel
-from .layers import IGNORE_INDEX, LossOutput
+from .lm_loss import IGNORE_INDEX, LossOutput
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     GPTConfig.model_type: GPT1LMHeadModel,

@@ -1,6 +1,11 @@
 """What GPT-1 and GPT-2 share as causal language models: the forward contract
 (logits, or summed loss + target count), the tied head, init, resize and save.
 
+The token embedding (= the tied head) may hold more rows than the vocabulary (``pad_vocab``):
+the head's GEMM then has a width the GPU's kernels like (40,478 -> 40,512). The extra rows
+are zero, never looked up, masked to -inf before every softmax of the loss, and left out of
+the logits returned to users and of ``save_pretrained``.
+
 Each architecture subclasses ``CausalLM`` and supplies ``self.transformer`` (a module
 whose ``forward(input_ids, position_ids, attn_bias)`` returns hidden states) and the name
 of its token embedding.
@@ -17,8 +22,8 @@ from torch import nn
 
 from .config import ModelConfig
 from ..errors import InputError
-from .layers import (CausalSelfAttention, Conv1D, LayerKV, LossOutput, attention_bias, is_right_padded, lm_loss_sum,
-                     lm_loss_sum_all_positions)
+from .layers import CausalSelfAttention, Conv1D, LayerKV, attention_bias, is_right_padded
+from .lm_loss import LOSS_ROWS, LossOutput, fused_lm_loss_sum, lm_loss_sum, lm_loss_sum_all_positions
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -37,24 +42,34 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.loss_rows = "labelled"  # see set_hot_path
         self.attention = "sdpa"
+        self.fused_head = False
+        self.vocab_multiple = 1  # see pad_vocab
 
     # -- the hot path's levers, each one switchable to measure what it buys ---------------------
-    def set_hot_path(self, loss_rows: str = "labelled", attention: str = "sdpa") -> "CausalLM":
-        """``loss_rows="labelled"``: the LM head runs only on rows that have a label, chunked
-        (``lm_loss_sum``); ``"all"``: logits at every position, then cross-entropy with
-        ignore_index (``lm_loss_sum_all_positions``, transformers' way).
-        ``attention="sdpa"``: ``scaled_dot_product_attention`` with ``is_causal`` and no mask
-        when right padding makes one unnecessary; ``"eager"``: matmul, mask, softmax, matmul,
-        with the padding mask always applied (transformers' openai-gpt way).
-        Every setting gives the same loss within float error (tests/test_models.py); only the
-        speed differs (benchmarks/RESULTS.md)."""
-        if loss_rows not in ("labelled", "all") or attention not in ("sdpa", "eager"):
-            raise ValueError(f"set_hot_path: loss_rows must be 'labelled' or 'all' (got {loss_rows!r}), "
+    def set_hot_path(self, loss_rows: str | None = None, attention: str | None = None,
+                     fused_head: bool | None = None) -> "CausalLM":
+        """Set the levers given (None keeps the current setting).
+
+        ``loss_rows="labelled"``: the LM head runs only on rows that have a label (their number
+        is read from the device: a host sync and a new shape per batch); ``"all"``: every
+        position, ignored targets masked (fixed shapes, no sync: the torch.compile path).
+        ``fused_head``: ``LinearCrossEntropy`` (chunked head + CE with its own backward, no
+        [rows x vocab] logits kept); off: plain chunks (``"labelled"``) or whole logits (``"all"``,
+        transformers' way). ``attention="sdpa"``: ``scaled_dot_product_attention`` with
+        ``is_causal`` and no mask when right padding makes one unnecessary; ``"eager"``: matmul,
+        mask, softmax, matmul, with the padding mask always applied (transformers' openai-gpt way).
+        Every setting gives the same loss within float error (tests/test_models.py,
+        tests/test_lm_loss.py); only the speed differs (benchmarks/RESULTS.md)."""
+        if loss_rows not in (None, *LOSS_ROWS) or attention not in (None, "sdpa", "eager"):
+            rows = " or ".join(map(repr, LOSS_ROWS))
+            raise ValueError(f"set_hot_path: loss_rows must be {rows} (got {loss_rows!r}), "
                              f"attention 'sdpa' or 'eager' (got {attention!r})")
-        self.loss_rows, self.attention = loss_rows, attention
+        self.loss_rows = loss_rows or self.loss_rows
+        self.attention = attention or self.attention
+        self.fused_head = self.fused_head if fused_head is None else bool(fused_head)
         for module in self.modules():
             if isinstance(module, CausalSelfAttention):
-                module.impl = attention
+                module.impl = self.attention
         return self
 
     # -- the forward contract ---------------------------------------------------------------
@@ -63,19 +78,28 @@ class CausalLM(nn.Module):
         return getattr(self.transformer, self.token_embedding_name)
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
+    def padded_head_weight(self) -> torch.Tensor:
+        """The head [vocab rounded up by ``pad_vocab``, C]: what the training loss multiplies by."""
         return self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The head's rows of real tokens [vocab_size, C] (a view): logits for users."""
+        return self.padded_head_weight[:self.config.vocab_size]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor | LossOutput:
+                document_ids: torch.Tensor | None = None, right_padded: bool | None = None
+                ) -> torch.Tensor | LossOutput:
         """Without ``labels``: logits [B, T, vocab] at every position.
 
         With ``labels`` (aligned with ``input_ids``, -100 = ignore; the shift happens here):
         ``LossOutput(loss_sum, n_loss_targets)``, the summed next-token cross-entropy.
 
         ``position_ids`` default to 0..T-1 (padding is on the right). ``document_ids`` [B, T]
-        confine attention to tokens of the same packed example.
+        confine attention to tokens of the same packed example. ``right_padded``: the
+        collator's word (a Python bool) that every mask row is ones then zeros, so the mask is
+        dropped without reading it from the device; None: look at the mask.
         """
         # A key-padding mask only changes what we return when a real token could see a pad
         # (left padding) or when logits at pad positions are returned.
@@ -83,15 +107,18 @@ class CausalLM(nn.Module):
             if labels is None:
                 needs_mask = not bool(attention_mask.all())
             else:
-                needs_mask = not is_right_padded(attention_mask)
+                needs_mask = not (is_right_padded(attention_mask) if right_padded is None else right_padded)
             if not needs_mask:
                 attention_mask = None
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, document_ids)
         if labels is None:
             return F.linear(hidden, self.lm_head_weight)
+        head, vocab_size = self.padded_head_weight, self.config.vocab_size
+        if self.fused_head:
+            return fused_lm_loss_sum(hidden, head, labels, rows=self.loss_rows, vocab_size=vocab_size)
         if self.loss_rows == "all":
-            return lm_loss_sum_all_positions(hidden, self.lm_head_weight, labels)
-        return lm_loss_sum(hidden, self.lm_head_weight, labels)
+            return lm_loss_sum_all_positions(hidden, head, labels, vocab_size)
+        return lm_loss_sum(hidden, head, labels, vocab_size=vocab_size)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
@@ -155,8 +182,9 @@ class CausalLM(nn.Module):
 
     # -- parameters -------------------------------------------------------------------------
     def num_parameters(self) -> int:
-        """Distinct parameters (the tied head counted once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Distinct parameters (the tied head counted once, padding rows of the vocabulary not counted)."""
+        padding = sum(self.padded_head_weight.shape[0] - self.config.vocab_size for _ in self.vocab_weight_keys())
+        return sum(p.numel() for p in self.parameters()) - padding * self.config.n_embd
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -180,31 +208,66 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
         """Grow (or shrink) the token embedding; new rows start at the mean of the old rows.
-        The head stays tied (it reads the embedding's weight)."""
-        old = self.token_embedding
-        old_size, width = old.weight.shape
-        if new_vocab_size == old_size:
-            return
+        The head stays tied (it reads the embedding's weight); ``pad_vocab``'s multiple is kept."""
         if new_vocab_size <= 0:
             raise ValueError(f"new vocabulary size must be positive, got {new_vocab_size}")
-        new = nn.Embedding(new_vocab_size, width, device=old.weight.device, dtype=old.weight.dtype)
-        keep = min(old_size, new_vocab_size)
-        new.weight[:keep] = old.weight[:keep]
-        if new_vocab_size > old_size:
-            new.weight[old_size:] = old.weight.float().mean(dim=0).to(old.weight.dtype)
-        setattr(self.transformer, self.token_embedding_name, new)
+        if new_vocab_size != self.config.vocab_size:
+            self._rebuild_vocab_rows(new_vocab_size, self.vocab_multiple)
+
+    @torch.no_grad()
+    def pad_vocab(self, multiple: int) -> "CausalLM":
+        """Round the embedding's (and an untied head's) rows up to a multiple of ``multiple``
+        (0 or 1: no padding). ``config.vocab_size``, the logits users get and the saved weights
+        keep the real vocabulary; the padding rows are zero and take no probability mass."""
+        self._rebuild_vocab_rows(self.config.vocab_size, max(1, multiple))
+        return self
+
+    def _rebuild_vocab_rows(self, vocab_size: int, multiple: int) -> None:
+        """New embedding (and untied head): the first min(old, new) real rows kept, rows added to the
+        vocabulary at the mean of the old real rows, padding rows up to ``multiple`` zero."""
+        old_size, keep = self.config.vocab_size, min(self.config.vocab_size, vocab_size)
+        n_rows = -(-vocab_size // multiple) * multiple
+
+        def rebuilt(old_weight: torch.Tensor) -> torch.Tensor:
+            new = old_weight.new_zeros(n_rows, old_weight.shape[1])
+            new[:keep] = old_weight[:keep]
+            if vocab_size > old_size:
+                new[old_size:vocab_size] = old_weight[:old_size].float().mean(dim=0).to(old_weight.dtype)
+            return new
+
+        if n_rows == self.padded_head_weight.shape[0] and vocab_size == old_size:
+            self.vocab_multiple = multiple
+            return
+        # built from their weights: no random init, so the global RNG (dropout) stream is untouched
+        embedding = nn.Embedding(n_rows, self.config.n_embd, _weight=rebuilt(self.token_embedding.weight))
+        setattr(self.transformer, self.token_embedding_name, embedding)
         if self.lm_head is not None:
-            head = nn.Linear(width, new_vocab_size, bias=False, device=new.weight.device, dtype=new.weight.dtype)
-            head.weight[:keep] = self.lm_head.weight[:keep]
-            if new_vocab_size > old_size:
-                head.weight[old_size:] = self.lm_head.weight.float().mean(dim=0).to(head.weight.dtype)
+            head = nn.utils.skip_init(nn.Linear, self.config.n_embd, n_rows, bias=False,
+                                      device=embedding.weight.device, dtype=embedding.weight.dtype)
+            head.weight.copy_(rebuilt(self.lm_head.weight))
             self.lm_head = head
-        self.config.vocab_size = new_vocab_size
+        self.config.vocab_size, self.vocab_multiple = vocab_size, multiple
 
     # -- saving ---------------------------------------------------------------------------------
+    def vocab_weight_keys(self) -> tuple[str, ...]:
+        """State-dict keys with one row per vocabulary entry (padded by ``pad_vocab``)."""
+        keys = (f"transformer.{self.token_embedding_name}.weight",)
+        return keys + (("lm_head.weight",) if self.lm_head is not None else ())
+
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict under transformers' key names (``transformer.`` prefix, no tied head)."""
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        """The state dict under transformers' key names (``transformer.`` prefix, no tied head),
+        vocabulary rows only (no padding)."""
+        vocab_keys, vocab_size = self.vocab_weight_keys(), self.config.vocab_size
+        return {k: (v[:vocab_size] if k in vocab_keys else v).detach().contiguous()
+                for k, v in self.state_dict().items()}
+
+    def load_checkpoint_state_dict(self, tensors: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load tensors shaped as ``checkpoint_state_dict`` gives them (strict): vocabulary rows
+        get this model's zero padding rows back."""
+        padded_rows = self.padded_head_weight.shape[0]
+        tensors = {k: torch.cat([v, v.new_zeros(padded_rows - v.shape[0], *v.shape[1:])])
+                   if k in self.vocab_weight_keys() and v.shape[0] < padded_rows else v for k, v in tensors.items()}
+        self.load_state_dict(tensors, strict=True, assign=assign)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` in the transformers layout."""

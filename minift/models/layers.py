@@ -1,5 +1,5 @@
-"""Layers shared by GPT-1 and GPT-2: Conv1D-layout projections, SDPA attention, the MLP,
-the attention-mask builder and the label-only language-model loss.
+"""Layers shared by GPT-1 and GPT-2: Conv1D-layout projections, SDPA attention, the MLP and
+the attention-mask builder (the loss is in ``lm_loss``).
 
 Parameter names match transformers (``c_attn``, ``c_proj``, ``c_fc``) so a state dict
 maps onto the checkpoint key for key.
@@ -7,13 +7,12 @@ maps onto the checkpoint key for key.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from .lm_loss import IGNORE_INDEX, LossOutput  # noqa: F401  (re-exported: collators import them here)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -171,49 +170,3 @@ def attention_bias(attention_mask: torch.Tensor | None, document_ids: torch.Tens
         visible = visible & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=device)
     return bias.masked_fill_(~visible, torch.finfo(torch.float32).min)
-
-
-class LossOutput(NamedTuple):
-    """Summed next-token cross-entropy and the number of targets it sums over.
-
-    The loop divides by the total ``n_loss_targets`` of the whole accumulation window, so
-    K micro-batches equal one big batch whatever their lengths."""
-
-    loss_sum: torch.Tensor
-    n_loss_targets: int
-
-
-def lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
-                chunk_rows: int = 8192) -> LossOutput:
-    """Next-token CE summed over positions whose shifted label is not -100.
-
-    Only those rows go through the LM head: pads, the last position and ignored prompt
-    tokens never produce logits, and the rows are processed ``chunk_rows`` at a time so
-    the [tokens x vocab] logits are never materialized in one piece.
-    """
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    rows = hidden[:, :-1][keep]
-    target_ids = targets[keep]
-    n_targets = int(target_ids.shape[0])
-    loss_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 under bf16/fp16, fp64 kept
-    loss_sum = hidden.new_zeros((), dtype=loss_dtype)
-    for start in range(0, n_targets, chunk_rows):
-        logits = F.linear(rows[start:start + chunk_rows], head_weight)
-        loss_sum = loss_sum + F.cross_entropy(logits.to(loss_dtype), target_ids[start:start + chunk_rows],
-                                              reduction="sum")
-    if n_targets == 0:
-        # keep the graph connected so backward() works on a batch with nothing to predict
-        loss_sum = loss_sum + 0.0 * hidden.sum()
-    return LossOutput(loss_sum, n_targets)
-
-
-def lm_loss_sum_all_positions(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-    """The plain path ``lm_loss_sum`` is measured against: logits [B, T, vocab] at every position
-    (pads and the last one included), then cross-entropy with ``ignore_index``, as transformers does."""
-    logits = F.linear(hidden, head_weight)
-    targets = labels[:, 1:]
-    loss_dtype = torch.promote_types(logits.dtype, torch.float32)
-    loss_sum = F.cross_entropy(logits[:, :-1].to(loss_dtype).reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return LossOutput(loss_sum, int((targets != IGNORE_INDEX).sum()))
