@@ -98,7 +98,7 @@ class _Bigram(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(torch.randn(11, 11, generator=torch.Generator().manual_seed(0)))
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, right_padded=None):
         from minift.models.layers import LossOutput
 
         logits = self.table[input_ids[:, :-1]]
