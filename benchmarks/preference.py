@@ -200,7 +200,7 @@ def main(argv=None) -> int:
             continue
         rows.append(json.loads(line))
     print(f"| contender | tokens/s | median step (s) | precompute (s, once) | peak memory (MiB) | first loss |\n"
-          f"|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['contender']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} | {r['precompute_s']:.2f} | "
               f"{r['peak_mb']:.0f} | {r['loss_first']:.4f} |")

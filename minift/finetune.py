@@ -171,6 +171,15 @@ def eval_loss_formula(cfg: RunConfig) -> str:
 
 
 # -- hooks: what happens between steps ---------------------------------------------------------------
+def build_hooks(cfg: RunConfig, log: Callable[[dict], None], evaluate_at: Callable[[int], Any],
+                save: Callable[[TrainState], Any], stop: Callable[[], bool]) -> Hooks:
+    """What the loop calls between steps, with ``[train]``'s cadences and its non-finite policy."""
+    t = cfg.train
+    return Hooks(log=log, evaluate=lambda s: evaluate_at(s.step), eval_every=t.eval_every, checkpoint=save,
+                 checkpoint_every=t.checkpoint_every, should_stop=stop, log_every=t.log_every,
+                 on_nonfinite=skip_nonfinite if t.on_nonfinite == "skip" else stop_on_nonfinite)
+
+
 def evaluate_and_log(step: int, model, data: EvalData, precision: Precision, dist: Distributed, cfg: RunConfig,
                      metrics: MetricsLogger, say: Callable[[str], None]) -> EvalResult:
     result = evaluate(model, data, precision, dist, accuracy=cfg.eval.accuracy, loss_formula=eval_loss_formula(cfg))
@@ -250,12 +259,10 @@ def _run_in_claimed_dir(cfg: RunConfig, dist: Distributed, resume: str | bool | 
     try:
         with StopRequest() as stop:
             before = evaluate_at(state.step) if cfg.eval.before_training and state.step == 0 else None
-            hooks = Hooks(log=metrics, evaluate=lambda s: evaluate_at(s.step), eval_every=t.eval_every,
-                          checkpoint=save, checkpoint_every=t.checkpoint_every, should_stop=stop, log_every=t.log_every,
-                          on_nonfinite=skip_nonfinite if t.on_nonfinite == "skip" else stop_on_nonfinite)
             state = train(wrap_for_training(cfg, model, dist), optimizer, scheduler, loader, total_steps=total_steps,
                           grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, precision=precision,
-                          loss=build_loss(cfg), dist=dist, state=state, hooks=hooks)
+                          loss=build_loss(cfg), dist=dist, state=state,
+                          hooks=build_hooks(cfg, metrics, evaluate_at, save, stop))
         checkpoint = save(state)
         if stop():
             say(f"stopped by {stop.signal_name} at step {state.step}; checkpoint {checkpoint}; resume with --resume")

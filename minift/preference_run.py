@@ -28,10 +28,10 @@ from .config import RunConfig, RunConfigError, _check_value, apply_overrides, fr
 from .data import DataError
 from .distributed import Distributed
 from .dpo import LOSS_TYPES, REFERENCES, DPOObjective, SequenceLogProbs, evaluate_pairs, precompute_reference_logps
-from .finetune import (build_loader, build_model, build_optimizer, build_sampler, build_scheduler, build_tokenizer,
-                       count_steps, load_dataset_splits)
+from .finetune import (build_hooks, build_loader, build_model, build_optimizer, build_sampler, build_scheduler,
+                       build_tokenizer, count_steps, load_dataset_splits)
 from .hub import load_weights
-from .loop import Hooks, TrainState, skip_nonfinite, stop_on_nonfinite, train
+from .loop import TrainState, train
 from .metrics import MetricsLogger, environment_line, summarize_steps, trim_metrics
 from .precision import Precision
 from .preference import (REJECTED_CHOICES, PairCollator, TokenizedPairs, load_pairs, pair_batches, tokenize_pairs,
@@ -246,12 +246,10 @@ def _run(cfg: RunConfig, pref: PreferenceConfig, stage: str, resume, log) -> dic
     try:
         with StopRequest() as stop:
             before = evaluate_held_out(state.step) if cfg.eval.before_training and state.step == 0 else None
-            hooks = Hooks(log=metrics, evaluate=lambda s: evaluate_held_out(s.step), eval_every=t.eval_every,
-                          checkpoint=save, checkpoint_every=t.checkpoint_every, should_stop=stop, log_every=t.log_every,
-                          on_nonfinite=skip_nonfinite if t.on_nonfinite == "skip" else stop_on_nonfinite)
             state = train(dist.wrap(module), optimizer, scheduler, loader, total_steps=total_steps,
                           grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, precision=precision,
-                          loss=PairObjective(objective), dist=dist, state=state, hooks=hooks)
+                          loss=PairObjective(objective), dist=dist, state=state,
+                          hooks=build_hooks(cfg, metrics, evaluate_held_out, save, stop))
         final = save(state)
         if stop():
             say(f"stopped by {stop.signal_name} at step {state.step}; checkpoint {final}; resume with --resume")

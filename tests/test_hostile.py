@@ -15,7 +15,6 @@ import textwrap
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from minift import checkpoint as ckpt

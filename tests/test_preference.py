@@ -9,7 +9,6 @@ import math
 import datasets
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minift.config import RunConfigError
 from minift.data import DataError
