@@ -199,7 +199,7 @@ def main(argv=None) -> int:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(line))
-    print(f"| contender | tokens/s | median step (s) | precompute (s, once) | peak memory (MiB) | first loss |\n"
+    print("| contender | tokens/s | median step (s) | precompute (s, once) | peak memory (MiB) | first loss |\n"
           "|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['contender']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} | {r['precompute_s']:.2f} | "
