@@ -158,6 +158,9 @@ class RunConfig:
             (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
             (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),
             (t.compat in COMPAT_MODES, f"train.compat {t.compat!r}: minift or trainer"),
+            (t.compat != "trainer" or d.sampler != "packed",
+             "train.compat = \"trainer\" reproduces Trainer, which has no packed sampler: use random, sequential "
+             "or length_grouped"),
             (t.log_every > 0 and t.eval_every >= 0 and t.checkpoint_every >= 0 and t.keep_checkpoints > 0,
              "train.log_every and keep_checkpoints must be positive, eval_every/checkpoint_every >= 0"),
             (d.max_length > 0, "data.max_length must be positive"),

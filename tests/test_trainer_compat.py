@@ -198,3 +198,10 @@ def test_side_by_side_with_trainer(model, extra):
         assert trainer_steps[0] > 1  # logging windows of more than one step
         assert r["loss"] <= 1e-4 and r["lr"] == 0.0 and r["grad_norm"] <= 1e-4, (sampling, r)
         assert r["eval_loss"] <= 1e-4 and r["weights"] <= 1e-5 and r["weight_tensors"] >= 26, (sampling, r)
+
+
+def test_compat_refuses_the_packed_sampler_trainer_does_not_have():
+    from minift.config import RunConfigError, load_config
+
+    with pytest.raises(RunConfigError, match="no packed sampler"):
+        load_config(None, ["train.compat=trainer", "data.sampler=packed"])
