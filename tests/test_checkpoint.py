@@ -137,3 +137,23 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, uninterrupted, mon
 
 def test_keep_last_k(tmp_path, uninterrupted):
     assert [p.name for p in ckpt.list_checkpoints(uninterrupted)] == ["checkpoint-20", "checkpoint-18"]
+
+
+def test_the_packed_static_path_resumes_bit_identically(tmp_path, monkeypatch):
+    """data.sampler = "packed" (fixed-shape batches): crash at step 7, resume from step 6, same weights at 8."""
+    overrides = ("data.sampler=packed", "train.batch_size=2", "train.checkpoint_every=3", "train.max_steps=8")
+    run(tiny_config(tmp_path / "full", *overrides), log=lambda *_: None)
+    original_call = finetune.MetricsLogger.__call__
+
+    def crash_at_step_7(self, record):
+        if record.get("step") == 7:
+            raise Crash()
+        original_call(self, record)
+
+    monkeypatch.setattr(finetune.MetricsLogger, "__call__", crash_at_step_7)
+    with pytest.raises(Crash):
+        run(tiny_config(tmp_path / "resumed", *overrides), log=lambda *_: None)
+    monkeypatch.setattr(finetune.MetricsLogger, "__call__", original_call)
+    assert ckpt.list_checkpoints(tmp_path / "resumed")[0].name == "checkpoint-6"
+    run(tiny_config(tmp_path / "resumed", *overrides), resume=True, log=lambda *_: None)
+    _assert_bitwise_equal(_weights(tmp_path / "resumed" / "checkpoint-8"), _weights(tmp_path / "full" / "checkpoint-8"))
