@@ -24,7 +24,8 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'ben
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 timeout "${MINIFT_GPU_BENCH_TIMEOUT:-200}" python3 benchmarks/throughput.py --device cuda --precision bf16 \
     --sequences-per-step 512 --warmup 3 --steps 50 --rounds 1 --compile --no-isolated-memory \
-    --only hot --only compile --only lm-head-all --only trainer-classic --only trainer-best \
+    --only hot --only packed --only compile-packed --only compile-cudagraphs --only lm-head-all \
+    --only trainer-classic --only trainer-best \
     --only trainer-best-compile "$@"
 # 2. one epoch end to end, random init of the full shape on the shared tweets (no hub needed)
 out="$(mktemp -d)"

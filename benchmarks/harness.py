@@ -158,15 +158,22 @@ def minift_contenders(args) -> list[Contender]:
     hot = [f"train.batch_size={n}", "train.grad_accum=1", "data.sampler=length_grouped"]
     half = [f"train.batch_size={n // 2}", "train.grad_accum=2"]
     specs = [("hot", f"minift (length-grouped {n}x1, fused AdamW)", hot, None, True)]
-    if args.compile:  # dynamic shapes: one graph for every length, no padding to buckets
-        specs.append(("compile", f"minift (length-grouped {n}x1, torch.compile)", hot + ["model.compile=true"],
-                      None, False))
+    if args.compile:  # length-grouped: dynamic shapes; packed: one shape, one graph (CUDA graphs on a GPU)
+        packed = [f"train.batch_size={n // 2}", "train.grad_accum=1", "data.sampler=packed", "model.compile=true"]
+        specs += [("compile", f"minift (length-grouped {n}x1, torch.compile)", hot + ["model.compile=true"], None,
+                   False),
+                  ("compile-packed", f"minift (packed {n // 2} rows x 128, torch.compile)", packed, None, False)]
+        if pick_device(args.device).type == "cuda":
+            specs.append(("compile-cudagraphs", f"minift (packed {n // 2} rows x 128, torch.compile reduce-overhead)",
+                          packed + ["model.compile_mode=reduce-overhead"], None, False))
     if not args.quick:
         specs += [("grouped-2x", f"minift (length-grouped {n // 2}x2)", half + ["data.sampler=length_grouped"],
                    None, False),
                   ("random-2x", f"minift (random order {n // 2}x2)", half + ["data.sampler=random"], None, False),
                   ("forloop-adamw", f"minift (length-grouped {n}x1, for-loop AdamW)", hot + ["train.fused_adamw=no"],
                    None, False),
+                  ("unfused-head", f"minift (length-grouped {n}x1, LM head + CE unfused)",
+                   hot + ["model.fused_lm_head=false"], None, False),
                   ("lm-head-all", f"minift (length-grouped {n}x1, logits at every position, unfused)", hot,
                    {"loss_rows": "all", "fused_head": False}, True),
                   ("packed", f"minift (packed {n // 2} rows x 128 tokens, static shapes)",

@@ -6,8 +6,9 @@
     python3 benchmarks/throughput.py --only hot --only trainer-best --rounds 4
     python3 benchmarks/throughput.py --profile trace.json
 
-Contender ids: hot, compile (--compile), grouped-2x, random-2x, forloop-adamw, lm-head-all,
-eager-attention, trainer-classic, trainer-best. Every contender runs in this one process,
+Contender ids: hot, compile, compile-packed, compile-cudagraphs (--compile; the last on CUDA), grouped-2x,
+random-2x, forloop-adamw, unfused-head, lm-head-all, packed, eager-attention, trainer-classic, trainer-best,
+trainer-best-compile (--compile). Every contender runs in this one process,
 interleaved round by round; ratios are of real (non-pad) tokens per second against Trainer at its
 best. Results go to benchmarks/results/ (JSON + markdown). The harness is benchmarks/harness.py.
 """

@@ -25,6 +25,7 @@ from .sampling import SAMPLERS
 # torch's spellings of a dtype, accepted in a config and stored as minift's one spelling
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 YES_NO_AUTO = ("auto", "yes", "no")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 class RunConfigError(InputError):
@@ -47,7 +48,9 @@ class ModelSection:
     model_type: str = option("openai-gpt", 'architecture for name = "random": "openai-gpt" or "gpt2"')
     pad_token: str = option("auto", '"auto": keep the tokenizer\'s, else EOS, else add [PAD]; "eos"; or a token')
     dtype: str = option("fp32", "storage dtype of the weights: fp32, bf16, fp16 or fp64 (or torch's spelling)")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(False, "torch.compile the model (pair with data.sampler = \"packed\": one shape, one graph)")
+    compile_mode: str = option("default", 'torch.compile mode: "default", "reduce-overhead" (CUDA graphs: static '
+                                          'shapes only), "max-autotune", "max-autotune-no-cudagraphs"')
     pad_vocab_to: int = option(64, "embedding/head rows rounded up to a multiple (GPU GEMM widths); 0 or 1 = off")
     loss_rows: str = option("auto", '"labelled": LM head on labelled rows only; "all": fixed shapes, no host sync; '
                                     '"auto": labelled on CPU, all under compile or on CUDA')
@@ -157,6 +160,8 @@ class RunConfig:
             (t.fused_adamw in YES_NO_AUTO, f"train.fused_adamw must be one of {list(YES_NO_AUTO)}"),
             (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
             (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),
+            (self.model.compile_mode in COMPILE_MODES,
+             f"model.compile_mode {self.model.compile_mode!r}: one of {list(COMPILE_MODES)}"),
             (t.compat in COMPAT_MODES, f"train.compat {t.compat!r}: minift or trainer"),
             (t.compat != "trainer" or d.sampler != "packed",
              "train.compat = \"trainer\" reproduces Trainer, which has no packed sampler: use random, sequential "

@@ -160,9 +160,10 @@ def build_loss(cfg: RunConfig) -> NextTokenLoss:
 
 
 def wrap_for_training(cfg: RunConfig, model, dist: Distributed):
-    """DDP under torchrun, then ``torch.compile`` when asked; the unwrapped model is what is saved."""
+    """DDP under torchrun, then ``torch.compile`` when asked (``model.compile_mode``: "reduce-overhead"
+    replays CUDA graphs, which needs the static path); the unwrapped model is what is saved."""
     model = dist.wrap(model)
-    return torch.compile(model) if cfg.model.compile else model
+    return torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model
 
 
 def eval_loss_formula(cfg: RunConfig) -> str:

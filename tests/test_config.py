@@ -83,3 +83,18 @@ def test_help_explains_every_option_in_one_line_grouped_by_section():
             line = next(x for x in lines if x.strip().startswith(f"{section.name}.{option.name} = "))
             headers_above = [x for x in lines[:lines.index(line)] if x.startswith("[")]
             assert line.endswith(text) and headers_above[-1] == f"[{section.name}]"
+
+
+def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatch):
+    import torch
+
+    from minift.distributed import SINGLE_PROCESS
+    from minift.finetune import wrap_for_training
+
+    with pytest.raises(RunConfigError, match="model.compile_mode 'fast'"):
+        load_config(None, ["model.compile=true", "model.compile_mode=fast"])
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.setdefault("mode", mode) and model)
+    cfg = load_config(None, ["model.compile=true", "model.compile_mode=reduce-overhead"])
+    wrap_for_training(cfg, torch.nn.Linear(2, 2), SINGLE_PROCESS)
+    assert seen == {"mode": "reduce-overhead"}
