@@ -27,7 +27,7 @@ PAIR_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
 class PairLoss(NamedTuple):
-    """What ``compute_loss`` hands the loop: the loss summed over the micro-batch's pairs and metric
+    """What the objective hands the loop: the loss summed over the micro-batch's pairs and metric
     sums (the loop logs each divided by the window's pair count)."""
 
     loss_sum: torch.Tensor
@@ -100,7 +100,7 @@ def precompute_reference_logps(scorer: SequenceLogProbs, batches: list[dict], n_
 
 @dataclass
 class DPOObjective:
-    """``compute_loss`` for ``loop.train``: ``model`` is the (possibly DDP-wrapped) SequenceLogProbs
+    """The DPO objective (``loop.train`` gets it wrapped in ``PairObjective``): ``model`` is the (possibly DDP-wrapped) SequenceLogProbs
     of the policy. Exactly one of ``reference`` (frozen SequenceLogProbs, eval mode) and
     ``reference_logps`` ([n_pairs, 2], indexed by the batch's ``pair_index``) is set."""
 

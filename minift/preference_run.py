@@ -1,11 +1,11 @@
 """The preference recipes, ``minift dpo`` and ``minift reward``: the fine-tuning recipe's pieces
-with pairs instead of sequences and a ``compute_loss`` instead of the LM forward.
+with pairs instead of sequences and a pair objective instead of the LM loss.
 
     config ([model] [data] [train] [eval] as ``minift train``, plus [pairs] and [dpo] / [reward])
     -> tokenizer + policy (dropout off, as TRL) -> pairs (tweets or a TRL-format source), tokenized
     -> sampler + PairCollator + DataLoader -> DPO: reference (frozen copy or precomputed log-probs)
        / RM: backbone + score head -> AdamW + schedule + GradScaler -> [resume]
-    -> held-out pairs before -> loop.train(compute_loss=..., count_key="n_pairs") -> checkpoint,
+    -> held-out pairs before -> loop.train(loss=PairObjective(...)) (counts n_pairs) -> checkpoint,
        held-out pairs after, model + tokenizer + summary
 
 The loop is the SFT loop: accumulation (K micro-batches = one batch of K*b pairs), AMP,

@@ -41,6 +41,8 @@ class RewardModel(nn.Module):
         self.score = nn.Linear(lm.config.n_embd, 1, bias=False, device=lm.token_embedding.weight.device,
                                dtype=lm.token_embedding.weight.dtype)
         self.pad_token_id = pad_token_id
+        # the embedding may hold padding rows past the vocabulary (CausalLM.pad_vocab): saved without them
+        self.vocab_keys = {k for k in lm.vocab_weight_keys() if k.startswith("transformer.")}
         nn.init.normal_(self.score.weight, std=lm.config.initializer_range)  # transformers' init of the head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,9 @@ class RewardModel(nn.Module):
         return self.score(hidden[torch.arange(len(input_ids), device=input_ids.device), last]).squeeze(-1)
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        """transformers' keys and shapes: vocabulary rows only (no padding rows)."""
+        return {k: (v[:self.config.vocab_size] if k in self.vocab_keys else v).detach().contiguous()
+                for k, v in self.state_dict().items()}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json (sequence-classification architecture, num_labels 1, pad_token_id) +
@@ -81,9 +85,14 @@ def load_reward_model(name_or_path: str | Path) -> RewardModel:
 
 
 def load_reward_weights(model: RewardModel, directory: Path, assign: bool = False) -> None:
-    """Copy ``transformer.*`` + ``score.weight`` from ``directory``; every key must match."""
+    """Copy ``transformer.*`` + ``score.weight`` from ``directory``; every key must match (the
+    vocabulary rows get the model's zero padding rows back, as ``CausalLM`` loads them)."""
     tensors, origin = read_state_dict(Path(directory))
     expected = model.state_dict()
+    for key in model.vocab_keys & tensors.keys():
+        rows, padded_rows = tensors[key].shape[0], expected[key].shape[0]
+        if rows == model.config.vocab_size < padded_rows and tensors[key].shape[1:] == expected[key].shape[1:]:
+            tensors[key] = torch.cat([tensors[key], tensors[key].new_zeros(padded_rows - rows, *tensors[key].shape[1:])])
     problems = [f"missing key {k}" for k in expected.keys() - tensors.keys()]
     problems += [f"unexpected key {k} in {origin[k]}" for k in tensors.keys() - expected.keys()]
     problems += [f"shape mismatch for {k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
@@ -102,7 +111,7 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> PairLoss:
 
 
 def reward_loss(model: nn.Module, batch: dict, device: torch.device) -> PairLoss:
-    """``compute_loss`` for ``loop.train``: rewards of [chosen; rejected] rows in one forward."""
+    """The reward-model objective (wrapped in ``PairObjective`` for ``loop.train``): rewards of [chosen; rejected] rows in one forward."""
     rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
     return bradley_terry(*rewards.float().chunk(2))
 
@@ -135,3 +144,22 @@ def score_texts(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: 
         input_ids[row, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
         attention_mask[row, :len(ids)] = 1
     return model.eval().to(device)(input_ids.to(device), attention_mask.to(device)).float().cpu()
+
+
+def best_of_n(policy: CausalLM, reward_model: RewardModel, prompt: str, policy_tokenizer, reward_tokenizer,
+              n: int = 8, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+              device: torch.device | str = "cpu") -> list[tuple[float, str]]:
+    """Best-of-n: ``n`` continuations of ``prompt`` sampled from ``policy`` (``CausalLM.generate``, KV
+    cache; one seeded generator for all), each scored by ``reward_model`` on prompt + continuation.
+    Returns ``(reward, continuation)`` pairs, best first."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt_ids = policy_tokenizer.encode(prompt)
+    continuations = []
+    for _ in range(n):
+        ids = policy.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              eos_id=policy_tokenizer.eos_id, generator=generator)
+        continuations.append(policy_tokenizer.decode(ids[len(prompt_ids):], skip_special_tokens=True))
+    sequences = [reward_tokenizer.encode(f"{prompt} {text}".rstrip()) for text in continuations]
+    pad = reward_tokenizer.pad_id if reward_tokenizer.pad_id is not None else 0
+    rewards = score_texts(reward_model, sequences, pad, torch.device(device)).tolist()
+    return sorted(zip(rewards, continuations), key=lambda pair: -pair[0])

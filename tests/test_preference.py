@@ -271,3 +271,51 @@ def test_dpo_recipe_resume_is_bit_exact_with_precomputed_reference(tmp_path):
     steps = [r for r in logged if "step_time" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert all(key in steps[-1] for key in STEP_KEYS["dpo"])
+
+
+def test_best_of_n_ranks_sampled_continuations_by_their_reward():
+    """Every continuation is what the policy's own generate() samples with the same generator, and the
+    ranking is by the reward model's score of prompt + continuation, best first."""
+    from minift import load_tokenizer
+    from minift.reward import RewardModel, best_of_n, score_texts
+
+    fixture = shared_path("fixtures", "tiny-openai-gpt")
+    tok = load_tokenizer(fixture)
+    torch.manual_seed(0)
+    policy = build_model(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    reward_model = RewardModel(build_model(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16,
+                                                     n_layer=1, n_head=2)), tok.pad_id)
+    prompt = "what a lovely day sentiment:"
+    ranked = best_of_n(policy, reward_model, prompt, tok, tok, n=5, max_new_tokens=4, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    prompt_ids = tok.encode(prompt)
+    expected = [tok.decode(policy.generate(prompt_ids, max_new_tokens=4, generator=generator)[len(prompt_ids):],
+                           skip_special_tokens=True) for _ in range(5)]
+    assert sorted(text for _, text in ranked) == sorted(expected)
+    rewards = [r for r, _ in ranked]
+    assert rewards == sorted(rewards, reverse=True)
+    again = score_texts(reward_model, [tok.encode(f"{prompt} {text}".rstrip()) for _, text in ranked], tok.pad_id, "cpu")
+    assert again.tolist() == pytest.approx(rewards, abs=1e-6)
+
+
+def test_a_recipe_trained_reward_model_saves_the_true_vocabulary_and_reloads(tmp_path):
+    """The recipe's model pads its vocabulary rows (model.pad_vocab_to); the saved reward model holds the
+    real rows only (transformers' layout) and load_reward_model scores exactly as the trained one did."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from minift.preference_run import load_preference_config, run_reward
+    from minift.reward import load_reward_model, score_texts
+
+    cfg, pref = load_preference_config(REPO / "configs" / "reward-tiny.toml", [
+        f'train.output_dir="{tmp_path}"', "train.max_steps=2", "train.progress=false", "train.plot=false"])
+    run_reward(cfg, pref, log=lambda *_: None)
+    vocab = json.loads((tmp_path / "model" / "config.json").read_text())["vocab_size"]
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert saved["transformer.tokens_embed.weight"].shape[0] == vocab
+    model = load_reward_model(tmp_path / "model")
+    sequences = [[5, 6, 7], [8, 9]]
+    rewards = score_texts(model, sequences, 0, "cpu")
+    padded = load_reward_model(tmp_path / "checkpoint-2")  # the checkpoint's weights, same layout
+    assert torch.equal(rewards, score_texts(padded, sequences, 0, "cpu"))
