@@ -105,3 +105,26 @@ def test_ddp_resume_is_exact_and_another_world_size_is_refused(runs, tmp_path):
     a = load_file(str(runs / "ddp" / "checkpoint-6" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoint-6" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_on_two_ranks_equals_one_process_with_the_doubled_batch(tmp_path):
+    """The preference stage runs the same loop: DPO (frozen reference) on 2 gloo ranks x 4 pairs equals one
+    process with 8 pairs per micro-batch — weights, logged loss and rewards/* per step."""
+    shared_path("data", "tweet_sentiment_extraction")
+    common = [str(REPO / "configs" / "dpo-tiny.toml"), "--set", f'model.tokenizer="{SHARED / "tokenizers" / "openai-gpt"}"',
+              "--set", f'data.source="{SHARED / "data" / "tweet_sentiment_extraction"}"', "--set", "train.max_steps=4",
+              "--set", "pairs.max_train_pairs=64", "--set", "pairs.max_eval_pairs=16"]
+    for name, batch, nproc in (("single", 8, None), ("ddp", 4, 2)):
+        result = _run(["dpo", *common, "--set", f'train.output_dir="{tmp_path / name}"',
+                       "--set", f"train.batch_size={batch}"], nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    two = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-5, msg=key)
+    logs = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                   if '"step_time"' in x] for name in ("single", "ddp")}
+    assert len(logs["single"]) == len(logs["ddp"]) == 4
+    for mine, theirs in zip(logs["ddp"], logs["single"]):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-5), key
