@@ -38,19 +38,24 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_mid_epoch_is_bit_identical(tmp_path, uninterrupted, monkeypatch):
-    """Crash at step 11 (13 steps per epoch; the last checkpoint is step 9, mid-epoch), resume."""
+def _run_until_crash(config, step: int, monkeypatch) -> None:
+    """Run ``config`` and crash (an exception) when the loop logs optimizer step ``step``."""
     original_call = finetune.MetricsLogger.__call__
 
-    def crash_at_step_11(self, record):
-        if record.get("step") == 11:
+    def crash_at(self, record):
+        if record.get("step") == step:
             raise Crash()
         original_call(self, record)
 
-    monkeypatch.setattr(finetune.MetricsLogger, "__call__", crash_at_step_11)
+    monkeypatch.setattr(finetune.MetricsLogger, "__call__", crash_at)
     with pytest.raises(Crash):
-        run(tiny_config(tmp_path, "train.checkpoint_every=3"), log=lambda *_: None)
+        run(config, log=lambda *_: None)
     monkeypatch.setattr(finetune.MetricsLogger, "__call__", original_call)
+
+
+def test_resume_after_a_crash_mid_epoch_is_bit_identical(tmp_path, uninterrupted, monkeypatch):
+    """Crash at step 11 (13 steps per epoch; the last checkpoint is step 9, mid-epoch), resume."""
+    _run_until_crash(tiny_config(tmp_path, "train.checkpoint_every=3"), 11, monkeypatch)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-6"]
     state = ckpt.load_training_state(tmp_path / "checkpoint-9")
     assert state["sampler"][0]["consumed"] == 18 and state["sampler"][0]["epoch"] == 0
@@ -143,17 +148,7 @@ def test_the_packed_static_path_resumes_bit_identically(tmp_path, monkeypatch):
     """data.sampler = "packed" (fixed-shape batches): crash at step 7, resume from step 6, same weights at 8."""
     overrides = ("data.sampler=packed", "train.batch_size=2", "train.checkpoint_every=3", "train.max_steps=8")
     run(tiny_config(tmp_path / "full", *overrides), log=lambda *_: None)
-    original_call = finetune.MetricsLogger.__call__
-
-    def crash_at_step_7(self, record):
-        if record.get("step") == 7:
-            raise Crash()
-        original_call(self, record)
-
-    monkeypatch.setattr(finetune.MetricsLogger, "__call__", crash_at_step_7)
-    with pytest.raises(Crash):
-        run(tiny_config(tmp_path / "resumed", *overrides), log=lambda *_: None)
-    monkeypatch.setattr(finetune.MetricsLogger, "__call__", original_call)
+    _run_until_crash(tiny_config(tmp_path / "resumed", *overrides), 7, monkeypatch)
     assert ckpt.list_checkpoints(tmp_path / "resumed")[0].name == "checkpoint-6"
     run(tiny_config(tmp_path / "resumed", *overrides), resume=True, log=lambda *_: None)
     _assert_bitwise_equal(_weights(tmp_path / "resumed" / "checkpoint-8"), _weights(tmp_path / "full" / "checkpoint-8"))
