@@ -34,14 +34,31 @@ def _load_for_inference(model_dir: str):
     return model, tokenizer, data
 
 
+def resume_of(args):
+    """``--resume`` as the recipes take it: True (the newest intact checkpoint), a path, or None;
+    ``--resume-with-changes`` alone means ``--resume``."""
+    resume = True if args.resume == "latest" else args.resume
+    return resume or (True if args.resume_with_changes else None)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every training command shares (train, dpo, reward)."""
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue from the newest intact checkpoint in output_dir, or from CHECKPOINT")
+    parser.add_argument("--resume-with-changes", action="store_true",
+                        help="resume although settings that change the maths differ from the checkpoint's "
+                             "(the new values are used and recorded)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an output_dir that holds another run: the old run is moved aside "
+                             "to <output_dir>.previous-N, never deleted")
+
+
 def cmd_train(args) -> int:
     from .finetune import run
 
     cfg = load_config(args.config, args.set or [])
-    resume = True if args.resume == "latest" else args.resume
-    if args.resume_with_changes and not resume:
-        resume = True
-    summary = run(cfg, resume=resume, overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
+    summary = run(cfg, resume=resume_of(args), overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
     return 0 if summary else 1
 
 
@@ -107,15 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="options (set in the TOML file or with --set section.key=value):\n" + describe())
     train.add_argument("config", nargs="?", help="TOML config (configs/*.toml); defaults when omitted")
-    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                       help="continue from the newest intact checkpoint in output_dir, or from CHECKPOINT")
-    train.add_argument("--resume-with-changes", action="store_true",
-                       help="resume although settings that change the maths differ from the checkpoint's "
-                            "(the new values are used and recorded)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="start afresh in an output_dir that holds another run: the old run is moved aside "
-                            "to <output_dir>.previous-N, never deleted")
+    add_run_arguments(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", parents=[common],

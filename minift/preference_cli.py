@@ -6,15 +6,14 @@ from pathlib import Path
 
 import torch
 
-RESUME_HELP = "continue from the newest intact checkpoint in output_dir, or from CHECKPOINT"
-
-
 def cmd_preference(args) -> int:
     from .preference_run import load_preference_config, run_dpo, run_reward
 
+    from .cli import resume_of
+
     cfg, pref = load_preference_config(args.config, args.set or [])
-    resume = True if args.resume == "latest" else args.resume
-    summary = (run_dpo if args.command == "dpo" else run_reward)(cfg, pref, resume=resume)
+    summary = (run_dpo if args.command == "dpo" else run_reward)(
+        cfg, pref, resume=resume_of(args), overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
     return 0 if summary else 1
 
 
@@ -50,12 +49,13 @@ def cmd_score(args) -> int:
 
 
 def add_preference_commands(sub) -> None:
+    from .cli import add_run_arguments  # the options minift train has (called while cli builds its parser)
+
     for name, text in (("dpo", "DPO on preference pairs as a TOML config says ([pairs], [dpo])"),
                        ("reward", "train a reward model on preference pairs ([pairs], [reward])")):
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="TOML config (configs/dpo-tweets.toml, configs/reward-tweets.toml)")
-        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
-        p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT", help=RESUME_HELP)
+        add_run_arguments(p)
         p.set_defaults(func=cmd_preference)
     score = sub.add_parser("score", help="rank candidate completions of a prompt with a reward model")
     score.add_argument("prompt", help='e.g. "what a lovely day sentiment:"')

@@ -148,17 +148,19 @@ def without_dropout(cfg: RunConfig) -> RunConfig:
 
 # -- the runs -------------------------------------------------------------------------------------------
 def run_dpo(cfg: RunConfig, pref: PreferenceConfig, resume: str | bool | None = None,
-            log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
+            log: Callable[[str], None] = print, overwrite: bool = False,
+            resume_with_changes: bool = False) -> dict[str, Any]:
     with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, log=log,
                           enabled=Distributed.from_env().is_main):
-        return _run(cfg, pref, "dpo", resume, log)
+        return _run(cfg, pref, "dpo", resume, log, resume_with_changes)
 
 
 def run_reward(cfg: RunConfig, pref: PreferenceConfig, resume: str | bool | None = None,
-               log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
+               log: Callable[[str], None] = print, overwrite: bool = False,
+               resume_with_changes: bool = False) -> dict[str, Any]:
     with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, log=log,
                           enabled=Distributed.from_env().is_main):
-        return _run(cfg, pref, "reward", resume, log)
+        return _run(cfg, pref, "reward", resume, log, resume_with_changes)
 
 
 @dataclass
@@ -176,7 +178,8 @@ class PairObjective:
         return self.objective(model, batch, device)
 
 
-def _run(cfg: RunConfig, pref: PreferenceConfig, stage: str, resume, log) -> dict[str, Any]:
+def _run(cfg: RunConfig, pref: PreferenceConfig, stage: str, resume, log, resume_with_changes: bool = False
+         ) -> dict[str, Any]:
     t = cfg.train
     if (pref.dpo.disable_dropout if stage == "dpo" else pref.reward.disable_dropout):
         cfg = without_dropout(cfg)
@@ -221,20 +224,22 @@ def _run(cfg: RunConfig, pref: PreferenceConfig, stage: str, resume, log) -> dic
                                extra_state={"reference_logps": reference_logps} if reference_logps is not None else None,
                                load_model_weights=load_weights if stage == "dpo" else load_reward_weights)
     state = TrainState()
+    run_config = {**cfg.to_dict(), **dataclasses.asdict(pref)}
 
-    # 4. resume: weights, optimizer, scheduler, scaler, sampler, RNG (and precomputed reference log-probs)
-    if resume and (path := ckpt.checkpoint_to_resume(resume, out_dir, log=say)):
-        ckpt.restore_training_state(path, state, parts, dist)
-        if parts.extra_state:
+    # 4. resume: weights, optimizer, scheduler, scaler, sampler, RNG (and precomputed reference log-probs),
+    #    refusing a checkpoint written with other settings unless resume_with_changes (as minift train)
+    if resume:
+        resumed = ckpt.resume_training(resume, out_dir, state, parts, dist, run_config, {},
+                                       allow_changes=resume_with_changes, log=say)
+        if resumed and parts.extra_state:
             objective.reference_logps = parts.extra_state["reference_logps"]
-        trim_metrics(out_dir, state.step)
-        say(f"resume: {path} (step {state.step})")
+        trim_metrics(out_dir, state.step if resumed else -1, keep_evals_at_step=state.step < total_steps)
 
     metrics = MetricsLogger(out_dir, total_steps, initial_step=state.step, enabled=dist.is_main,
                             progress=t.progress, log_every=t.log_every, echo=say, report_to=t.report_to)
     say = metrics.say
     save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist,
-                   run_config={**cfg.to_dict(), **dataclasses.asdict(pref)}, total_steps=total_steps,
+                   run_config=run_config, total_steps=total_steps,
                    keep=t.keep_checkpoints)
 
     def evaluate_held_out(step: int) -> dict[str, float]:

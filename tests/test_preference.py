@@ -258,8 +258,8 @@ def test_dpo_recipe_resume_is_bit_exact_with_precomputed_reference(tmp_path):
     quiet = dict(log=lambda *_: None)
     run_dpo(*config(tmp_path / "straight"), **quiet)
     run_dpo(*config(tmp_path / "resumed", ["train.max_steps=3"]), **quiet)
-    cfg, pref = config(tmp_path / "resumed")
-    run_dpo(cfg, pref, resume=True, **quiet)
+    cfg, pref = config(tmp_path / "resumed")  # max_steps 3 -> 6 (a constant schedule: the same maths)
+    run_dpo(cfg, pref, resume=True, resume_with_changes=True, **quiet)
     from safetensors.torch import load_file
 
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
@@ -319,3 +319,25 @@ def test_a_recipe_trained_reward_model_saves_the_true_vocabulary_and_reloads(tmp
     rewards = score_texts(model, sequences, 0, "cpu")
     padded = load_reward_model(tmp_path / "checkpoint-2")  # the checkpoint's weights, same layout
     assert torch.equal(rewards, score_texts(padded, sequences, 0, "cpu"))
+
+
+def test_dpo_resume_refuses_changed_settings_as_train_does(tmp_path):
+    """The preference recipes resume through the same check as minift train: a changed lr is refused,
+    naming it, unless resume_with_changes (then the new lr is used and recorded)."""
+    import json
+
+    from minift.errors import ResumeRefused
+
+    overrides = [f'train.output_dir="{tmp_path}"', "train.max_steps=2", "train.checkpoint_every=1",
+                 "pairs.max_train_pairs=32", "pairs.max_eval_pairs=8"]
+    cfg, pref = load_preference_config(REPO / "configs" / "dpo-tiny.toml", overrides)
+    run_dpo(cfg, pref, log=lambda *_: None)
+    cfg, pref = load_preference_config(REPO / "configs" / "dpo-tiny.toml", overrides + ["train.lr=1e-5",
+                                                                                         "train.max_steps=3"])
+    with pytest.raises(ResumeRefused, match="train.lr"):
+        run_dpo(cfg, pref, resume=True, log=lambda *_: None)
+    summary = run_dpo(cfg, pref, resume=True, resume_with_changes=True, log=lambda *_: None)
+    assert summary["steps"] == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if "step_time" in r][-1] == pytest.approx(1e-5)
+    assert json.loads((tmp_path / "checkpoint-3" / "run_config.json").read_text())["train"]["lr"] == 1e-5
