@@ -17,7 +17,7 @@ import minift
 from minift.hub import CheckpointError
 from minift.models import ConfigError
 
-from conftest import REPO, requires_transformers, shared_path
+from conftest import REPO, shared_path
 
 
 def _copy_fixture(name, tmp_path):
@@ -193,8 +193,7 @@ def test_dtype_and_overrides():
     assert model.config.attn_pdrop == 0.0 and not model.training
 
 
-@requires_transformers
-@pytest.mark.transformers
+@pytest.mark.requires("transformers")
 @pytest.mark.shared
 @pytest.mark.parametrize("name,cls", [("tiny-openai-gpt-perturbed", "OpenAIGPTLMHeadModel"),
                                       ("tiny-gpt2", "GPT2LMHeadModel")])

@@ -51,8 +51,8 @@ def test_unknown_tracker_is_a_config_error(tmp_path):
         MetricsLogger(tmp_path, total_steps=1, report_to=["wandb"], progress=False)
 
 
+@pytest.mark.requires("tensorboard")
 def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path):
-    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'minift[tensorboard]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = MetricsLogger(tmp_path, total_steps=4, report_to=["tensorboard"], progress=False, log_every=2)

@@ -14,7 +14,7 @@ from minift.models import GPT2Config, GPTConfig, build_model
 from minift.models.layers import ACTIVATIONS, gelu_tanh
 from minift.models.lm_loss import lm_loss_sum
 
-from conftest import requires_transformers, shared_path
+from conftest import shared_path
 
 CASES = [  # checkpoint dir, reference dir, atol on real positions
     ("tiny-openai-gpt", "tiny-openai-gpt", 1e-5),
@@ -163,8 +163,7 @@ def test_resize_token_embeddings_mean_init_and_tied_head():
     assert model(torch.tensor([[31, 1]])).shape == (1, 2, 32)
 
 
-@requires_transformers
-@pytest.mark.transformers
+@pytest.mark.requires("transformers")
 @pytest.mark.parametrize("model_type", ["openai-gpt", "gpt2"])
 @pytest.mark.parametrize("variant", ["plain", "relu", "scaled"])
 def test_random_configs_match_transformers(tmp_path, model_type, variant):

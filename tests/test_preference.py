@@ -27,17 +27,6 @@ from trl_preference import SETUP, STEP_KEYS, TRACE, run_minift, run_trl, weight_
 CPU = torch.device("cpu")
 
 
-def have_trl() -> bool:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-requires_trl = pytest.mark.skipif(not have_trl(), reason="trl is not installed (pip install --no-deps trl)")
-
-
 class CharTokenizer:
     """One id per character (a=1, b=2, ...; space=27, ':'=28): token boundaries known by hand."""
 
@@ -188,7 +177,7 @@ def test_dpo_accumulation_equals_one_big_batch_and_precomputed_equals_frozen():
 
 
 # -- reward model --------------------------------------------------------------------------------------------
-@pytest.mark.transformers
+@pytest.mark.requires("transformers")
 @pytest.mark.parametrize("fixture", ["tiny-openai-gpt", "tiny-gpt2"])
 def test_reward_model_saved_by_minift_loads_in_transformers(tmp_path, fixture):
     from transformers import AutoModelForSequenceClassification
@@ -236,7 +225,7 @@ def test_against_trl_trace(stage, reference):
 
 @pytest.mark.slow
 @pytest.mark.shared
-@requires_trl
+@pytest.mark.requires("trl", "transformers")
 @pytest.mark.parametrize("stage", ["dpo", "reward"])
 def test_against_trl_live(tmp_path, stage):
     """TRL's DPOTrainer / RewardTrainer run here; final weights compared element by element. Adam turns

@@ -16,7 +16,7 @@ from minift.evaluate import EvalData, evaluate, trainer_eval_loss
 from minift.metrics import MetricsLogger
 from minift.sampling import make_sampler, trainer_eval_batches, trainer_length_grouped_indices
 
-from conftest import REPO, requires_transformers, shared_path
+from conftest import REPO, shared_path
 
 LENGTHS = [random.Random(5).randint(2, 70) for _ in range(403)]
 
@@ -80,7 +80,7 @@ def test_trainer_samplers_restore_mid_epoch(kind):
     assert expected[:11] + list(restored) == expected
 
 
-@requires_transformers
+@pytest.mark.requires("transformers")
 def test_length_grouped_indices_equal_transformers():
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -175,8 +175,7 @@ def test_compat_run_logs_trainers_window_means_of_the_shared_trace(tmp_path):
 
 
 # -- the whole run, beside Trainer ------------------------------------------------------------------------
-@requires_transformers
-@pytest.mark.transformers
+@pytest.mark.requires("transformers")
 @pytest.mark.parametrize("model,extra", [
     ("tiny-openai-gpt", []),
     pytest.param("tiny-gpt2", ["--seed", "7", "--batch-size", "3", "--grad-accum", "3", "--log-every", "3",
