@@ -28,12 +28,13 @@ import torch
 
 from minift.config import load_config
 from minift.distributed import SINGLE_PROCESS
-from minift.finetune import (build_collator, build_datasets, build_loader, build_loss, build_model, build_optimizer,
-                             build_sampler, build_scheduler, build_tokenizer, wrap_for_training)
+from minift.finetune import build_collator, build_datasets, build_loss
+from minift.parts import (build_loader, build_model, build_optimizer, build_sampler, build_scheduler, build_tokenizer,
+                          wrap_for_training)
 from minift.loop import Hooks, train
 from minift.metrics import throughput
 from minift.precision import Precision
-from minift.runtime import device_sync, high_water_rss, peak_memory_bytes, pick_device, setup_process
+from minift.runtime import high_water_rss, peak_memory_bytes, pick_device, setup_process
 
 REPO = Path(__file__).resolve().parents[1]
 # dense bf16 / fp32 peak FLOP/s of known accelerators (vendor figures, no sparsity)
@@ -47,6 +48,13 @@ def shared_dir() -> Path:
 
 
 # -- measurements -----------------------------------------------------------------------------------
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """A function that waits for ``device`` (CUDA kernels run asynchronously; CPU needs nothing)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def gemm_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 9) -> float:
     """FLOP/s of the fastest of ``repeats`` n x n x n matmuls: the ceiling MFU is measured against.
     The best, not the median: on a shared machine a slow probe would inflate MFU past 100 %."""

@@ -46,7 +46,7 @@ def build(args, device):
 
     from minift.data import DEFAULT_LABELS, DEFAULT_TEMPLATE
     from minift.models import GPTConfig, build_model
-    from minift.preference import tokenize_pairs, tweet_pairs
+    from minift.preference.pairs import tokenize_pairs, tweet_pairs
     from minift.tokenizer import ensure_pad_token, load_tokenizer
 
     shared = Path(args.shared)
@@ -73,11 +73,11 @@ def step_tokens(pairs, collator, batch_size: int, steps: int) -> list[int]:
 
 
 def run_minift(name: str, args, device) -> dict:
-    from minift.dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
+    from minift.preference.dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
     from minift.loop import train
     from minift.optim import make_adamw, make_scheduler
-    from minift.preference import PairCollator, pair_batches
-    from minift.reward import RewardModel, reward_loss
+    from minift.preference.pairs import PairCollator, PairObjective, pair_batches
+    from minift.preference.reward import RewardModel, reward_loss
     from minift.sampling import SequentialSampler
 
     tokenizer, pairs, lm, _ = build(args, device)
@@ -113,7 +113,7 @@ def run_trl(name: str, args, device) -> dict:
                               TrainerCallback)
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
-    from minift.preference import PairCollator
+    from minift.preference.pairs import PairCollator
 
     tokenizer, pairs, _, model_dir = build(args, torch.device("cpu"))
     tokens = step_tokens(pairs, PairCollator(tokenizer.pad_id), args.batch_size, args.steps)

@@ -15,14 +15,18 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # the recipe pulls in `datasets`: import it only when asked for
+    # the recipes pull in `datasets`: import them only when asked for
     if name == "run":
         from .finetune import run
 
         return run
+    if name in ("run_stage", "Stage", "RunContext"):
+        from . import orchestration
+
+        return getattr(orchestration, name)
     raise AttributeError(f"module 'minift' has no attribute {name!r}")
 
 __all__ = ["from_pretrained", "load_tokenizer", "resize_model_embeddings", "Tokenizer", "GPTConfig",
            "GPT2Config", "GPT1LMHeadModel", "GPT2LMHeadModel", "build_model", "CheckpointError", "train",
-           "TrainState", "Hooks", "NextTokenLoss", "Precision", "Distributed", "Collator", "run", "load_config",
-           "RunConfig"]
+           "TrainState", "Hooks", "NextTokenLoss", "Precision", "Distributed", "Collator", "run", "run_stage",
+           "Stage", "RunContext", "load_config", "RunConfig"]

@@ -24,7 +24,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -289,7 +289,7 @@ class TrainingParts:
     precision: Any
     sampler: Any
     tokenizer: Any = None
-    extra_state: dict[str, Any] | None = None  # a recipe's own entries (e.g. DPO's precomputed reference)
+    extra_state: dict[str, Any] | None = None  # a stage's own tensors (e.g. DPO's precomputed reference)
     load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
 
 
@@ -314,7 +314,7 @@ def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dis
 def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_new_hyperparameters: bool = False
                            ) -> None:
     """Load what ``save_training_state`` wrote into ``parts`` and ``state`` (this rank's sampler
-    position and RNG; a recipe's ``extra_state`` entries are filled in place). Refuses a checkpoint
+    position and RNG; a stage's ``extra_state`` tensors are overwritten in place). Refuses a checkpoint
     written by another number of ranks. ``keep_new_hyperparameters``: the optimizer's lr, betas,
     eps and weight decay and the schedule stay this run's (loading a state dict would bring back
     the checkpoint's)."""
@@ -332,9 +332,12 @@ def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_n
     parts.sampler.load_state_dict(saved["sampler"][dist.rank])
     state.load_state_dict(saved["train_state"])
     set_rng_state(saved["rng"][dist.rank])
-    for key in parts.extra_state or {}:
+    for key, value in (parts.extra_state or {}).items():  # a stage's own entries: tensors restored in place
         if key in saved:
-            parts.extra_state[key] = saved[key]
+            if not torch.is_tensor(value) or value.shape != saved[key].shape:
+                raise ResumeRefused(f"{path}: {key} has shape {tuple(saved[key].shape)}, this run's "
+                                    f"{tuple(getattr(value, 'shape', ()))} — resume with the same data")
+            value.copy_(saved[key])
 
 
 def _reapply_hyperparameters(optimizer, scheduler, fresh: list[dict[str, Any]]) -> None:
@@ -371,14 +374,15 @@ FREE_ON_RESUME = {"train.output_dir", "train.device", "train.threads", "train.ke
                   "model.compile"}
 
 
-def fingerprints(tokenizer, examples) -> dict[str, str]:
+def fingerprints(tokenizer, train_rows: Iterable) -> dict[str, str]:
     """sha256 of what the training sees besides the config: the tokenizer (its serialized vocabulary,
-    merges and special tokens) and the tokenized training examples."""
+    merges and special tokens) and the tokenized training data (each row JSON-encoded, in order:
+    for fine-tuning (ids, prompt length), for pairs (prompt, chosen, rejected ids))."""
     tok = hashlib.sha256(tokenizer.backend.to_str().encode("utf-8"))
     tok.update(json.dumps([tokenizer.pad_token, tokenizer.eos_token]).encode())
     data = hashlib.sha256()
-    for ids, prompt_length in zip(examples.input_ids, examples.prompt_length):
-        data.update(json.dumps([ids, prompt_length]).encode())
+    for row in train_rows:
+        data.update(json.dumps(list(row)).encode())
     return {"tokenizer": tok.hexdigest(), "train_data": data.hexdigest()}
 
 

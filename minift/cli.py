@@ -1,4 +1,5 @@
-"""``minift train | eval | predict | generate | dpo | reward | score`` on top of the library."""
+"""``minift train | eval | predict | generate | dpo | reward | score``: every command's parser is here;
+each command's body is a plain function of its stage (``finetune.run``, ``preference.run_dpo``, ...)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,6 @@ import torch
 
 from .config import RunConfig, describe, load_config
 from .errors import InputError, MiniftError
-from .preference_cli import add_preference_commands
 
 
 def _load_for_inference(model_dir: str):
@@ -60,6 +60,27 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set or [])
     summary = run(cfg, resume=resume_of(args), overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
     return 0 if summary else 1
+
+
+def cmd_preference(args) -> int:
+    from .preference.config import PreferenceConfig
+    from .preference.recipe import run_dpo, run_reward
+
+    cfg = load_config(args.config, args.set or [], stage=PreferenceConfig)
+    summary = (run_dpo if args.command == "dpo" else run_reward)(
+        cfg, resume=resume_of(args), overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
+    return 0 if summary else 1
+
+
+def cmd_score(args) -> int:
+    from .preference.score import rank_completions
+
+    ranked = rank_completions(args.model, args.prompt, args.candidates, policy=args.policy, n=args.n,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              seed=args.seed)
+    for reward, text in ranked:
+        print(f"{reward:+.4f}\t{text!r}")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -150,7 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
-    add_preference_commands(sub)  # dpo, reward, score (minift/preference_cli.py)
+    from .preference.config import PreferenceConfig
+
+    for name, text in (("dpo", "DPO on preference pairs as a TOML config says ([pairs], [dpo])"),
+                       ("reward", "train a reward model on preference pairs ([pairs], [reward])")):
+        pref = sub.add_parser(name, parents=[common], help=text, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="options (set in the TOML file or with --set section.key=value):\n"
+                                     + describe(PreferenceConfig))
+        pref.add_argument("config", help="TOML config (configs/dpo-tweets.toml, configs/reward-tweets.toml)")
+        add_run_arguments(pref)
+        pref.set_defaults(func=cmd_preference)
+    score = sub.add_parser("score", parents=[common], help="rank candidate completions of a prompt with a reward model")
+    score.add_argument("prompt", help='e.g. "what a lovely day sentiment:"')
+    score.add_argument("candidates", nargs="*", help="completions (default: the model's configured labels)")
+    score.add_argument("--model", required=True, help="a reward model directory (<output_dir>/model of minift reward)")
+    score.add_argument("--policy", help="best-of-n: sample the candidates from this model (e.g. <output_dir>/model "
+                                        "of minift train or minift dpo) instead of taking them as arguments")
+    score.add_argument("--n", type=int, default=8, help="best-of-n: how many continuations to sample")
+    score.add_argument("--max-new-tokens", type=int, default=8, help="best-of-n: tokens per continuation")
+    score.add_argument("--temperature", type=float, default=1.0, help="best-of-n: sampling temperature (0 = greedy)")
+    score.add_argument("--top-k", type=int, default=0, help="best-of-n: sample from the k likeliest tokens (0 = all)")
+    score.add_argument("--seed", type=int, default=0, help="best-of-n: seed of the sampling")
+    score.set_defaults(func=cmd_score)
     sub.add_parser("bench", help="throughput of the recipe: benchmarks/throughput.py --no-trainer (see benchmarks/)",
                    add_help=False)
     return parser

@@ -136,9 +136,12 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    stage: Any = None  # a stage's own sections (a dataclass whose fields are sections: [pairs], [dpo], [rl] ...)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section by name, the stage's beside the common four (what run_config.json holds)."""
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTION_CLASSES}
+        return {**out, **(dataclasses.asdict(self.stage) if self.stage is not None else {})}
 
     def validate(self) -> "RunConfig":
         t, d = self.train, self.data
@@ -266,21 +269,29 @@ def resolve_compat(raw: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    config = RunConfig()
+def from_dict(raw: dict[str, Any], source: str = "config", stage: type | None = None) -> RunConfig:
+    """A validated ``RunConfig`` from TOML tables. ``stage``: a dataclass whose fields are a stage's own
+    sections (each a dataclass of options); its ``validate()`` runs after the common sections'."""
+    config = RunConfig(stage=stage() if stage is not None else None)
     raw = resolve_compat(raw)
+    sections = {name: getattr(config, name) for name in _SECTION_CLASSES}
+    if config.stage is not None:
+        sections.update({f.name: getattr(config.stage, f.name) for f in dataclasses.fields(config.stage)})
     for section, values in raw.items():
-        if section not in _SECTION_CLASSES:
-            raise RunConfigError(f"{source}: unknown section [{section}]; sections are {sorted(_SECTION_CLASSES)}")
+        if section not in sections:
+            raise RunConfigError(f"{source}: unknown section [{section}]; sections are {sorted(sections)}")
         if not isinstance(values, dict):
             raise RunConfigError(f"{source}: [{section}] must be a table")
-        target = getattr(config, section)
+        target = sections[section]
         names = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():
             if key not in names:
                 raise RunConfigError(f"{source}: unknown key [{section}] {key}; known keys: {sorted(names)}")
             setattr(target, key, _check_value(section, key, value, getattr(target, key), source))
-    return config.validate()
+    config.validate()
+    if config.stage is not None and hasattr(config.stage, "validate"):
+        config.stage.validate()
+    return config
 
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
@@ -325,19 +336,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), stage: type | None = None) -> RunConfig:
+    """A TOML config (defaults when ``path`` is None) with ``--set`` overrides; ``stage``: the stage's
+    own sections (``from_dict``)."""
     raw = apply_overrides(read_toml(path) if path is not None else {}, overrides)
     source = str(path) if path is not None else "defaults"
-    return from_dict(raw, source=source if not overrides else f"{source} (with --set)")
+    return from_dict(raw, source=source if not overrides else f"{source} (with --set)", stage=stage)
 
 
-def describe() -> str:
+def describe(stage: type | None = None) -> str:
     """Every option, grouped by section, with its default and its one-line help, for
-    ``minift train --help``. The help is the ``option(...)`` text of the field."""
+    ``minift <command> --help``. The help is the ``option(...)`` text of the field."""
+    classes = dict(_SECTION_CLASSES)
+    if stage is not None:
+        classes.update({f.name: f.default_factory for f in dataclasses.fields(stage)})
     lines = []
-    for section, cls in _SECTION_CLASSES.items():
+    for section, cls in classes.items():
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {section}.{f.name} = {default!r}".ljust(40) + f"  {f.metadata['help']}")
+            lines.append(f"  {section}.{f.name} = {default!r}".ljust(40) + f"  {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -60,6 +60,13 @@ class Distributed:
         torch_dist.all_reduce(tensor)
         return tensor
 
+    def sum_count(self, count: int, device: torch.device):
+        """A step's count (a Python int from the collators) summed over ranks: the int itself in one
+        process (no device work); a float64 tensor on ``device`` under DDP."""
+        if not self.enabled:
+            return count
+        return self.reduce_sum(torch.tensor(count, device=device, dtype=torch.float64))
+
     def no_sync(self, model, last_micro_batch: bool):
         """DDP's ``no_sync`` on every micro-batch but the last: gradients are all-reduced once per step."""
         if last_micro_batch or not hasattr(model, "no_sync"):

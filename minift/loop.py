@@ -19,11 +19,7 @@ Trainer's ``_inner_training_loop`` does the same; docs/trainer-map.md maps each 
 """
 from __future__ import annotations
 
-import math
-import time
-from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,7 +27,10 @@ import torch
 from .collate import count_loss_targets, model_inputs
 from .distributed import SINGLE_PROCESS, Distributed
 from .errors import RunFailure
+from .metrics import StepRecords, StepTimer
+from .optim import guarded_step
 from .precision import Precision
+from .runtime import prefetched
 
 
 class NonFiniteLoss(RunFailure):
@@ -40,11 +39,17 @@ class NonFiniteLoss(RunFailure):
 
 @dataclass
 class TrainState:
+    """The loop's counters. Saved in every checkpoint, so a resumed run continues them and its
+    summary describes the whole run, not only the part after the resume."""
+
     step: int = 0  # optimizer steps done
     skipped_nonfinite: int = 0  # steps dropped because the loss was NaN/inf (on_nonfinite="skip")
     skipped_overflow: int = 0  # fp16 steps the GradScaler skipped (inf/nan gradients)
     real_tokens: int = 0
     padded_tokens: int = 0
+    first_loss: float | None = None  # the loss of the run's first step
+    last_loss: float | None = None  # the loss of the latest step
+    timed: dict[str, float] = field(default_factory=dict)  # sums over the timed steps (metrics.add_timed)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,91 +115,36 @@ class Hooks:
     log_every: int = 1  # steps between reads of the device (the steps between are logged then, all of them)
 
 
-class StepTimer:
-    """Seconds per phase of a step, read without a device sync: on CUDA each phase boundary is a
-    CUDA event (the GPU's own clock, read when the step is flushed), elsewhere the wall clock."""
+class LoaderSteps:
+    """What one optimizer step consumes, from a DataLoader: windows of up to ``grad_accum``
+    micro-batches. A window never spans two epochs (the last step of an epoch may have fewer
+    micro-batches, as in Trainer). minift's samplers start at their ``consumed`` position and
+    move it in ``step_done``, once a step is complete, so a resumed run continues on the next
+    unseen batch. Any other step source (the RL stage's generation phase) has the same two
+    methods: iterate windows, and ``step_done(window)`` returning numbers to log with the step."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, Any, Any]] = []
+    def __init__(self, loader, grad_accum: int):
+        self.loader, self.grad_accum = loader, grad_accum
+        self.sampler = loader.batch_sampler
 
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = self._now()
-        yield
-        self.marks.append((phase, start, self._now()))
-
-    def take(self) -> list[tuple[str, Any, Any]]:
-        """This step's marks, to be read by ``seconds`` once the device has caught up."""
-        marks, self.marks = self.marks, []
-        return marks
-
-    @staticmethod
-    def seconds(marks) -> dict[str, float]:
-        out: dict[str, float] = defaultdict(float)
-        for phase, start, end in marks:
-            if isinstance(start, float):
-                out[f"{phase}_time"] += end - start
-            else:
-                end.synchronize()
-                out[f"{phase}_time"] += start.elapsed_time(end) / 1000
-        out["step_time"] = sum(out.values())
-        return dict(out)
-
-
-def to_device(window: list[dict], device: torch.device) -> list[dict]:
-    """The window's tensors on ``device`` (non-blocking from pinned memory); counts stay Python ints."""
-    if device.type == "cpu":
-        return window
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()} for b in window]
-
-
-def prefetched(windows: Iterator[list[dict]], device: torch.device) -> Iterator[list[dict]]:
-    """Windows moved to the device one step ahead: while step k runs, step k+1's batches are
-    collated and copied on a side stream (CUDA), so the input pipeline is off the critical path."""
-    if device.type != "cuda":
-        yield from windows
-        return
-    copy_stream = torch.cuda.Stream(device)
-    ahead = None
-    for window in windows:
-        with torch.cuda.stream(copy_stream):
-            moved = to_device(window, device)
-        if ahead is not None:
-            yield ahead
-        torch.cuda.current_stream(device).wait_stream(copy_stream)
-        for batch in moved:  # the tensors are used on the compute stream: keep their memory until then
-            for value in batch.values():
-                if torch.is_tensor(value):
-                    value.record_stream(torch.cuda.current_stream(device))
-        ahead = moved
-    if ahead is not None:
-        yield ahead
-
-
-def micro_batch_windows(loader, grad_accum: int) -> Iterator[list[dict]]:
-    """Windows of up to ``grad_accum`` micro-batches; a window never spans two epochs (the last
-    step of an epoch may have fewer micro-batches, as in Trainer). minift's samplers start at
-    their ``consumed`` position, so a resumed run continues on the next unseen batch."""
-    sampler = loader.batch_sampler
-    while True:
-        window: list[dict] = []
-        for batch in loader:
-            window.append(batch)
-            if len(window) == grad_accum:
+    def __iter__(self) -> Iterator[list[dict]]:
+        while True:
+            window: list[dict] = []
+            for batch in self.loader:
+                window.append(batch)
+                if len(window) == self.grad_accum:
+                    yield window
+                    window = []
+            if window:
                 yield window
-                window = []
-        if window:
-            yield window
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(sampler.epoch + 1)
+            if hasattr(self.sampler, "set_epoch"):
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def step_done(self, window: list[dict]) -> dict[str, Any]:
+        if not hasattr(self.sampler, "consumed"):
+            return {"epoch": None}
+        self.sampler.consumed += len(window)
+        return {"epoch": self.sampler.epoch + self.sampler.consumed / max(1, len(self.sampler))}
 
 
 def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: int = 1,
@@ -203,10 +153,10 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
           ) -> TrainState:
     """Run optimizer steps until ``state.step == total_steps`` (or ``hooks.should_stop()``).
 
-    ``loader``: a DataLoader over minift's batch sampler (its ``consumed`` position moves once a
-    step is complete; any DataLoader of batches with ``input_ids``/``labels`` works too).
-    ``model`` may be DDP-wrapped: ``dist.no_sync`` skips the all-reduce of all but the last
-    micro-batch, and DDP's averaging over ranks is undone by scaling the loss by the world size.
+    ``loader``: a DataLoader over minift's batch sampler (any DataLoader of batches with
+    ``input_ids``/``labels`` works too), or a step source such as ``LoaderSteps``. ``model`` may
+    be DDP-wrapped: ``dist.no_sync`` skips the all-reduce of all but the last micro-batch, and
+    DDP's averaging over ranks is undone by dividing by the count over ranks / world size.
     ``precision``: fp32 when None; its scaler unscales before clipping and skips fp16 overflows.
 
     No host sync in a step that neither logs, evaluates nor checkpoints: the step's loss, grad norm
@@ -216,27 +166,20 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
     Optimizers without ``found_inf`` support, and fp16's GradScaler, check every step instead.
     """
     precision = precision or Precision("fp32", next(model.parameters()).device)
-    loss_fn = loss or NextTokenLoss()
-    state = state or TrainState()
-    hooks = hooks or Hooks()
-    scaler, device = precision.scaler, precision.device
-    sampler = loader.batch_sampler
+    loss_fn, state, hooks, device = loss or NextTokenLoss(), state or TrainState(), hooks or Hooks(), precision.device
+    steps = loader if hasattr(loader, "step_done") else LoaderSteps(loader, grad_accum)
+    windows = prefetched(iter(steps), device)  # the next window moves to the device while a step runs
     params = [p for p in model.parameters() if p.requires_grad]
-    skip_on_device = not scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False)
-    windows = prefetched(micro_batch_windows(loader, grad_accum), device)
-    timer = StepTimer(device)
-    pending: list[dict] = []  # steps run but not yet read back from the device
+    records, timer = StepRecords(hooks.log, hooks.on_nonfinite), StepTimer(device)
     model.train()
     while state.step < total_steps and not hooks.should_stop():
+        # 1. the step's micro-batches, and its denominator: their count over all ranks
         with timer("data"):
             window = next(windows)
-            # 1. the denominator: the count of the whole window, summed over ranks
-            n_counted = sum(loss_fn.count(b) for b in window)  # Python ints from the collator
-            if dist.enabled:
-                n_counted = dist.reduce_sum(torch.tensor(n_counted, device=device, dtype=torch.float64))
-            denominator = (n_counted.clamp(min=1) if dist.enabled else max(n_counted, 1)) / dist.world_size
+            n_counted = dist.sum_count(sum(loss_fn.count(b) for b in window), device)  # Python ints
+            denominator = n_counted.clamp(min=1) / dist.world_size if dist.enabled else max(n_counted, 1)
 
-        # 2. K micro-batches: forward, summed loss, backward of its share of the mean
+        # 2. each micro-batch: forward, summed loss, backward of its share of the step's mean
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         metric_sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(window):
@@ -244,90 +187,46 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
                 with timer("forward"), precision.autocast():
                     out = loss_fn(model, batch, device)
                 with timer("backward"):
-                    scaler.scale(out.loss_sum / denominator).backward()
+                    precision.scaler.scale(out.loss_sum / denominator).backward()
             loss_sum += out.loss_sum.detach().double()
             for name, value in getattr(out, "metric_sums", {}).items():
                 metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
 
+        # 3. the update, skipped when the step's loss (summed over ranks) is not finite
         with timer("optimizer"):
-            # 3. the step's summed loss over all ranks; a non-finite one skips the update
-            counts = [sum(b.get("n_real_tokens", 0) for b in window),
-                      sum(b.get("n_padded_tokens", b["input_ids"].numel()) for b in window), n_counted]
-            sums = torch.cat([loss_sum[None], *(v.reshape(1) for v in metric_sums.values())])
-            if dist.enabled:  # every rank's sums and token counts (the counts only leave the host here)
-                sums = torch.cat([dist.reduce_sum(torch.cat([sums, torch.tensor(counts[:2], dtype=torch.float64,
-                                                                                device=device)])),
-                                  n_counted.reshape(1)])  # already summed over ranks in step 1
-            nonfinite = ~torch.isfinite(sums[0])
-            if not skip_on_device and bool(nonfinite):  # this optimizer cannot skip on the device: check now
-                optimizer.zero_grad(set_to_none=True)
-
-            # 4. unscale (fp16) -> clip -> step (skipped when non-finite) -> schedule -> zero grads
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-            lr = optimizer.param_groups[0]["lr"]
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
-            if skip_on_device:
-                optimizer.found_inf = nonfinite.float()
-                optimizer.step()
-                del optimizer.found_inf
-            elif not nonfinite:
-                scaler.step(optimizer)
-            scaler.update()
-            overflow = scaler.is_enabled() and scaler.get_scale() < scale_before
-            if overflow:
-                state.skipped_overflow += 1
-            else:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        # 5. bookkeeping: the sampler position moves only once the step is complete
-        if hasattr(sampler, "consumed"):
-            sampler.consumed += len(window)
+            sums, counts = step_totals(loss_sum, metric_sums, window, n_counted, dist)
+            grad_norm, lr, overflow = guarded_step(optimizer, scheduler, precision.scaler, params, max_grad_norm,
+                                                   nonfinite=~torch.isfinite(sums[0]))
         state.step += 1
-        epoch = sampler.epoch + sampler.consumed / max(1, len(sampler)) if hasattr(sampler, "consumed") else None
-        pending.append({"step": state.step, "epoch": epoch, "lr": lr, "overflow": overflow,
-                        "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window),
-                        "_device": torch.cat([sums, grad_norm.double().reshape(1)]),
-                        "_counts": None if dist.enabled else counts, "_metrics": list(metric_sums),
-                        "_timing": timer.take()})
+        state.skipped_overflow += overflow
+        host = {"lr": lr, "overflow": overflow, **steps.step_done(window),  # the data position moves now
+                "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window)}
+        records.add(state.step, torch.cat([sums, grad_norm.double().reshape(1)]), list(metric_sums), counts, host,
+                    timer.take())
 
-        # 6. hooks: read the pending steps back (one transfer), log; maybe evaluate; maybe checkpoint
-        evaluate_now = hooks.evaluate is not None and hooks.eval_every and state.step % hooks.eval_every == 0 \
+        # 4. hooks: read the pending steps back (one transfer) and log; maybe evaluate; maybe checkpoint
+        evaluate_now = hooks.evaluate and hooks.eval_every and state.step % hooks.eval_every == 0 \
             and state.step < total_steps
-        checkpoint_now = hooks.checkpoint is not None and hooks.checkpoint_every \
-            and state.step % hooks.checkpoint_every == 0
+        checkpoint_now = hooks.checkpoint and hooks.checkpoint_every and state.step % hooks.checkpoint_every == 0
         if state.step % hooks.log_every == 0 or evaluate_now or checkpoint_now or state.step == total_steps:
-            flush(pending, state, hooks)
+            records.flush(state)
         if evaluate_now:
             hooks.evaluate(state)
         if checkpoint_now:
             hooks.checkpoint(state)
-    flush(pending, state, hooks)
+    records.flush(state)
     return state
 
 
-def flush(pending: list[dict], state: TrainState, hooks: Hooks) -> None:
-    """Read the pending steps' device values in one transfer, report non-finite steps
-    (``hooks.on_nonfinite`` may raise), and hand one record per step to ``hooks.log``."""
-    if not pending:
-        return
-    values = torch.stack([p["_device"] for p in pending]).tolist()  # the one device -> host transfer
-    for record, row in zip(pending, values):
-        n_metrics = len(record["_metrics"])
-        # row: loss sum, the metric sums, [real, padded, counted under DDP: summed over ranks], grad norm
-        loss_sum, metric_values, grad_norm = row[0], row[1:1 + n_metrics], row[-1]
-        real, padded, n_counted = record["_counts"] or row[1 + n_metrics:-1]
-        loss_value = loss_sum / max(n_counted, 1)  # mean loss per counted unit, all ranks
-        if not math.isfinite(loss_value):
-            hooks.on_nonfinite(TrainState(step=record["step"] - 1), loss_value)
-            state.skipped_nonfinite += 1
-        state.real_tokens += int(real)
-        state.padded_tokens += int(padded)
-        metrics = {name: value / max(n_counted, 1) for name, value in zip(record.pop("_metrics"), metric_values)}
-        hooks.log({"step": record["step"], "epoch": record["epoch"], "loss": loss_value, "lr": record["lr"],
-                   "grad_norm": grad_norm, **metrics, "real_tokens": int(real), "padded_tokens": int(padded),
-                   "loss_tokens": int(n_counted), "sequences": record["sequences"],
-                   "micro_batches": record["micro_batches"], **StepTimer.seconds(record.pop("_timing")),
-                   "overflow": record["overflow"]})
-    pending.clear()
+def step_totals(loss_sum: torch.Tensor, metric_sums: dict[str, torch.Tensor], window: list[dict], n_counted,
+                dist: Distributed) -> tuple[torch.Tensor, list[int] | None]:
+    """The step's sums on the device, [loss, metrics...], and its token counts [real, padded, counted]:
+    Python ints in one process; under DDP summed over ranks and appended to the device sums (the
+    counts only leave the host here)."""
+    counts = [sum(b.get("n_real_tokens", 0) for b in window),
+              sum(b.get("n_padded_tokens", b["input_ids"].numel()) for b in window), n_counted]
+    sums = torch.cat([loss_sum[None], *(v.reshape(1) for v in metric_sums.values())])
+    if not dist.enabled:
+        return sums, counts
+    host_counts = torch.tensor(counts[:2], dtype=torch.float64, device=sums.device)
+    return torch.cat([dist.reduce_sum(torch.cat([sums, host_counts])), n_counted.reshape(1)]), None

@@ -7,11 +7,15 @@ run's summary and the benchmarks both use it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import statistics
 import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -152,36 +156,134 @@ class MetricsLogger:
             reporter.close()
 
 
-def throughput(step_records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tokens and sequences per second over ``step_records`` (the loop's per-step records), the
-    median step and its spread, and the median of each phase (data / forward / backward / optimizer)."""
-    seconds = sum(r["step_time"] for r in step_records)
-    real = sum(r["real_tokens"] for r in step_records)
-    padded = sum(r["padded_tokens"] for r in step_records)
+class StepTimer:
+    """Seconds per phase of a step, read without a device sync: on CUDA each phase boundary is a
+    CUDA event (the GPU's own clock, read when the step is flushed), elsewhere the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any, Any]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = self._now()
+        yield
+        self.marks.append((phase, start, self._now()))
+
+    def take(self) -> list[tuple[str, Any, Any]]:
+        """This step's marks, to be read by ``seconds`` once the device has caught up."""
+        marks, self.marks = self.marks, []
+        return marks
+
+    @staticmethod
+    def seconds(marks) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for phase, start, end in marks:
+            if isinstance(start, float):
+                out[f"{phase}_time"] += end - start
+            else:
+                end.synchronize()
+                out[f"{phase}_time"] += start.elapsed_time(end) / 1000
+        out["step_time"] = sum(out.values())
+        return dict(out)
+
+class StepRecords:
+    """Steps run but not yet read back from the device. The loop adds each step's device values
+    (its loss and metric sums, its gradient norm and, under DDP, its token counts summed over
+    ranks) with its host values; ``flush`` reads every pending step in one device -> host transfer,
+    reports a NaN/inf loss to ``on_nonfinite`` (which may raise), adds the step to the run's
+    counters (``TrainState``: tokens, first/last loss, timed totals — this process's first step is
+    warm-up and left out of those) and hands one record per step to ``log``. Loss and metrics are
+    per counted unit (divided by the step's count: targets, pairs, completion tokens)."""
+
+    def __init__(self, log: Callable[[dict], None], on_nonfinite: Callable[[Any, float], None]):
+        self.log, self.on_nonfinite = log, on_nonfinite
+        self.pending: list[dict[str, Any]] = []
+        self.warmed_up = False
+
+    def add(self, step: int, device_values: torch.Tensor, metric_names: list[str], counts: list[int] | None,
+            host: dict[str, Any], timing) -> None:
+        """``device_values``: [loss sum, metric sums..., (real, padded, counted: under DDP), grad norm];
+        ``counts``: [real, padded, counted] when known on the host (one process)."""
+        self.pending.append({"step": step, "device": device_values, "metric_names": metric_names,
+                             "counts": counts, "host": host, "timing": timing})
+
+    def flush(self, state) -> None:
+        if not self.pending:
+            return
+        rows = torch.stack([p["device"] for p in self.pending]).tolist()  # the one device -> host transfer
+        for entry, row in zip(self.pending, rows):
+            names = entry["metric_names"]
+            loss_sum, metric_values, grad_norm = row[0], row[1:1 + len(names)], row[-1]
+            real, padded, n_counted = entry["counts"] or row[1 + len(names):-1]
+            loss_value = loss_sum / max(n_counted, 1)  # mean loss per counted unit, all ranks
+            if not math.isfinite(loss_value):
+                self.on_nonfinite(dataclasses.replace(state, step=entry["step"] - 1), loss_value)
+                state.skipped_nonfinite += 1
+            host = dict(entry["host"])
+            record = {"step": entry["step"], "epoch": host.pop("epoch", None), "loss": loss_value,
+                      "lr": host.pop("lr"), "grad_norm": grad_norm,
+                      **{name: value / max(n_counted, 1) for name, value in zip(names, metric_values)},
+                      "real_tokens": int(real), "padded_tokens": int(padded), "loss_tokens": int(n_counted)}
+            overflow = host.pop("overflow")
+            record = {**record, **host, **StepTimer.seconds(entry["timing"]), "overflow": overflow}
+            state.real_tokens += int(real)
+            state.padded_tokens += int(padded)
+            state.first_loss = loss_value if state.first_loss is None else state.first_loss
+            state.last_loss = loss_value
+            if self.warmed_up:
+                add_timed(state.timed, record)
+            self.warmed_up = True
+            self.log(record)
+        self.pending.clear()
+
+
+# -- throughput: the one formula, for a run's summary and for the benchmarks ------------------------
+COUNTED = ("real_tokens", "padded_tokens", "loss_tokens", "sequences")
+
+
+def add_timed(totals: dict[str, float], record: dict[str, Any]) -> dict[str, float]:
+    """Add one step record to running sums of its seconds and counts."""
+    totals["steps"] = totals.get("steps", 0) + 1
+    totals["seconds"] = totals.get("seconds", 0.0) + record["step_time"]
+    for key in COUNTED:
+        totals[key] = totals.get(key, 0) + record[key]
+    return totals
+
+
+def rates(totals: dict[str, float]) -> dict[str, Any]:
+    """Tokens and sequences per second from the sums of ``add_timed``."""
+    seconds = max(totals["seconds"], 1e-12)
+    return {"timed_steps": totals["steps"], "real_tokens_per_s": totals["real_tokens"] / seconds,
+            "padded_tokens_per_s": totals["padded_tokens"] / seconds,
+            "loss_tokens_per_s": totals["loss_tokens"] / seconds, "sequences_per_s": totals["sequences"] / seconds,
+            "padding_efficiency": totals["real_tokens"] / max(1, totals["padded_tokens"])}
+
+
+def step_time_medians(step_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median step and its spread, and the median of each phase (data / forward / backward / optimizer)."""
     step_times = [r["step_time"] for r in step_records]
-    out = {
-        "timed_steps": len(step_records),
-        "real_tokens_per_s": real / seconds,
-        "padded_tokens_per_s": padded / seconds,
-        "loss_tokens_per_s": sum(r["loss_tokens"] for r in step_records) / seconds,
-        "sequences_per_s": sum(r["sequences"] for r in step_records) / seconds,
-        "padding_efficiency": real / max(1, padded),
-        "median_step_s": statistics.median(step_times),
-        "spread_step_s": [min(step_times), max(step_times)],
-    }
+    out = {"median_step_s": statistics.median(step_times), "spread_step_s": [min(step_times), max(step_times)]}
     for phase in ("data", "forward", "backward", "optimizer"):
         if all(f"{phase}_time" in r for r in step_records):
             out[f"{phase}_s"] = statistics.median(r[f"{phase}_time"] for r in step_records)
     return out
 
 
-def summarize_steps(records: list[dict[str, Any]], skip_first: int = 1) -> dict[str, Any]:
-    """Throughput over the logged steps of this process (the first ``skip_first`` excluded as warm-up)."""
-    steps = [r for r in records if "step_time" in r]
-    timed = steps[skip_first:] if len(steps) > skip_first else steps
-    if not timed:
-        return {}
-    return {"logged_steps": len(steps), **throughput(timed)}
+def throughput(step_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens and sequences per second over ``step_records`` (the loop's per-step records), the
+    median step and its spread, and the median of each phase."""
+    totals: dict[str, float] = {}
+    for record in step_records:
+        add_timed(totals, record)
+    return {**rates(totals), **step_time_medians(step_records)}
 
 
 def trim_metrics(output_dir: str | Path, step: int, keep_evals_at_step: bool = True) -> None:
@@ -209,48 +311,77 @@ def trim_metrics(output_dir: str | Path, step: int, keep_evals_at_step: bool = T
     os.replace(tmp, path)
 
 
-def run_summary(records: list[dict[str, Any]], state, total_steps: int, before, after, peak_memory: int,
-                train_report) -> dict[str, Any]:
-    """The end-of-run summary (``summary.json`` and the last line of ``metrics.jsonl``)."""
-    summary: dict[str, Any] = {"steps": state.step, "total_steps": total_steps, **summarize_steps(records),
-                               "peak_memory_mb": peak_memory / 2**20,
-                               "skipped_nonfinite": state.skipped_nonfinite,
-                               "skipped_overflow": state.skipped_overflow,
-                               "train_rows_skipped_empty": len(train_report.skipped_empty),
-                               "train_rows_truncated": train_report.truncated, "environment": environment_line()}
+def read_records(output_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of ``metrics.jsonl`` (the whole run, across resumes); a torn last line is skipped."""
+    path = Path(output_dir) / METRICS_FILE
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def eval_at(records: list[dict[str, Any]], step: int) -> dict[str, Any] | None:
+    """The last evaluation recorded at ``step``, or None."""
+    found = [r["eval"] for r in records if "eval" in r and r.get("step") == step]
+    return found[-1] if found else None
+
+
+def run_summary(stage: str, records: list[dict[str, Any]], state, total_steps: int, peak_memory: int,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """The end-of-run summary (``summary.json`` and the last line of ``metrics.jsonl``) of the whole
+    run, resumed parts included: counts, losses and throughput from the loop's counters (saved in
+    every checkpoint), step-time medians over the logged steps (the first step and the first after
+    each resume are warm-up), evaluations from ``records`` (the whole ``metrics.jsonl``)."""
+    resumed_at = [r["step"] for r in records if "resume" in r]
+    warm_up = {1, *(step + 1 for step in resumed_at)}
+    logged = [r for r in records if "step_time" in r]
+    timed = [r for r in logged if r["step"] not in warm_up] or logged
+    summary: dict[str, Any] = {"stage": stage, "steps": state.step, "total_steps": total_steps,
+                               "resumed_at": resumed_at, "logged_steps": len(logged)}
+    if state.timed.get("steps"):
+        summary.update(rates(state.timed))
+    if timed:
+        summary.update(step_time_medians(timed))
+    summary.update({"peak_memory_mb": peak_memory / 2**20, "skipped_nonfinite": state.skipped_nonfinite,
+                    "skipped_overflow": state.skipped_overflow, "first_loss": state.first_loss,
+                    "last_loss": state.last_loss, **extra})
+    before, after = eval_at(records, 0), eval_at(records, state.step)
     if before is not None:
-        summary["eval_before"] = before.as_dict()
-    summary["eval_after"] = after.as_dict()
-    losses = [r["loss"] for r in records if "step_time" in r]
-    if losses:
-        summary["first_loss"], summary["last_loss"] = losses[0], losses[-1]
+        summary["eval_before"] = before
+    if after is not None:
+        summary["eval_after"] = after
+    summary["environment"] = environment_line()
     return summary
 
 
 def summary_text(s: dict[str, Any]) -> str:
-    lines = [f"done: {s['steps']} steps"]
+    resumed = f" (resumed at step {', '.join(map(str, s['resumed_at']))})" if s.get("resumed_at") else ""
+    lines = [f"done: {s['steps']} steps{resumed}"]
     if "real_tokens_per_s" in s:
         lines.append(f"  throughput: {s['real_tokens_per_s']:.1f} real tokens/s, {s['sequences_per_s']:.2f} "
-                     f"sequences/s, padding efficiency {s['padding_efficiency']:.3f}, median step {s['median_step_s']:.3f} s")
+                     f"sequences/s, padding efficiency {s['padding_efficiency']:.3f}, median step "
+                     f"{s['median_step_s']:.3f} s ({s['timed_steps']} timed steps)")
     lines.append(f"  peak memory: {s['peak_memory_mb']:.0f} MiB")
     if s.get("skipped_nonfinite"):
         lines.append(f"  skipped: {s['skipped_nonfinite']} of {s['steps']} steps had a NaN/inf loss "
                      f"(their gradients were dropped)")
-    if "first_loss" in s:
-        lines.append(f"  train loss: {s['first_loss']:.4f} -> {s['last_loss']:.4f}")
+    if s.get("first_loss") is not None:
+        lines.append(f"  train loss: step 1 {s['first_loss']:.4f} -> step {s['steps']} {s['last_loss']:.4f}")
     for key in ("eval_before", "eval_after"):
-        if key in s and "accuracy" in s[key]:
-            lines.append(f"  {key}: loss {s[key]['loss']:.4f}, accuracy {s[key]['accuracy']:.4f}, "
-                         f"macro-F1 {s[key]['macro_f1']:.4f}")
+        if key in s:
+            lines.append(f"  {key}: " + ", ".join(f"{name} {value:.4f}" for name, value in s[key].items()
+                                                 if isinstance(value, float)))
     return "\n".join(lines)
 
 
-def eval_line(step: int, result) -> str:
-    line = f"eval @ step {step}: loss {result.loss:.4f}, perplexity {result.perplexity:.2f}"
-    if result.accuracy is not None:
-        line += (f", accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f} "
-                 f"({result.n_scored} examples)")
-    return line
+def eval_line(step: int, result: dict[str, Any]) -> str:
+    """One line for an evaluation's numbers (a stage's held-out metrics)."""
+    shown = ", ".join(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
+                      for name, value in result.items())
+    return f"eval @ step {step}: {shown}"
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> str:

@@ -1,8 +1,10 @@
-"""AdamW with Trainer's weight-decay split, and Trainer's learning-rate schedules."""
+"""AdamW with Trainer's weight-decay split, Trainer's learning-rate schedules, and the guarded
+optimizer step the loop takes after each window of micro-batches."""
 from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -77,3 +79,47 @@ def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
                    ) -> LambdaLR:
     return LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps))
+
+
+# -- the optimizer step ---------------------------------------------------------------------------
+def skips_on_device(optimizer: torch.optim.Optimizer, scaler) -> bool:
+    """Fused AdamW takes ``found_inf`` and skips a NaN/inf step on the device (no host sync);
+    other optimizers, and fp16's GradScaler, need the check on the host."""
+    return not scaler.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, scheduler, scaler, params: list[torch.Tensor],
+                 max_grad_norm: float, nonfinite: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """One optimizer step after the micro-batches' backward passes, as Trainer takes it:
+
+        unscale (fp16) -> clip to max_grad_norm -> step -> schedule -> zero the gradients
+
+    guarded twice: a step whose loss is NaN/inf (``nonfinite``, a device bool) changes no weight,
+    and an fp16 step whose gradients overflowed is skipped by the GradScaler, which lowers its
+    scale (the schedule then does not advance). Returns the pre-clip gradient norm (on the
+    device), the lr the step used and whether the scaler skipped it."""
+    on_device = skips_on_device(optimizer, scaler)
+    if not on_device and bool(nonfinite):  # this optimizer cannot skip on the device: drop the gradients now
+        optimizer.zero_grad(set_to_none=True)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    lr = optimizer.param_groups[0]["lr"]
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    stepped = True
+    if on_device:
+        optimizer.found_inf = nonfinite.float()
+        optimizer.step()
+        del optimizer.found_inf
+    elif not nonfinite:
+        scaler.step(optimizer)
+    else:
+        stepped = False
+    scaler.update()
+    overflow = scaler.is_enabled() and scaler.get_scale() < scale_before
+    if not overflow:
+        with warnings.catch_warnings():  # a skipped first step is no misordered schedule
+            if not stepped:
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr, overflow

@@ -1,5 +1,5 @@
 """Process set-up for a run: seeds, device, threads, the CPU allocator setting, the stop
-signal, device synchronisation and peak memory. The recipe calls ``setup_process`` once;
+signal, moving batches to the device ahead of the step, and peak memory. The recipe calls ``setup_process`` once;
 nothing here knows about models or data.
 
 ``keep_large_allocations``: glibc serves allocations above its mmap threshold (at most 32 MiB)
@@ -16,7 +16,7 @@ import ctypes.util
 import random
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -65,11 +65,34 @@ def keep_large_allocations(threshold: int = 1 << 30) -> bool:
     return _applied
 
 
-def device_sync(device: torch.device) -> Callable[[], None]:
-    """A function that waits for ``device`` (CUDA kernels run asynchronously; CPU needs nothing)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+def to_device(window: list[dict], device: torch.device) -> list[dict]:
+    """The window's tensors on ``device`` (non-blocking from pinned memory); counts stay Python ints."""
+    if device.type == "cpu":
+        return window
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()} for b in window]
+
+
+def prefetched(windows: Iterator[list[dict]], device: torch.device) -> Iterator[list[dict]]:
+    """Windows moved to the device one step ahead: while step k runs, step k+1's batches are
+    collated and copied on a side stream (CUDA), so the input pipeline is off the critical path."""
+    if device.type != "cuda":
+        yield from windows
+        return
+    copy_stream = torch.cuda.Stream(device)
+    ahead = None
+    for window in windows:
+        with torch.cuda.stream(copy_stream):
+            moved = to_device(window, device)
+        if ahead is not None:
+            yield ahead
+        torch.cuda.current_stream(device).wait_stream(copy_stream)
+        for batch in moved:  # the tensors are used on the compute stream: keep their memory until then
+            for value in batch.values():
+                if torch.is_tensor(value):
+                    value.record_stream(torch.cuda.current_stream(device))
+        ahead = moved
+    if ahead is not None:
+        yield ahead
 
 
 def high_water_rss() -> int:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from minift import checkpoint as ckpt
-from minift import finetune
+from minift import metrics
 from minift.finetune import run
 
 from helpers import cli_command, subprocess_env, tiny_config
@@ -40,17 +40,17 @@ class Crash(Exception):
 
 def _run_until_crash(config, step: int, monkeypatch) -> None:
     """Run ``config`` and crash (an exception) when the loop logs optimizer step ``step``."""
-    original_call = finetune.MetricsLogger.__call__
+    original_call = metrics.MetricsLogger.__call__
 
     def crash_at(self, record):
         if record.get("step") == step:
             raise Crash()
         original_call(self, record)
 
-    monkeypatch.setattr(finetune.MetricsLogger, "__call__", crash_at)
+    monkeypatch.setattr(metrics.MetricsLogger, "__call__", crash_at)
     with pytest.raises(Crash):
         run(config, log=lambda *_: None)
-    monkeypatch.setattr(finetune.MetricsLogger, "__call__", original_call)
+    monkeypatch.setattr(metrics.MetricsLogger, "__call__", original_call)
 
 
 def test_resume_after_a_crash_mid_epoch_is_bit_identical(tmp_path, uninterrupted, monkeypatch):

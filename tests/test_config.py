@@ -68,15 +68,20 @@ def test_train_help_lists_every_option_with_its_default():
     assert "train.lr = 5e-05" in result.stdout and "train.schedule = 'linear'" in result.stdout
 
 
-def test_help_explains_every_option_in_one_line_grouped_by_section():
+@pytest.mark.parametrize("command", ["train", "dpo"])
+def test_help_explains_every_option_in_one_line_grouped_by_section(command):
     import dataclasses
 
     from minift.config import RunConfig
+    from minift.preference.config import PreferenceConfig
 
-    result = subprocess.run([sys.executable, "-m", "minift", "train", "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "minift", command, "--help"], capture_output=True, text=True,
                             cwd=REPO)
     lines = result.stdout.splitlines()
-    for section in dataclasses.fields(RunConfig):
+    sections = [f for f in dataclasses.fields(RunConfig) if f.name != "stage"]
+    if command == "dpo":  # the stage's own sections too
+        sections += dataclasses.fields(PreferenceConfig)
+    for section in sections:
         for option in dataclasses.fields(section.default_factory()):
             text = option.metadata.get("help", "")
             assert text and "\n" not in text, f"{section.name}.{option.name} has no one-line help"
@@ -89,7 +94,7 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatc
     import torch
 
     from minift.distributed import SINGLE_PROCESS
-    from minift.finetune import wrap_for_training
+    from minift.parts import wrap_for_training
 
     with pytest.raises(RunConfigError, match="model.compile_mode 'fast'"):
         load_config(None, ["model.compile=true", "model.compile_mode=fast"])

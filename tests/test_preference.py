@@ -12,13 +12,13 @@ import torch
 
 from minift.config import RunConfigError
 from minift.data import DataError
-from minift.dpo import DPOObjective, SequenceLogProbs, dpo_losses
+from minift.preference.dpo import DPOObjective, SequenceLogProbs, dpo_losses
 from minift.loop import Hooks, train
 from minift.models import GPTConfig, build_model
 from minift.optim import make_adamw, make_scheduler
-from minift.preference import PairCollator, TokenizedPairs, load_pairs, tokenize_pairs, tweet_pairs
-from minift.preference_run import PairObjective, load_preference_config, run_dpo
-from minift.reward import RewardModel, load_reward_model
+from minift.preference.pairs import PairCollator, PairObjective, TokenizedPairs, load_pairs, tokenize_pairs, tweet_pairs
+from minift.preference.recipe import load_preference_config, run_dpo
+from minift.preference.reward import RewardModel, load_reward_model
 from minift.sampling import SequentialSampler
 
 from conftest import REPO, shared_path
@@ -266,7 +266,7 @@ def test_best_of_n_ranks_sampled_continuations_by_their_reward():
     """Every continuation is what the policy's own generate() samples with the same generator, and the
     ranking is by the reward model's score of prompt + continuation, best first."""
     from minift import load_tokenizer
-    from minift.reward import RewardModel, best_of_n, score_texts
+    from minift.preference.reward import RewardModel, best_of_n, score_texts
 
     fixture = shared_path("fixtures", "tiny-openai-gpt")
     tok = load_tokenizer(fixture)
@@ -294,8 +294,8 @@ def test_a_recipe_trained_reward_model_saves_the_true_vocabulary_and_reloads(tmp
 
     from safetensors.torch import load_file
 
-    from minift.preference_run import load_preference_config, run_reward
-    from minift.reward import load_reward_model, score_texts
+    from minift.preference.recipe import load_preference_config, run_reward
+    from minift.preference.reward import load_reward_model, score_texts
 
     cfg, pref = load_preference_config(REPO / "configs" / "reward-tiny.toml", [
         f'train.output_dir="{tmp_path}"', "train.max_steps=2", "train.progress=false", "train.plot=false"])

@@ -37,7 +37,7 @@ def minift_pairs():
     import datasets
 
     from minift.data import DEFAULT_LABELS, DEFAULT_TEMPLATE
-    from minift.preference import tokenize_pairs, tweet_pairs
+    from minift.preference.pairs import tokenize_pairs, tweet_pairs
     from minift.tokenizer import load_tokenizer
 
     rows = datasets.load_dataset("json", data_files=str(TWEETS / "train.jsonl"), split="train")
@@ -54,14 +54,13 @@ def run_minift(stage: str, score_weight: torch.Tensor | None = None, reference: 
     """minift's loop on the setup. Returns (per-step records, final named parameters)."""
     import copy
 
-    from minift.dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
+    from minift.preference.dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
     from minift.hub import from_pretrained
     from minift.loop import train
     from minift.loop import Hooks
     from minift.optim import make_adamw, make_scheduler
-    from minift.preference import PairCollator, pair_batches
-    from minift.preference_run import PairObjective
-    from minift.reward import RewardModel, reward_loss
+    from minift.preference.pairs import PairCollator, PairObjective, pair_batches
+    from minift.preference.reward import RewardModel, reward_loss
     from minift.sampling import SequentialSampler
 
     torch.manual_seed(SETUP["seed"])

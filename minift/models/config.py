@@ -51,10 +51,6 @@ class ModelConfig:
         config.validate(source)
         return config
 
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(read_json_object(path), source=str(path))
-
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)
         out.update({name: getattr(self, name) for name in self.field_names()})

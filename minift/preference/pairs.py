@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import datasets
 import torch
 
-from .data import DataError, clean_split, format_prompt, load_splits, split_template
-from .models.layers import IGNORE_INDEX
+from ..data import DataError, clean_split, format_prompt, load_splits, split_template
+from ..models.layers import IGNORE_INDEX
+from .config import REJECTED_CHOICES
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-REJECTED_CHOICES = ("one", "both")
 
 
 @dataclass
@@ -187,3 +187,47 @@ def pair_batches(pairs: TokenizedPairs, collator: PairCollator, batch_size: int,
     """Sequential batches over the first ``limit`` pairs (all when 0): for evaluation and precompute."""
     n = len(pairs) if not limit else min(limit, len(pairs))
     return [collator([pairs[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
+
+
+# -- the loss object and the held-out evaluation, for every pair objective ------------------------------
+class PairLoss(NamedTuple):
+    """What the objective hands the loop: the loss summed over the micro-batch's pairs and metric
+    sums (the loop logs each divided by the window's pair count)."""
+
+    loss_sum: torch.Tensor
+    metric_sums: dict[str, torch.Tensor]
+
+
+@dataclass
+class PairObjective:
+    """The loop's loss object for pairs: the objective's summed loss of a micro-batch, divided over
+    the step's pairs (``n_pairs``), so K micro-batches equal one batch of K*b pairs."""
+
+    objective: Callable[[Any, dict, torch.device], PairLoss]
+    count_key: str = "n_pairs"
+
+    def count(self, batch: dict) -> int:
+        return batch[self.count_key]
+
+    def __call__(self, model, batch: dict, device: torch.device) -> PairLoss:
+        return self.objective(model, batch, device)
+
+
+@torch.no_grad()
+def evaluate_pairs(objective: Callable[[Any, dict, torch.device], PairLoss], model, batches: list[dict],
+                   device: torch.device, autocast) -> dict[str, float]:
+    """Held-out pairs, in eval mode: the objective's mean loss and each of its metrics per pair
+    (DPO: rewards/*, logps/*; the reward model: accuracy, margin, rewards/*). With precomputed DPO
+    reference log-probs the objective must hold the held-out pairs' values."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    n = 0
+    for batch in batches:
+        with autocast:
+            out = objective(model, batch, device)
+        for name, value in {"loss": out.loss_sum, **out.metric_sums}.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+        n += batch["n_pairs"]
+    model.train(was_training)
+    return {name: value / max(n, 1) for name, value in totals.items()}

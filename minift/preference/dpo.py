@@ -13,25 +13,16 @@ smoothing of the sigmoid loss (TRL 1.16 applies it only to its other loss types,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.layers import IGNORE_INDEX, is_right_padded
+from ..models.layers import IGNORE_INDEX, is_right_padded
+from .config import LOSS_TYPES
+from .pairs import PairLoss
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-REFERENCES = ("frozen", "precomputed")
 PAIR_INPUTS = ("input_ids", "attention_mask", "labels")
-
-
-class PairLoss(NamedTuple):
-    """What the objective hands the loop: the loss summed over the micro-batch's pairs and metric
-    sums (the loop logs each divided by the window's pair count)."""
-
-    loss_sum: torch.Tensor
-    metric_sums: dict[str, torch.Tensor]
 
 
 class SequenceLogProbs(nn.Module):
@@ -100,8 +91,8 @@ def precompute_reference_logps(scorer: SequenceLogProbs, batches: list[dict], n_
 
 @dataclass
 class DPOObjective:
-    """The DPO objective (``loop.train`` gets it wrapped in ``PairObjective``): ``model`` is the (possibly DDP-wrapped) SequenceLogProbs
-    of the policy. Exactly one of ``reference`` (frozen SequenceLogProbs, eval mode) and
+    """The DPO objective (``loop.train`` gets it wrapped in ``PairObjective``): ``model`` is the
+    (possibly DDP-wrapped) SequenceLogProbs of the policy. Exactly one of ``reference`` (frozen SequenceLogProbs, eval mode) and
     ``reference_logps`` ([n_pairs, 2], indexed by the batch's ``pair_index``) is set."""
 
     beta: float = 0.1
@@ -132,22 +123,3 @@ class DPOObjective:
                    "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
                    "logps/chosen": chosen_logps.detach().sum(), "logps/rejected": rejected_logps.detach().sum()}
         return PairLoss(losses.sum(), metrics)
-
-
-@torch.no_grad()
-def evaluate_pairs(objective: DPOObjective, scorer: SequenceLogProbs, batches: list[dict], device: torch.device,
-                   autocast) -> dict[str, float]:
-    """Mean loss and rewards/* over held-out pairs (eval mode). With precomputed reference log-probs
-    the objective must hold the eval pairs' values."""
-    was_training = scorer.training
-    scorer.eval()
-    totals: dict[str, float] = {}
-    n = 0
-    for batch in batches:
-        with autocast:
-            out = objective(scorer, batch, device)
-        for name, value in {"loss": out.loss_sum, **out.metric_sums}.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
-        n += batch["n_pairs"]
-    scorer.train(was_training)
-    return {name: value / max(n, 1) for name, value in totals.items()}

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dpo import PairLoss
-from .hub import CheckpointError, read_state_dict, resolve_checkpoint
-from .models import build_model, config_from_json_file
-from .models.base import CONFIG_NAME, WEIGHTS_NAME, CausalLM
+from ..hub import CheckpointError, read_state_dict, resolve_checkpoint
+from ..models import build_model, config_from_json_file
+from ..models.base import CONFIG_NAME, WEIGHTS_NAME, CausalLM
+from .pairs import PairLoss
 
 SEQUENCE_CLASSIFIERS = {"openai-gpt": "OpenAIGPTForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
 
@@ -114,23 +114,6 @@ def reward_loss(model: nn.Module, batch: dict, device: torch.device) -> PairLoss
     """The reward-model objective (wrapped in ``PairObjective`` for ``loop.train``): rewards of [chosen; rejected] rows in one forward."""
     rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
     return bradley_terry(*rewards.float().chunk(2))
-
-
-@torch.no_grad()
-def pairwise_accuracy(model: RewardModel, batches: list[dict], device: torch.device) -> dict[str, float]:
-    """Held-out pairs: mean loss, pairwise accuracy (ties count as wrong) and mean margin."""
-    was_training = model.training
-    model.eval()
-    totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-    n = 0
-    for batch in batches:
-        out = reward_loss(model, batch, device)
-        totals["loss"] += float(out.loss_sum)
-        totals["accuracy"] += float(out.metric_sums["accuracy"])
-        totals["margin"] += float(out.metric_sums["margin"])
-        n += batch["n_pairs"]
-    model.train(was_training)
-    return {name: value / max(n, 1) for name, value in totals.items()}
 
 
 @torch.no_grad()

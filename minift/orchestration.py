@@ -1,0 +1,191 @@
+"""One orchestration for every training stage: ``minift train``, ``dpo``, ``reward`` and the RL stage.
+
+A stage only builds its parts (``Stage``): the module the loop trains, the model it saves, its loss
+object, its batches, its held-out evaluation, the fingerprints of what it trains on, what its
+exported model folder holds. ``run_stage`` runs any stage the same way:
+
+    claim the output folder -> set up the process (device, seeds, threads, precision)
+    -> the stage builds its parts -> AdamW + schedule -> resume (refusing changed settings or data)
+    -> metrics -> evaluation before -> loop.train (under DDP and torch.compile when asked)
+    -> final checkpoint -> evaluation after -> model/ written atomically -> summary of the whole run
+    -> exit 1 if most steps were skipped for a NaN/inf loss
+
+So everything around the loop — resume, checkpoints, compile, atomic export, summaries, failure on
+a mostly-NaN run — is written once and holds for every stage.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .distributed import Distributed
+from .hub import load_weights
+from .loop import TrainState, fail_if_mostly_skipped, train
+from .metrics import (MetricsLogger, eval_at, eval_line, plot_curves, read_records, run_summary, summary_text,
+                      trim_metrics)
+from .parts import build_hooks, build_optimizer, build_scheduler, wrap_for_training
+from .precision import Precision
+from .run_dir import claim_output_dir
+from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
+
+MODEL_DIR = "model"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RunContext:
+    """What the orchestration sets up before a stage builds its parts."""
+
+    cfg: RunConfig
+    dist: Distributed
+    device: torch.device
+    precision: Precision
+    say: Callable[[str], None]  # a line for the user (rank 0 only)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+
+@dataclass
+class Stage:
+    """A stage's parts, as ``run_stage`` takes them."""
+
+    name: str  # "train", "dpo", "reward", "grpo", "rloo": the summary says which
+    model: nn.Module  # what the loop trains (run_stage wraps it for DDP and compile)
+    saved_model: Any  # what checkpoints and model/ hold (``save_pretrained``); may be ``model`` itself
+    loss: Any  # the loop's loss object: ``count(batch)`` and ``__call__(model, batch, device)``
+    batches: Any  # a DataLoader over ``sampler``, or a step source (``loop.LoaderSteps``' two methods)
+    sampler: Any  # what a checkpoint saves of the data position (``state_dict``, ``epoch``, ``consumed``)
+    total_steps: int
+    tokenizer: Any
+    evaluate: Callable[[], dict[str, Any]] | None = None  # held-out numbers (eval mode, no gradients)
+    eval_line: Callable[[int, dict[str, Any]], str] = eval_line
+    fingerprints: dict[str, str] = field(default_factory=dict)  # sha256 of tokenizer and data: resume compares
+    export: Callable[[Path], None] | None = None  # extra files of model/ (weights, tokenizer, config: always)
+    extra_state: dict[str, Any] | None = None  # a stage's own checkpoint entries (tensors, restored in place)
+    load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
+    summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary entries (data reports)
+
+
+def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> RunContext:
+    """Device, seeds, threads and the CPU allocator; the precision (warning when it would be slow)."""
+    device = dist.device if dist.enabled else pick_device(cfg.train.device)
+    setup_process(cfg.train.seed, device, cfg.train.threads, cfg.train.keep_large_allocations)
+    precision = Precision(cfg.train.precision, device)
+    precision.warn_if_slow()
+    return RunContext(cfg, dist, device, precision, log if dist.is_main else (lambda *_: None))
+
+
+def run_stage(cfg: RunConfig, build_stage: Callable[[RunContext], Stage], resume: str | bool | None = None,
+              log: Callable[[str], None] = print, overwrite: bool = False, resume_with_changes: bool = False
+              ) -> dict[str, Any]:
+    """Run the stage ``build_stage`` builds, as ``cfg`` says. ``resume``: True = newest intact
+    checkpoint in output_dir, a path = that checkpoint; ``resume_with_changes``: resume although
+    settings that change the maths differ (they are used and recorded). ``overwrite``: a fresh run
+    into a folder holding another run moves that run aside. Returns the summary of the whole run
+    (also in ``summary.json``), or ``{"stopped_by": ...}`` after SIGINT/SIGTERM."""
+    dist = Distributed.from_env()
+    try:
+        with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, enabled=dist.is_main,
+                              log=log):
+            ctx = set_up(cfg, dist, log)
+            return _run(ctx, build_stage(ctx), resume, resume_with_changes)
+    finally:
+        dist.shutdown()
+
+
+def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> dict[str, Any]:
+    cfg, dist, say, out_dir = ctx.cfg, ctx.dist, ctx.say, ctx.out_dir
+    optimizer = build_optimizer(cfg, stage.model)
+    scheduler = build_scheduler(cfg, optimizer, stage.total_steps)
+    parts = ckpt.TrainingParts(stage.saved_model, optimizer, scheduler, ctx.precision, stage.sampler,
+                               stage.tokenizer, stage.extra_state, stage.load_model_weights)
+    state, run_config = TrainState(), cfg.to_dict()
+    resumed = None
+    if resume:  # metrics.jsonl cut back to the resumed step (all of it when starting from scratch)
+        resumed = ckpt.resume_training(resume, out_dir, state, parts, dist, run_config, stage.fingerprints,
+                                       allow_changes=resume_with_changes, log=say)
+        trim_metrics(out_dir, state.step if resumed else -1, keep_evals_at_step=state.step < stage.total_steps)
+
+    metrics = MetricsLogger(out_dir, stage.total_steps, initial_step=state.step, enabled=dist.is_main,
+                            progress=cfg.train.progress, log_every=cfg.train.log_every, echo=say,
+                            report_to=cfg.train.report_to, window_mean=cfg.train.compat == "trainer")
+    say = metrics.say  # from here on, lines go around the progress bar instead of onto it
+    if resumed:
+        metrics.write({"step": state.step, "resume": str(resumed)})
+    evaluate_at = partial(_evaluate_and_log, stage, metrics)
+    save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist, run_config=run_config,
+                   total_steps=stage.total_steps, keep=cfg.train.keep_checkpoints, fingerprints=stage.fingerprints,
+                   log=say)
+    try:
+        with StopRequest() as stop:
+            if cfg.eval.before_training and state.step == 0 and not _evaluated_before(out_dir, dist, resumed):
+                evaluate_at(0)
+            state = train(wrap_for_training(cfg, stage.model, dist), optimizer, scheduler, stage.batches,
+                          total_steps=stage.total_steps, grad_accum=cfg.train.grad_accum,
+                          max_grad_norm=cfg.train.max_grad_norm, precision=ctx.precision, loss=stage.loss,
+                          dist=dist, state=state, hooks=build_hooks(cfg, metrics, evaluate_at, save, stop))
+        checkpoint = save(state)
+        if stop():
+            say(f"stopped by {stop.signal_name} at step {state.step}; checkpoint {checkpoint}; resume with --resume")
+            return {"stopped_by": stop.signal_name, "step": state.step, "checkpoint": str(checkpoint)}
+        evaluate_at(state.step)
+        records = read_records(out_dir) if dist.is_main else metrics.records
+        summary = run_summary(stage.name, records, state, stage.total_steps, peak_memory_bytes(ctx.device),
+                              stage.summary)
+        if dist.is_main:
+            model_dir = export_model(out_dir, stage, cfg)
+            write_json_atomically(out_dir / SUMMARY_FILE, summary)
+            metrics.write({"summary": summary})
+            say(summary_text(summary))
+            say(f"checkpoint: {checkpoint}; model: {model_dir}")
+            if cfg.train.plot:
+                say(plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png"))
+        fail_if_mostly_skipped(state)
+        return summary
+    finally:
+        metrics.close()
+
+
+def _evaluate_and_log(stage: Stage, metrics: MetricsLogger, step: int) -> dict[str, Any] | None:
+    if stage.evaluate is None:
+        return None
+    result = stage.evaluate()
+    metrics.write({"step": step, "eval": result})
+    metrics.say(stage.eval_line(step, result))
+    return result
+
+
+def _evaluated_before(out_dir: Path, dist: Distributed, resumed) -> bool:
+    """A run stopped after its evaluation at step 0 and resumed there has it in metrics.jsonl
+    already (decided on rank 0, which writes the file, for every rank)."""
+    return bool(resumed) and dist.gather(dist.is_main and eval_at(read_records(out_dir), 0) is not None)[0]
+
+
+def export_model(out_dir: Path, stage: Stage, cfg: RunConfig) -> Path:
+    """``<output_dir>/model``: the saved model, its tokenizer, the run config (and what the stage
+    adds), written into a temporary folder and renamed into place: a kill leaves the previous
+    ``model/`` or the complete new one, never a half-written folder."""
+    def write(directory: Path) -> None:
+        stage.saved_model.save_pretrained(directory)
+        stage.tokenizer.save(directory)
+        (directory / ckpt.RUN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if stage.export is not None:
+            stage.export(directory)
+
+    return ckpt.write_dir_atomically(out_dir / MODEL_DIR, write)
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
