@@ -4,16 +4,24 @@
         take up to K micro-batches of the current epoch
         count the loss targets of all K            (before any backward; summed over ranks)
         for each micro-batch: autocast forward -> summed loss -> backward of (sum / total count)
-        unscale (fp16) -> clip -> optimizer step -> scheduler step -> zero grads
+        unscale (fp16) -> clip -> optimizer step -> scheduler step -> zero grads   (optim.guarded_step)
         hooks: log; maybe evaluate; maybe checkpoint
 
 Dividing every micro-batch's summed loss by the window's total count makes K micro-batches of
-b sequences give the gradient of one batch of K*b, whatever their lengths.
+b sequences give the gradient of one batch of K*b, whatever their lengths. Under DDP the count is
+summed over ranks and ``dist.no_sync`` skips the all-reduce of all but the last micro-batch; DDP's
+averaging over ranks is undone by dividing by count / world size.
 
-The step's maths lives here; what the recipe does between steps (logging, evaluation,
-checkpoints, stopping on a signal) comes in as ``Hooks``, plain functions called at fixed
-points. The loss is an object (``NextTokenLoss`` by default) so another objective — DPO, a
-reward model — reuses this loop, and with it accumulation, AMP, clipping, resume and DDP.
+The step's maths lives here; what a stage does between steps (logging, evaluation, checkpoints,
+stopping on a signal) comes in as ``Hooks``, plain functions called at fixed points. The loss is an
+object (``NextTokenLoss`` by default) so another objective — DPO, a reward model, a policy-gradient
+update — reuses this loop, and with it accumulation, AMP, clipping, resume and DDP.
+
+No host sync in a step that neither logs, evaluates nor checkpoints: the step's loss, grad norm and
+counts stay on the device (``metrics.StepRecords``) and are read every ``hooks.log_every`` steps in
+one transfer. A NaN/inf loss skips its update on the device (fused AdamW's ``found_inf``); the step
+is reported (``hooks.on_nonfinite``: raise to stop) when it is read, up to ``log_every - 1`` steps
+later. Optimizers without ``found_inf`` support, and fp16's GradScaler, check every step instead.
 
 Trainer's ``_inner_training_loop`` does the same; docs/trainer-map.md maps each line.
 """
@@ -153,18 +161,9 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
           ) -> TrainState:
     """Run optimizer steps until ``state.step == total_steps`` (or ``hooks.should_stop()``).
 
-    ``loader``: a DataLoader over minift's batch sampler (any DataLoader of batches with
-    ``input_ids``/``labels`` works too), or a step source such as ``LoaderSteps``. ``model`` may
-    be DDP-wrapped: ``dist.no_sync`` skips the all-reduce of all but the last micro-batch, and
-    DDP's averaging over ranks is undone by dividing by the count over ranks / world size.
-    ``precision``: fp32 when None; its scaler unscales before clipping and skips fp16 overflows.
-
-    No host sync in a step that neither logs, evaluates nor checkpoints: the step's loss, grad norm
-    and counts stay on the device and are read every ``hooks.log_every`` steps in one transfer.
-    A NaN/inf loss skips its update on the device (fused AdamW's ``found_inf``); the step is reported
-    (``hooks.on_nonfinite``: raise to stop) when it is read, up to ``log_every - 1`` steps later.
-    Optimizers without ``found_inf`` support, and fp16's GradScaler, check every step instead.
-    """
+    ``loader``: a DataLoader over minift's batch sampler (or of any batches with ``input_ids``), or a
+    step source like ``LoaderSteps``. ``model`` may be DDP-wrapped (``dist``); ``precision`` is fp32
+    when None. The device is read every ``hooks.log_every`` steps (module docstring)."""
     precision = precision or Precision("fp32", next(model.parameters()).device)
     loss_fn, state, hooks, device = loss or NextTokenLoss(), state or TrainState(), hooks or Hooks(), precision.device
     steps = loader if hasattr(loader, "step_done") else LoaderSteps(loader, grad_accum)
