@@ -1,4 +1,4 @@
-"""Hostile and careless use: nothing lost, nothing silent (issue #14, docs/robustness.md).
+"""Hostile and careless use: nothing lost, nothing silent (docs/robustness.md lists every case).
 
 One tiny finished run (4 steps, checkpoints at 2 and 4) is made once per module and copied;
 each test breaks its copy the way a user would, and checks the refusal or the recovery.
