@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from harness import shared_dir
+
 from minift.collate import Collator, PackingCollator, padding_efficiency
 from minift.data import load_splits, prepare_split
 from minift.sampling import LengthGroupedSampler, RandomSampler
@@ -28,17 +29,15 @@ def packing_efficiency(lengths, batches, row_length: int) -> tuple[float, float]
     return real / padded, rows / len(batches)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--tokenizer", default="openai-gpt", choices=["openai-gpt", "gpt2"])
-    args = parser.parse_args()
-    tokenizer = ensure_pad_token(load_tokenizer(shared_dir() / "tokenizers" / args.tokenizer))
+def efficiencies(batch_size: int = 32, tokenizer_name: str = "openai-gpt") -> tuple[str, list[tuple[str, float]]]:
+    """(the train split's cleaning report, [(batching, padding efficiency)]) over one epoch of the
+    real train tweets; docs/trainer-map.md quotes these (checked by tests/test_docs.py)."""
+    tokenizer = ensure_pad_token(load_tokenizer(shared_dir() / "tokenizers" / tokenizer_name))
     splits = load_splits(str(shared_dir() / "data" / "tweet_sentiment_extraction"))
     examples, report = prepare_split(splits, "train", tokenizer, max_length=128)
     lengths = examples.lengths
-    random_batches = RandomSampler(len(lengths), args.batch_size, seed=0).batches(0)
-    grouped = LengthGroupedSampler(lengths, args.batch_size, seed=0).batches(0)
+    random_batches = RandomSampler(len(lengths), batch_size, seed=0).batches(0)
+    grouped = LengthGroupedSampler(lengths, batch_size, seed=0).batches(0)
     pad = tokenizer.pad_id
     rows = [
         ("random batches, padded to the longest", padding_efficiency(lengths, random_batches, Collator(pad))),
@@ -50,7 +49,17 @@ def main() -> int:
     ]
     packed, rows_per_batch = packing_efficiency(lengths, random_batches, 128)
     rows.append((f"random batches packed into 128-token rows ({rows_per_batch:.1f} rows per batch)", packed))
-    print(f"{report.line()}\nbatch size {args.batch_size}, one epoch ({len(random_batches)} batches)\n")
+    summary = f"{report.line()}\nbatch size {batch_size}, one epoch ({len(random_batches)} batches)"
+    return summary, rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tokenizer", default="openai-gpt", choices=["openai-gpt", "gpt2"])
+    args = parser.parse_args()
+    summary, rows = efficiencies(args.batch_size, args.tokenizer)
+    print(f"{summary}\n")
     print("| batching | padding efficiency |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.3f} |")

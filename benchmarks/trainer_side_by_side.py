@@ -5,6 +5,7 @@ largest difference between the two sets of final weights.
     python3 benchmarks/trainer_side_by_side.py                       # tiny GPT-1, both samplers
     python3 benchmarks/trainer_side_by_side.py --model tiny-gpt2 --seed 7 --steps 9 --log-every 3
     python3 benchmarks/trainer_side_by_side.py --sampling random --stages   # + step 2, stage by stage
+    python3 benchmarks/trainer_side_by_side.py --verbose   # with the libraries' progress bars and logs
 
 Both start from the same checkpoint of the shared fixtures (dropout 0) and the same token ids:
 minift tokenizes the tweets and Trainer receives those ids with its own
@@ -30,6 +31,19 @@ SAMPLINGS = {"random": "random", "group_by_length": "length_grouped"}  # Trainer
 
 def shared_dir() -> Path:
     return Path(os.environ.get("MINIFT_SHARED", REPO.parent / "shared")).expanduser()
+
+
+def quiet_libraries() -> None:
+    """No progress bars ("Loading weights", "Generating split", "tokenizing") and no info or
+    warning lines from datasets and transformers, so the tables print on their own (--verbose
+    keeps them, e.g. transformers' `loss_type=None` warning explained in docs/how-trainer-works.md)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
 
 
 @dataclass
@@ -129,6 +143,8 @@ def run_trainer(args, sampling: str, settings: dict, output_dir: str) -> Columns
 
     trainer = RecordingTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                                    data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False))
+    if not args.verbose:
+        trainer.remove_callback(transformers.PrinterCallback)  # its log dicts would split the tables
     trainer.train()
     cols = Columns(logged=[(h["step"], h["loss"], h["learning_rate"], h["grad_norm"])
                            for h in trainer.state.log_history if "loss" in h])
@@ -138,7 +154,7 @@ def run_trainer(args, sampling: str, settings: dict, output_dir: str) -> Columns
     return cols
 
 
-def minift_stages(settings: dict, step: int) -> list[str]:
+def minift_stage_numbers(settings: dict, step: int) -> dict:
     """Optimizer step ``step`` recomputed from minift's parts, stage by stage. Valid while the
     weights are still the checkpoint's (every earlier step had lr 0: warmup from 0)."""
     from minift import finetune
@@ -155,16 +171,12 @@ def minift_stages(settings: dict, step: int) -> list[str]:
     collate = finetune.build_collator(cfg, tokenizer.pad_id)
     batches = [collate([train[i] for i in indices]) for indices in window]
     n_items = sum(b["n_label_tokens"] for b in batches)
-    lines = [f"sampler: micro-batches {window} (lengths {[[train.lengths[i] for i in b] for b in window]})",
-             f"num_items_in_batch = {n_items} counted labels ({sum(b['n_loss_targets'] for b in batches)} "
-             f"next-token targets + {sum(len(b) for b in window)} first tokens)"]
     model.train()
-    step_loss = 0.0
-    for indices, batch in zip(window, batches):
+    micro_losses = []
+    for batch in batches:
         loss = model(**model_inputs(batch, "cpu")).loss_sum / n_items
         loss.backward()
-        step_loss += float(loss.detach())
-        lines.append(f"micro-batch {list(batch['input_ids'].shape)}: loss_sum / {n_items} = {float(loss.detach()):.7f}")
+        micro_losses.append((list(batch["input_ids"].shape), float(loss.detach())))
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
     optimizer = make_adamw(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, t.fused_adamw)
     scheduler = make_scheduler(optimizer, t.schedule, t.max_steps,
@@ -172,8 +184,21 @@ def minift_stages(settings: dict, step: int) -> list[str]:
     for _ in range(step - 1):
         optimizer.step()  # no gradients yet: only the schedule moves
         scheduler.step()
-    lines += [f"step loss = {step_loss:.7f}; grad-norm before clipping {float(norm):.7f}; "
-              f"lr {optimizer.param_groups[0]['lr']:.6g}"]
+    return {"window": window, "lengths": [[train.lengths[i] for i in b] for b in window], "n_items": n_items,
+            "n_targets": sum(b["n_loss_targets"] for b in batches), "first_tokens": sum(len(b) for b in window),
+            "micro_losses": micro_losses, "step_loss": sum(loss for _, loss in micro_losses),
+            "grad_norm": float(norm), "lr": optimizer.param_groups[0]["lr"]}
+
+
+def minift_stages(numbers: dict) -> list[str]:
+    """``minift_stage_numbers`` as the lines --stages prints."""
+    lines = [f"sampler: micro-batches {numbers['window']} (lengths {numbers['lengths']})",
+             (f"num_items_in_batch = {numbers['n_items']} counted labels ({numbers['n_targets']} "
+              f"next-token targets + {numbers['first_tokens']} first tokens)")]
+    lines += [f"micro-batch {shape}: loss_sum / {numbers['n_items']} = {loss:.7f}"
+              for shape, loss in numbers["micro_losses"]]
+    lines.append(f"step loss = {numbers['step_loss']:.7f}; grad-norm before clipping {numbers['grad_norm']:.7f}; "
+                 f"lr {numbers['lr']:.6g}")
     return lines
 
 
@@ -197,7 +222,7 @@ def compare(args, sampling: str) -> dict:
         settings = minift_settings(args, sampling, str(Path(tmp) / "minift"))
         theirs = run_trainer(args, sampling, settings, str(Path(tmp) / "trainer"))
         mine = run_minift(settings)
-        stages = minift_stages(settings, 2) if args.stages else []
+        stages = minift_stages(minift_stage_numbers(settings, 2)) if args.stages else []
     print(f"\n== {args.model}, train_sampling_strategy={sampling!r} / data.sampler={SAMPLINGS[sampling]!r}, "
           f"seed {args.seed}, {args.steps} steps of {args.batch_size} x {args.grad_accum}, "
           f"logging window {args.log_every} ==")
@@ -241,11 +266,15 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--stages", action="store_true", help="also show step 2 stage by stage (needs --warmup 2)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep the libraries' progress bars, warnings and Trainer's printed log dicts")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, dict]:
     args = parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
     return {sampling: compare(args, sampling) for sampling in args.sampling}
 
 

@@ -5,7 +5,7 @@
     -> orchestration.run_stage: AdamW + schedule, resume, loop.train, checkpoints, export, summary
 
 ``build_stage`` reads top to bottom; each component comes from one small ``build_*`` function (the
-shared ones in ``parts.py``, this stage's own here), so a researcher can swap any piece: write a
+shared ones in ``components.py``, this stage's own here), so a researcher can swap any piece: write a
 function with the same signature and pass a ``build_stage`` of your own to ``run_stage`` (README:
 "Change one piece"), or copy this file (its imports are absolute, so a copy runs anywhere).
 The benchmarks build their minift rows with these same functions.
@@ -25,7 +25,7 @@ from minift.data import SplitReport, TokenizedExamples, label_token_ids, prepare
 from minift.evaluate import EvalData, EvalResult, eval_data_from_examples, evaluate
 from minift.loop import NextTokenLoss
 from minift.orchestration import RunContext, Stage, run_stage
-from minift.parts import (SYNTHETIC, build_loader, build_model, build_sampler, build_tokenizer, count_steps,
+from minift.components import (SYNTHETIC, build_loader, build_model, build_sampler, build_tokenizer, count_steps,
                           load_dataset_splits)
 from minift.precision import Precision
 from minift.runtime import pick_device

@@ -31,7 +31,7 @@ from .hub import load_weights
 from .loop import TrainState, fail_if_mostly_skipped, train
 from .metrics import (MetricsLogger, eval_at, eval_line, plot_curves, read_records, run_summary, summary_text,
                       trim_metrics)
-from .parts import build_hooks, build_optimizer, build_scheduler, wrap_for_training
+from .components import build_hooks, build_optimizer, build_scheduler, wrap_for_training
 from .precision import Precision
 from .run_dir import claim_output_dir
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process

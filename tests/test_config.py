@@ -94,7 +94,7 @@ def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatc
     import torch
 
     from minift.distributed import SINGLE_PROCESS
-    from minift.parts import wrap_for_training
+    from minift.components import wrap_for_training
 
     with pytest.raises(RunConfigError, match="model.compile_mode 'fast'"):
         load_config(None, ["model.compile=true", "model.compile_mode=fast"])

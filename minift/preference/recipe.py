@@ -25,7 +25,7 @@ from ..config import RunConfig, load_config
 from ..data import DataError
 from ..hub import load_weights
 from ..orchestration import RunContext, Stage, run_stage
-from ..parts import build_loader, build_model, build_sampler, build_tokenizer, count_steps, load_dataset_splits
+from ..components import build_loader, build_model, build_sampler, build_tokenizer, count_steps, load_dataset_splits
 from .config import TWEETS, PreferenceConfig
 from .dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
 from .pairs import (PairCollator, PairObjective, TokenizedPairs, evaluate_pairs, load_pairs, pair_batches,
