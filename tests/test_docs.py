@@ -55,8 +55,8 @@ def test_a_stale_or_ambiguous_citation_fails(tmp_path):
         trainer_map.locate(source, "model.zero_grad()")
     with pytest.raises(trainer_map.CitationError, match="stale"):
         trainer_map.locate(source, "optimizer.zero_grad()")
-    row = next(line for line in TEXT.splitlines() if "`minift/loop.py:" in line and "zero_grad" in line)
-    moved = TEXT.replace(row, row.replace("`minift/loop.py:", "`minift/loop.py:1", 1))
+    row = next(line for line in TEXT.splitlines() if "`minift/optim.py:" in line and "zero_grad" in line)
+    moved = TEXT.replace(row, row.replace("`minift/optim.py:", "`minift/optim.py:1", 1))
     assert any("which is on line" in e for e in trainer_map.check(moved, root=None))
 
 
