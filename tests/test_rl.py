@@ -498,10 +498,12 @@ def test_against_trl_trace(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.requires("trl", "transformers")
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("name", [*SETTINGS, *(f"random_{seed}" for seed in (*range(1, 11), 17))])
 def test_against_trl_live(tmp_path, name):
     """TRL's GRPOTrainer / RLOOTrainer run here and sample; minift replays the completions file written from
-    what they sampled. Final weights compared element by element."""
+    what they sampled. Final weights compared element by element. ``random_<seed>``: a setting drawn from
+    TRL's options with that seed (``trl_rl.random_setting``), also TRL's seed: settings and completions
+    nobody chose."""
     from trl_rl import replay_rounds
 
     logs, rounds, their_params = run_trl(name, tmp_path / "trl")
@@ -513,3 +515,33 @@ def test_against_trl_live(tmp_path, name):
     _compare_steps(records, logs)
     for tensor, mine in my_params.items():
         torch.testing.assert_close(mine, their_params[tensor], rtol=0, atol=1e-5)
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_equal_one_process_with_the_doubled_micro_batches(tmp_path):
+    """Each objective on 2 gloo ranks (8 rows each) equals one process with both ranks' rows in every
+    micro-batch: weights, loss, and the metrics TRL reduces over ranks (token means, min / max)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "tests" / "rl_ddp.py")
+    for out, launcher in (("one.json", []), ("two.json", ["-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                                           "--master-port", "29547"])):
+        result = subprocess.run([sys.executable, *launcher, script, str(tmp_path / out)], env=env, cwd=REPO,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one.keys() == two.keys() == {"dapo_beta", "grpo_sequence", "dr_grpo", "rloo"}
+    for name in one:
+        for tensor, values in one[name]["weights"].items():
+            assert two[name]["weights"][tensor] == pytest.approx(values, abs=1e-12), (name, tensor)
+        for key, value in one[name]["record"].items():
+            if key in ("loss", "kl", "entropy") or key.startswith("clip_ratio/"):
+                assert two[name]["record"][key] == pytest.approx(value, abs=1e-6), (name, key)
+        assert 0 < one[name]["record"]["clip_ratio/region_mean"] < 1, name

@@ -73,12 +73,41 @@ STEP_KEYS = ("loss", "grad_norm", "learning_rate", "kl", "entropy", "clip_ratio/
              "completions/mean_terminated_length")
 
 
+def random_setting(seed: int) -> tuple[str, dict]:
+    """A setting drawn from TRL's option space with ``seed`` (also TRL's seed, so the completions differ too):
+    for checking settings and completions no test was written for."""
+    import random
+
+    rng = random.Random(seed)
+    trainer = rng.choice(["grpo", "grpo", "grpo", "rloo"])
+    generations = rng.choice([2, 3, 4])
+    grad_accum = rng.choice([1, 2])
+    out = {"seed": seed, "num_generations": generations, "per_device": generations * rng.choice([1, 2]),
+           "grad_accum": grad_accum, "steps_per_generation": grad_accum * rng.choice([1, 2]),
+           "num_iterations": rng.choice([1, 2]), "max_completion_length": rng.choice([4, 6, 8]),
+           "epsilon": rng.choice([0.1, 0.2]), "epsilon_high": rng.choice([None, 0.3]),
+           "temperature": rng.choice([0.7, 1.0, 1.3]), "mask_truncated_completions": rng.random() < 0.5,
+           "beta": rng.choice([0.0, 0.04]), "max_steps": 3}
+    out.update(rng.choice([{"optimizer": "adamw", "lr": 1e-3}, {"optimizer": "sgd", "lr": 0.3},
+                           {"optimizer": "sgd", "lr": 1.0}]))
+    if rng.random() < 0.5:
+        out.update(rewards=("vowel_share", "short_length"), reward_weights=(rng.choice([0.5, 1.0]), rng.choice([-1.0, 2.0])))
+    if trainer == "grpo":
+        out.update(loss_type=rng.choice(["dapo", "grpo", "dr_grpo", "bnpo"]),
+                   importance_sampling_level=rng.choice(["token", "sequence"]),
+                   scale_rewards=rng.choice(["group", "batch", "none"]))
+    else:
+        out.update(normalize_advantages=rng.random() < 0.5, reward_clip_range=rng.choice([None, (-1.0, 0.5)]))
+    return trainer, out
+
+
 def config(name: str) -> dict:
-    trainer, overrides = SETTINGS[name]
+    trainer, overrides = random_setting(int(name.split("_")[1])) if name.startswith("random_") else SETTINGS[name]
     cfg = {"trainer": trainer, "per_device": 4, "num_generations": 4, "max_completion_length": 6, "grad_accum": 2,
            "max_steps": 3, "lr": 1e-3, "optimizer": "adamw", "rewards": ("vowel_share",), "reward_weights": None,
            "num_iterations": 1, "steps_per_generation": None, "epsilon": 0.2, "epsilon_high": None,
-           "temperature": 1.0, "mask_truncated_completions": False, "schedule": "constant"}
+           "temperature": 1.0, "mask_truncated_completions": False, "schedule": "constant",
+           "seed": SETUP["seed"]}
     if trainer == "grpo":  # TRL's defaults
         cfg.update(beta=0.0, loss_type="dapo", importance_sampling_level="token", scale_rewards="group")
     else:
@@ -179,7 +208,7 @@ def run_trl(name: str, out_dir: Path):
               "lr_scheduler_type": cfg["schedule"], "weight_decay": 0.0,
               "optim": "adamw_torch" if cfg["optimizer"] == "adamw" else "sgd",
               "max_grad_norm": SETUP["max_grad_norm"], "logging_steps": 1, "report_to": "none",
-              "save_strategy": "no", "use_cpu": True, "seed": SETUP["seed"], "bf16": False,
+              "save_strategy": "no", "use_cpu": True, "seed": cfg["seed"], "bf16": False,
               "disable_dropout": True, "gradient_checkpointing": False, "dataloader_num_workers": 0}
     if cfg["trainer"] == "grpo":
         args = GRPOConfig(**common, loss_type=cfg["loss_type"], scale_rewards=cfg["scale_rewards"],
