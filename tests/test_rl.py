@@ -545,3 +545,47 @@ def test_two_ranks_equal_one_process_with_the_doubled_micro_batches(tmp_path):
             if key in ("loss", "kl", "entropy") or key.startswith("clip_ratio/"):
                 assert two[name]["record"][key] == pytest.approx(value, abs=1e-6), (name, key)
         assert 0 < one[name]["record"]["clip_ratio/region_mean"] < 1, name
+
+
+# -- docs/grpo.md ---------------------------------------------------------------------------------------------
+def _grpo_map():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("update_grpo_map", REPO / "docs" / "update_grpo_map.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.DOC.read_text(encoding="utf-8")
+
+
+def test_grpo_doc_cites_minift_lines_that_hold_the_quoted_code():
+    grpo_map, text = _grpo_map()
+    assert len(grpo_map.trainer_map.cited(text)) >= 40
+    assert grpo_map.check(text, root=None) == []
+
+
+def test_grpo_doc_cites_trl_lines_that_hold_the_quoted_code():
+    grpo_map, text = _grpo_map()
+    root, versions = grpo_map.trainer_map.upstream_root(grpo_map.cited_packages(text))
+    if root is None:
+        pytest.skip(f"TRL half not checked: {versions}")
+    assert grpo_map.check(text, root) == []
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_grpo_doc_shows_what_its_numbers_script_prints(capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    shared_path("fixtures", "tiny-gpt2")
+    spec = importlib.util.spec_from_file_location("grpo_numbers", REPO / "docs" / "grpo_numbers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main()
+    printed = capsys.readouterr().out
+    text = (REPO / "docs" / "grpo.md").read_text(encoding="utf-8")
+    missing = [line for line in printed.splitlines() if line and line not in text]
+    assert not missing, missing
