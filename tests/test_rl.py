@@ -233,6 +233,35 @@ def test_completion_logps_in_chunks_equal_one_forward_and_are_zero_where_masked(
     assert torch.allclose(chunked[mask], whole[mask], atol=1e-6) and (chunked[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_prepare_round_gives_each_rank_its_rows_of_the_whole_round(algorithm):
+    """Two ranks holding the whole round get its halves, with the round's advantages, metrics, padding and
+    the "dapo" denominator shared by 2 ranks x 2 micro-batches; RLOO with beta > 0 scores every row."""
+    from minift.rl.round import RoundSettings, prepare_round
+
+    lm = _tiny_lm()
+    prompts, completions = _random_round(n=8)
+    rewards = torch.randn(8, 2, generator=torch.Generator().manual_seed(3))
+    rewards[2, 0] = NAN
+    settings = RoundSettings(algorithm=algorithm, num_generations=4, beta=0.1, steps_per_generation=2,
+                             grad_accum=2, num_iterations=2, rows_per_forward=3)
+    scorer, reference = CompletionLogProbs(lm), CompletionLogProbs(_tiny_lm(seed=1))
+
+    def run(rank, world_size):
+        return prepare_round(settings, scorer, reference, prompts, completions, rewards, torch.tensor([1.0, 0.5]),
+                             ["a", "b"], 0, {39, 0}, list(range(8 // world_size)), CPU, rank, world_size)
+    (one, one_metrics), *ranks = run(0, 1), run(0, 2), run(1, 2)
+    assert [len(p["advantages"]) for p in one] == [4, 4]
+    assert all(metrics == one_metrics for _, metrics in ranks)
+    assert one[0]["tokens_per_micro_batch"] == 2 * ranks[0][0][0]["tokens_per_micro_batch"]
+    halves = [part for parts, _ in ranks for part in parts]
+    for key in ("input_ids", "position_ids", "completion_mask", "advantages", "old_logps", "ref_logps"):
+        whole = torch.cat([p[key] for p in one])
+        assert torch.allclose(torch.cat([p[key] for p in halves]).double(), whole.double(), rtol=0, atol=1e-6), key
+    assert ("kl" in one_metrics) == (algorithm == "rloo") and one_metrics["reward"] == pytest.approx(
+        torch.nanmean(rewards[:, 0].nan_to_num(0) + 0.5 * rewards[:, 1]).item(), rel=1e-6)
+
+
 # -- the objectives against hand formulas ----------------------------------------------------------------
 class FixedLogProbs(nn.Module):
     """Stands in for CompletionLogProbs: returns the given per-token log-probs (a parameter) and entropies."""

@@ -260,70 +260,39 @@ def run_minift(name: str, rounds, dtype: torch.dtype = torch.float32):
     from minift.hub import from_pretrained
     from minift.loop import Hooks, train
     from minift.optim import make_adamw, make_scheduler
-    from minift.rl import advantages as adv
-    from minift.rl.batching import (
-        RoundLoader,
-        needs_old_logps,
-        round_batch,
-        shuffled_split,
-        tokens_per_micro_batch,
-    )
-    from minift.rl.objective import (
-        CompletionLogProbs,
-        GRPOObjective,
-        RLOOObjective,
-        completion_logps,
-        finish_step_metrics,
-    )
+    from minift.rl.batching import RoundLoader
+    from minift.rl.objective import CompletionLogProbs, GRPOObjective, RLOOObjective, finish_step_metrics
+    from minift.rl.round import RoundSettings, prepare_round
+
     cfg = config(name)
-    cpu = torch.device("cpu")
     tokenizer = minift_tokenizer()
     lm = from_pretrained(FIXTURES / SETUP["checkpoint"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).to(dtype)
     policy = CompletionLogProbs(lm, cfg["temperature"]).train()
     reference = CompletionLogProbs(copy.deepcopy(lm), cfg["temperature"]).eval().requires_grad_(False) \
         if cfg["beta"] else None
-    stop_ids = set(eos_ids()) | {EOS}
     weights = torch.tensor(cfg["reward_weights"] or [1.0] * len(cfg["rewards"]), dtype=torch.float32)
-    spg, mu, ga, G = cfg["steps_per_generation"], cfg["num_iterations"], cfg["grad_accum"], cfg["num_generations"]
+    spg, mu, ga = cfg["steps_per_generation"], cfg["num_iterations"], cfg["grad_accum"]
+    settings = RoundSettings(algorithm=cfg["trainer"], num_generations=cfg["num_generations"],
+                             scale_rewards=cfg.get("scale_rewards", "group"),
+                             normalize_advantages=cfg.get("normalize_advantages", False),
+                             reward_clip_range=cfg.get("reward_clip_range"), beta=cfg["beta"],
+                             mask_truncated_completions=cfg["mask_truncated_completions"], steps_per_generation=spg,
+                             grad_accum=ga, num_iterations=mu, rows_per_forward=cfg["per_device"])
     round_metrics: dict[int, list[dict]] = {}
 
     def make_round(r: int) -> list[dict]:
         rnd = rounds[r]
-        prompt_ids = rnd.prompt_ids or [tokenizer.encode(p) for p in rnd.prompts]
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rnd.completion_ids]
         columns = [REWARDS[n](prompts=rnd.prompts, completions=texts, completion_ids=rnd.completion_ids)
                    for n in cfg["rewards"]]
         per_func = torch.tensor([[float("nan") if c[i] is None else c[i] for c in columns] for i in range(len(texts))],
                                 dtype=torch.float32)
-        batch = round_batch(prompt_ids, rnd.completion_ids, EOS, stop_ids, cfg["mask_truncated_completions"])
-        rewards = adv.weighted_rewards(per_func, weights)
-        old = ref = None
-        if cfg["trainer"] == "rloo" or needs_old_logps(ga, spg, mu):
-            old = completion_logps(policy, batch, cfg["per_device"], cpu)
-        if reference is not None:
-            ref = completion_logps(reference, batch, cfg["per_device"], cpu)
-        metrics = {}
-        if cfg["trainer"] == "grpo":
-            advantages, std = adv.grpo_advantages(rewards, G, cfg["scale_rewards"])
-        else:
-            if cfg["reward_clip_range"]:
-                rewards = rewards.clamp(*cfg["reward_clip_range"])
-            if ref is not None:
-                mask = batch["completion_mask"]
-                rewards = rewards - cfg["beta"] * adv.sequence_kl(old, ref, mask)
-                metrics["kl"] = (((old - ref) * mask).sum() / mask.sum().clamp(min=1)).item()
-            advantages, std = adv.rloo_advantages(rewards, G, cfg["normalize_advantages"])
-        metrics.update(adv.reward_metrics(per_func, weights, list(cfg["rewards"]), std))
-        metrics.update(adv.completion_metrics(rnd.completion_ids, stop_ids))
-        step = r * spg * mu // ga + 1  # the optimizer step whose micro-step generates round r
-        round_metrics.setdefault(step, []).append(metrics)
-        batch.update(advantages=advantages, tokens_per_micro_batch=tokens_per_micro_batch(
-            int(batch["completion_mask"].sum()), 1, spg))
-        if old is not None:
-            batch["old_logps"] = old
-        if ref is not None:
-            batch["ref_logps"] = ref
-        return shuffled_split(batch, rnd.permutation, spg)
+        micro_batches, metrics = prepare_round(
+            settings, policy, reference, rnd.prompt_ids or [tokenizer.encode(p) for p in rnd.prompts],
+            rnd.completion_ids, per_func, weights, list(cfg["rewards"]), EOS, set(eos_ids()) | {EOS},
+            rnd.permutation, torch.device("cpu"))
+        round_metrics.setdefault(r * spg * mu // ga + 1, []).append(metrics)  # the step that sampled round r
+        return micro_batches
 
     if cfg["trainer"] == "grpo":
         objective = GRPOObjective(loss_type=cfg["loss_type"], epsilon_low=cfg["epsilon"],
