@@ -594,6 +594,7 @@ def test_grpo_doc_cites_minift_lines_that_hold_the_quoted_code():
     assert grpo_map.check(text, root=None) == []
 
 
+@pytest.mark.slow  # importing trl to read its version takes ~2 s
 def test_grpo_doc_cites_trl_lines_that_hold_the_quoted_code():
     grpo_map, text = _grpo_map()
     root, versions = grpo_map.trainer_map.upstream_root(grpo_map.cited_packages(text))

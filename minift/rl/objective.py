@@ -92,7 +92,8 @@ def completion_logps(scorer: CompletionLogProbs, batch: dict, rows_per_forward: 
                      autocast=None) -> torch.Tensor:
     """[N, C] per-token log-probs of a whole round under ``scorer``'s current weights (old or reference
     log-probs), ``rows_per_forward`` rows at a time (TRL: the per-device batch size), float32, 0 where
-    the completion mask is 0 (TRL's value there)."""
+    the completion mask is 0 (TRL's value there). ``autocast``: a reusable autocast context (e.g.
+    ``torch.autocast("cuda", torch.bfloat16)``), the training forward's, or None for none."""
     inputs = model_inputs(batch, device)
     n_completion = inputs.pop("n_completion")
     out = []

@@ -52,11 +52,12 @@ class RoundSettings:
 def prepare_round(settings: RoundSettings, policy: CompletionLogProbs, reference: CompletionLogProbs | None,
                   prompt_ids: list[list[int]], completion_ids: list[list[int]], rewards_per_func: torch.Tensor,
                   reward_weights: torch.Tensor, reward_names: list[str], pad_id: int, stop_ids: set[int],
-                  permutation, device: torch.device, rank: int = 0, world_size: int = 1
+                  permutation, device: torch.device, rank: int = 0, world_size: int = 1, autocast=None
                   ) -> tuple[list[dict], dict[str, float]]:
     """(this rank's micro-batches, the round's metrics). ``rewards_per_func`` [N, F] float32 (NaN = None),
     rows in generation order; ``permutation``: TRL's shuffle of this rank's rows (training row k = local row
-    permutation[k]); rank r trains on the round's rows [r·N/world_size, (r+1)·N/world_size)."""
+    permutation[k]); rank r trains on the round's rows [r·N/world_size, (r+1)·N/world_size). ``autocast``:
+    the training forward's autocast context (bf16 / fp16 runs), so that on-policy ratios are exactly 1."""
     n = len(completion_ids)
     if n % world_size or n % settings.num_generations:
         raise ValueError(f"a round of {n} completions does not split into {world_size} ranks and groups of "
@@ -71,9 +72,9 @@ def prepare_round(settings: RoundSettings, policy: CompletionLogProbs, reference
     old = ref = None  # [rows scored, C], computed now: under the weights that sampled the round
     if settings.algorithm == "rloo" or needs_old_logps(settings.grad_accum, settings.steps_per_generation,
                                                        settings.num_iterations):
-        old = completion_logps(policy, scored, settings.rows_per_forward, device).cpu()
+        old = completion_logps(policy, scored, settings.rows_per_forward, device, autocast).cpu()
     if settings.beta != 0.0:
-        ref = completion_logps(reference, scored, settings.rows_per_forward, device).cpu()
+        ref = completion_logps(reference, scored, settings.rows_per_forward, device, autocast).cpu()
 
     rewards = adv.weighted_rewards(rewards_per_func, reward_weights)
     metrics: dict[str, float] = {}
