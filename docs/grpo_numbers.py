@@ -52,7 +52,8 @@ def main() -> None:
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
     columns = [trl_rl.REWARDS[name](prompts=prompts, completions=texts, completion_ids=completion_ids)
                for name in cfg["rewards"]]
-    per_func = torch.tensor([[float("nan") if c[i] is None else c[i] for c in columns] for i in range(len(texts))])
+    per_func = torch.tensor([[float("nan") if c[i] is None else c[i] for c in columns]
+                             for i in range(len(texts))])
     rewards = adv.weighted_rewards(per_func, weights)
     advantages, std = adv.grpo_advantages(rewards, G, cfg["scale_rewards"])
     groups = rewards.view(-1, G)
@@ -84,17 +85,19 @@ def main() -> None:
     for row, r in enumerate(records):
         permutation[r["position"]] = row
     parts = shuffled_split(batch, permutation, cfg["steps_per_generation"])
-    width, prompt_width = batch["input_ids"].shape[1], batch["input_ids"].shape[1] - batch["completion_mask"].shape[1]
+    width = batch["input_ids"].shape[1]
+    prompt_width = width - batch["completion_mask"].shape[1]
     print(f"**2. Layout.** Prompts left-padded to {prompt_width} tokens, completions right-padded to "
           f"{width - prompt_width}: input_ids [8, {width}]. Completion tokens in the round: {n_tokens}, so "
-          f"\"dapo\" divides each micro-batch's summed token loss by {n_tokens} / (1 rank × 2 micro-batches) = "
-          f"{batch['tokens_per_micro_batch']}. TRL's shuffle: training row k = round row {permutation}; "
-          f"micro-batch 0 = rows {permutation[:4]}, micro-batch 1 = rows {permutation[4:]}. Old and reference "
-          "log-probs are computed now (4 rows per forward); num_iterations = 2 trains on the round twice.\n")
+          f"\"dapo\" divides each micro-batch's summed token loss by {n_tokens} / (1 rank × 2 "
+          f"micro-batches) = {batch['tokens_per_micro_batch']}. TRL's shuffle: training row k = round row "
+          f"{permutation}; micro-batch 0 = rows {permutation[:4]}, micro-batch 1 = rows {permutation[4:]}. "
+          "Old and reference log-probs are computed now (4 rows per forward); num_iterations = 2 trains on "
+          "the round twice.\n")
 
     # 3. the two optimizer steps on this round, by hand (what loop.train does)
-    objective = GRPOObjective(loss_type=cfg["loss_type"], epsilon_low=cfg["epsilon"], epsilon_high=cfg["epsilon_high"],
-                              beta=cfg["beta"])
+    objective = GRPOObjective(loss_type=cfg["loss_type"], epsilon_low=cfg["epsilon"],
+                              epsilon_high=cfg["epsilon_high"], beta=cfg["beta"])
     optimizer = torch.optim.SGD(policy.parameters(), lr=cfg["lr"])
     print("**3. Two optimizer steps on the round** (step 2 reuses it: its ratios are to the weights that "
           "sampled it)\n")
@@ -125,8 +128,9 @@ def main() -> None:
                      f"{f(mean['kl'])} (TRL {f(t['kl'])})", f"{f(mean['entropy'])} (TRL {f(t['entropy'])})",
                      f"{f(mean['clip_ratio/low_mean'])} (TRL {f(t['clip_ratio/low_mean'])})",
                      f"{f(mean['clip_ratio/high_mean'])} (TRL {f(t['clip_ratio/high_mean'])})"])
-    print(table(["step", "micro-batch", "tokens", "ratio π/π_old", "loss", "kl", "entropy", "clip low", "clip high"],
-                rows))
+    header = ["step", "micro-batch", "tokens", "ratio π/π_old", "loss", "kl", "entropy", "clip low",
+              "clip high"]
+    print(table(header, rows))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def cited_packages(text: str) -> tuple[str, ...]:
 
 def check(text: str, root: Path | None) -> list[str]:
     """``update_trainer_map.check``'s errors, pointing at this command."""
-    return [e.replace("docs/update_trainer_map.py", "docs/update_grpo_map.py") for e in trainer_map.check(text, root)]
+    return [e.replace("docs/update_trainer_map.py", "docs/update_grpo_map.py")
+            for e in trainer_map.check(text, root)]
 
 
 def renumber(text: str, root: Path) -> str:

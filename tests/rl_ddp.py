@@ -68,15 +68,15 @@ def main(out: Path) -> None:
     results = {}
     for name, make_objective in OBJECTIVES.items():
         torch.manual_seed(0)
-        lm = build_model(GPTConfig(vocab_size=40, n_positions=24, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                                   embd_pdrop=0.0, attn_pdrop=0.0)).double()
+        lm = build_model(GPTConfig(vocab_size=40, n_positions=24, n_embd=16, n_layer=2, n_head=2,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double()
         parts = micro_batches(the_round(lm), dist)
         model = dist.wrap(CompletionLogProbs(lm))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         records: list[dict] = []
         train(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0),
-              RoundLoader(lambda r, parts=parts: parts, 1), total_steps=1, grad_accum=STEPS_PER_GENERATION, max_grad_norm=1.0,
-              loss=make_objective(dist), dist=dist, hooks=Hooks(log=records.append))
+              RoundLoader(lambda r, parts=parts: parts, 1), total_steps=1, grad_accum=STEPS_PER_GENERATION,
+              max_grad_norm=1.0, loss=make_objective(dist), dist=dist, hooks=Hooks(log=records.append))
         results[name] = {"record": finish_step_metrics(records[0]),
                          "weights": {k: v.flatten().tolist() for k, v in lm.state_dict().items()}}
     if dist.is_main:

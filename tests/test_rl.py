@@ -62,7 +62,8 @@ def test_weighted_rewards_count_a_none_as_zero_unless_every_function_returned_no
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_grpo_advantages_against_hand_formulas(scale):
-    rewards = [0.1, 0.7, NAN, 0.4, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.5, NAN]  # 3 groups of 4; group 2 has std 0
+    # 3 groups of 4; group 2 has std 0
+    rewards = [0.1, 0.7, NAN, 0.4, 2.0, 2.0, 2.0, 2.0, -1.0, 3.0, 0.5, NAN]
     got, std = adv.grpo_advantages(torch.tensor(rewards, dtype=torch.float64), 4, scale)
     present = _nanlist(rewards)
     for i, r in enumerate(rewards):
@@ -92,7 +93,9 @@ def test_rloo_advantages_leave_one_out_against_hand_formulas(normalize):
         if math.isnan(value):
             assert got[i].item() == 0.0
             continue
-        want = (value - statistics.fmean(present)) / (statistics.stdev(present) + 1e-4) if normalize else value
+        want = value
+        if normalize:
+            want = (value - statistics.fmean(present)) / (statistics.stdev(present) + 1e-4)
         assert got[i].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
     assert std[0].item() == pytest.approx(statistics.stdev([1.0, 3.0, 0.0]), rel=1e-13)
     assert math.isnan(std[1].item())
@@ -115,7 +118,8 @@ def test_reward_and_completion_metrics_by_hand():
     assert m["reward_std"] == pytest.approx(statistics.stdev([1.0, 0.5, 4.0]))
     assert m["frac_reward_zero_std"] == 0.75  # isclose(1e-9, 0) holds (atol 1e-8)
     c = adv.completion_metrics([[5, 9], [5, 6, 7], [8], [4, 4, 4, 9]], stop_ids={9, 0})
-    assert (c["completions/mean_length"], c["completions/min_length"], c["completions/max_length"]) == (2.5, 1, 4)
+    lengths = (c["completions/mean_length"], c["completions/min_length"], c["completions/max_length"])
+    assert lengths == (2.5, 1, 4)
     assert c["completions/clipped_ratio"] == 0.5  # [5, 6, 7] and [8] do not end in a stop id
     assert (c["completions/mean_terminated_length"], c["completions/min_terminated_length"],
             c["completions/max_terminated_length"]) == (3.0, 2, 4)
@@ -174,15 +178,16 @@ def test_round_loader_builds_each_round_when_reached_and_repeats_it_num_iteratio
 # -- log-probs -------------------------------------------------------------------------------------------
 def _tiny_lm(seed=0, vocab=40):
     torch.manual_seed(seed)
-    return build_model(GPTConfig(vocab_size=vocab, n_positions=24, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                                 embd_pdrop=0.0, attn_pdrop=0.0)).double()
+    return build_model(GPTConfig(vocab_size=vocab, n_positions=24, n_embd=16, n_layer=2, n_head=2,
+                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).double()
 
 
 def _random_round(n=8, seed=0, vocab=40, stop=39):
     g = torch.Generator().manual_seed(seed)
 
     def ids(lo, hi):
-        return torch.randint(1, vocab - 1, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(1, vocab - 1, (length,), generator=g).tolist()
     prompts = [ids(1, 6) for _ in range(n)]
     completions = [ids(1, 5) + ([stop] if i % 3 else []) for i in range(n)]
     return prompts, completions
@@ -193,8 +198,9 @@ def test_completion_log_probs_equal_full_logits_at_the_completion_tokens(tempera
     lm = _tiny_lm()
     prompts, completions = _random_round()
     batch = round_batch(prompts, completions, 0, {39, 0})
-    logps, entropy = CompletionLogProbs(lm, temperature)(batch["input_ids"], batch["attention_mask"],
-                                                         batch["position_ids"], batch["completion_mask"].shape[1])
+    scorer = CompletionLogProbs(lm, temperature)
+    logps, entropy = scorer(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                            batch["completion_mask"].shape[1])
     logits = lm(batch["input_ids"], batch["attention_mask"]) / temperature  # every position, positions 0..T-1
     P = batch["input_ids"].shape[1] - batch["completion_mask"].shape[1]
     for i, completion in enumerate(completions):
@@ -218,7 +224,8 @@ def test_real_positions_make_log_probs_independent_of_the_padding_trl_positions_
         gap = (together[0] - alone(0, positions)).abs().max().item()  # row 0 has 3 pads in the round
         assert (gap < 1e-12) == same, (positions, gap)
         assert (together[1] - alone(1, positions)).abs().max().item() < 1e-12  # the longest row: no pads
-    assert position_ids(left_pad([[1], [2, 3, 4]], 0)[1], 5, "real").tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    real = position_ids(left_pad([[1], [2, 3, 4]], 0)[1], 5, "real")
+    assert real.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 def test_completion_logps_in_chunks_equal_one_forward_and_are_zero_where_masked():
@@ -248,8 +255,9 @@ def test_prepare_round_gives_each_rank_its_rows_of_the_whole_round(algorithm):
     scorer, reference = CompletionLogProbs(lm), CompletionLogProbs(_tiny_lm(seed=1))
 
     def run(rank, world_size):
-        return prepare_round(settings, scorer, reference, prompts, completions, rewards, torch.tensor([1.0, 0.5]),
-                             ["a", "b"], 0, {39, 0}, list(range(8 // world_size)), CPU, rank, world_size)
+        return prepare_round(settings, scorer, reference, prompts, completions, rewards,
+                             torch.tensor([1.0, 0.5]), ["a", "b"], 0, {39, 0}, list(range(8 // world_size)),
+                             CPU, rank, world_size)
     (one, one_metrics), *ranks = run(0, 1), run(0, 2), run(1, 2)
     assert [len(p["advantages"]) for p in one] == [4, 4]
     assert all(metrics == one_metrics for _, metrics in ranks)
@@ -257,7 +265,8 @@ def test_prepare_round_gives_each_rank_its_rows_of_the_whole_round(algorithm):
     halves = [part for parts, _ in ranks for part in parts]
     for key in ("input_ids", "position_ids", "completion_mask", "advantages", "old_logps", "ref_logps"):
         whole = torch.cat([p[key] for p in one])
-        assert torch.allclose(torch.cat([p[key] for p in halves]).double(), whole.double(), rtol=0, atol=1e-6), key
+        split = torch.cat([p[key] for p in halves])
+        assert torch.allclose(split.double(), whole.double(), rtol=0, atol=1e-6), key
     assert ("kl" in one_metrics) == (algorithm == "rloo") and one_metrics["reward"] == pytest.approx(
         torch.nanmean(rewards[:, 0].nan_to_num(0) + 0.5 * rewards[:, 1]).item(), rel=1e-6)
 
@@ -324,13 +333,15 @@ def _hand_grpo(batch, logps, entropy, loss_type, level, beta, eps_lo, eps_hi, ma
     high = [[float(coef[i][t] > 1 + eps_hi and A[i] > 0) for t in range(C)] for i in range(B)]
     if level == "sequence":
         per_row = {"low": [low[i][0] for i in range(B)], "high": [high[i][0] for i in range(B)]}
-        metrics["clip_ratio/low_mean"], metrics["clip_ratio/high_mean"] = (sum(v) / B for v in per_row.values())
+        metrics["clip_ratio/low_mean"] = sum(per_row["low"]) / B
+        metrics["clip_ratio/high_mean"] = sum(per_row["high"]) / B
         metrics["clip_ratio/region_mean"] = sum(max(a, b) for a, b in zip(*per_row.values())) / B
     else:
         def share(flags):
             return sum(flags[i][t] * m[i][t] for i in range(B) for t in range(C)) / n_tokens
         metrics["clip_ratio/low_mean"], metrics["clip_ratio/high_mean"] = share(low), share(high)
-        metrics["clip_ratio/region_mean"] = share([[max(a, b) for a, b in zip(x, y)] for x, y in zip(low, high)])
+        region = [[max(a, b) for a, b in zip(x, y)] for x, y in zip(low, high)]
+        metrics["clip_ratio/region_mean"] = share(region)
         per_row = {k: [sum(f[i][t] * m[i][t] for t in range(C)) / sum(m[i]) for i in range(B) if sum(m[i])]
                    for k, f in (("low", low), ("high", high))}
     metrics["clip_ratio/low_min"], metrics["clip_ratio/high_max"] = min(per_row["low"]), max(per_row["high"])
@@ -342,8 +353,8 @@ def _hand_grpo(batch, logps, entropy, loss_type, level, beta, eps_lo, eps_hi, ma
 @pytest.mark.parametrize("beta", [0.0, 0.3])
 def test_grpo_objective_equals_trl_formulas_by_hand(loss_type, level, beta):
     batch, logps, entropy = _objective_batch()
-    objective = GRPOObjective(loss_type=loss_type, epsilon_low=0.1, epsilon_high=0.15, importance_sampling_level=level,
-                              beta=beta, max_completion_length=7)
+    objective = GRPOObjective(loss_type=loss_type, epsilon_low=0.1, epsilon_high=0.15,
+                              importance_sampling_level=level, beta=beta, max_completion_length=7)
     out = objective(FixedLogProbs(logps, entropy), batch, CPU)
     want, metrics = _hand_grpo(batch, logps, entropy, loss_type, level, beta, 0.1, 0.15)
     assert out.loss_sum.item() == pytest.approx(want, rel=1e-12, abs=1e-14)
@@ -387,8 +398,8 @@ def test_rloo_objective_equals_trl_formulas_by_hand():
 
 def test_finish_step_metrics_averages_only_micro_batches_that_had_a_value():
     # two micro-batches: low_min 0.25 and "none" (every completion masked): the loop logs sums / 2
-    record = {"step": 1, "clip_ratio/low_min": (0.25 + 0.0) / 2, COUNT_PREFIX + "clip_ratio/low_min": (1 + 0) / 2,
-              "clip_ratio/high_max": 0.0, COUNT_PREFIX + "clip_ratio/high_max": 0.0}
+    record = {"step": 1, "clip_ratio/low_min": (0.25 + 0.0) / 2, "clip_ratio/high_max": 0.0,
+              COUNT_PREFIX + "clip_ratio/low_min": (1 + 0) / 2, COUNT_PREFIX + "clip_ratio/high_max": 0.0}
     assert finish_step_metrics(record) == {"step": 1, "clip_ratio/low_min": 0.25, "clip_ratio/high_max": None}
 
 
@@ -413,13 +424,14 @@ def test_loop_with_accumulation_reproduces_trl_step_written_by_hand(loss_type):
     lm = _tiny_lm()
     reference_lm = copy.deepcopy(lm)
     g = torch.Generator().manual_seed(1)
+    noise = 0.05 * torch.randn(8, mask.shape[1], generator=g, dtype=torch.float64) * mask
     batch.update(advantages=torch.randn(8, generator=g, dtype=torch.float64),
-                 old_logps=completion_logps(CompletionLogProbs(lm), batch, 8, CPU).double() + 0.05 * torch.randn(
-                     8, mask.shape[1], generator=g, dtype=torch.float64) * mask,
+                 old_logps=completion_logps(CompletionLogProbs(lm), batch, 8, CPU).double() + noise,
                  tokens_per_micro_batch=tokens_per_micro_batch(int(mask.sum()), 1, 4))
     order = torch.randperm(8, generator=g)
     parts = shuffled_split(batch, order, 4)
-    objective = GRPOObjective(loss_type=loss_type, epsilon_low=0.02, epsilon_high=0.03, max_completion_length=6)
+    objective = GRPOObjective(loss_type=loss_type, epsilon_low=0.02, epsilon_high=0.03,
+                              max_completion_length=6)
     policy = CompletionLogProbs(lm)
     records = []
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
@@ -436,7 +448,7 @@ def test_loop_with_accumulation_reproduces_trl_step_written_by_hand(loss_type):
         coef = torch.exp(logps * m - part["old_logps"])
         a = part["advantages"][:, None]
         token = -torch.min(coef * a, coef.clamp(0.98, 1.03) * a) * m
-        per_micro_batch = {"dapo": token.sum() / (m.sum().item() and batch["completion_mask"].sum().item() / 4),
+        per_micro_batch = {"dapo": token.sum() / (batch["completion_mask"].sum().item() / 4),  # round / 4
                            "bnpo": token.sum() / m.sum(),
                            "grpo": (token.sum(1) / m.sum(1).clamp(min=1)).mean(),
                            "dr_grpo": token.sum() / (m.shape[0] * 6)}[loss_type]
@@ -453,7 +465,8 @@ def test_loop_with_accumulation_reproduces_trl_step_written_by_hand(loss_type):
 
 # -- the completions file --------------------------------------------------------------------------------
 def test_completions_file_round_trip(tmp_path):
-    rounds = [ReplayRound(1, ["a b", "a b", "c", "c"], [[5, 9], [6], [7, 7, 7], [8]], permutation=[2, 0, 3, 1]),
+    rounds = [ReplayRound(1, ["a b", "a b", "c", "c"], [[5, 9], [6], [7, 7, 7], [8]],
+                          permutation=[2, 0, 3, 1]),
               ReplayRound(2, ["d"] * 4, [[1], [2], [3], [4]], prompt_ids=[[4, 4]] * 4)]
     path = tmp_path / "completions.jsonl"
     write_replay(path, rounds)
@@ -469,12 +482,15 @@ def test_completions_file_round_trip(tmp_path):
     (['{"step": 1, "prompt": "p", "completion_ids": [1]}', "not json"], r":2: not JSON"),
     (['{"step": 1, "prompt": "p"}'], r":1: missing \['completion_ids'\]"),
     (['{"step": 1, "prompt": "p", "completion_ids": []}'], r":1: 'completion_ids' must be a non-empty list"),
-    (['{"step": 1, "prompt": "p", "completion_ids": [1], "reward": 2}'], r":1: unknown key\(s\) \['reward'\]"),
+    (['{"step": 1, "prompt": "p", "completion_ids": [1], "reward": 2}'],
+     r":1: unknown key\(s\) \['reward'\]"),
     (['{"step": 2, "prompt": "p", "completion_ids": [1]}'], r":1: step 2 where step 1 was expected"),
-    (['{"step": 1, "prompt": "p", "completion_ids": [1]}', '{"step": 1, "prompt": "q", "completion_ids": [1]}'],
+    (['{"step": 1, "prompt": "p", "completion_ids": [1]}',
+      '{"step": 1, "prompt": "q", "completion_ids": [1]}'],
      r":1: the 2 completions from this line on must share one prompt"),
     (['{"step": 1, "prompt": "p", "completion_ids": [1], "position": 0}',
-      '{"step": 1, "prompt": "p", "completion_ids": [1]}'], r":2: 'position' must be on every record of round 1"),
+      '{"step": 1, "prompt": "p", "completion_ids": [1]}'],
+     r":2: 'position' must be on every record of round 1"),
     (['{"step": 1, "prompt": "p", "completion_ids": [1], "position": 1}',
       '{"step": 1, "prompt": "p", "completion_ids": [2], "position": 1}'], r"'position' must number"),
 ])
@@ -505,8 +521,8 @@ def _trace_rounds(setting: dict, tmp_path):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name", [name if name in DEFAULT_SUITE else pytest.param(name, marks=pytest.mark.slow)
-                                  for name in SETTINGS])
+@pytest.mark.parametrize("name", [n if n in DEFAULT_SUITE else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in SETTINGS])
 def test_against_trl_trace(name, tmp_path):
     """minift replays the completions TRL sampled (saved in tests/data; regenerate: python3 tests/trl_rl.py)
     and gets TRL's per-step loss, grad norm, KL, entropy, clip ratios, rewards and final weights."""
@@ -539,8 +555,8 @@ def test_against_trl_live(tmp_path, name):
     path = tmp_path / "completions.jsonl"
     write_replay(path, replay_rounds(rounds))
     replayed = read_replay(path, num_generations=config(name)["num_generations"])
-    records, my_params = run_minift(name, [ReplayRound(r.step, r.prompts, r.completion_ids, None, r.permutation)
-                                           for r in replayed])
+    without_ids = [ReplayRound(r.step, r.prompts, r.completion_ids, None, r.permutation) for r in replayed]
+    records, my_params = run_minift(name, without_ids)  # the prompts as text, tokenized by minift
     _compare_steps(records, logs)
     for tensor, mine in my_params.items():
         torch.testing.assert_close(mine, their_params[tensor], rtol=0, atol=1e-5)
@@ -560,8 +576,8 @@ def test_two_ranks_equal_one_process_with_the_doubled_micro_batches(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     script = str(REPO / "tests" / "rl_ddp.py")
-    for out, launcher in (("one.json", []), ("two.json", ["-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                                           "--master-port", "29547"])):
+    torchrun = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547"]
+    for out, launcher in (("one.json", []), ("two.json", torchrun)):
         result = subprocess.run([sys.executable, *launcher, script, str(tmp_path / out)], env=env, cwd=REPO,
                                 capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -576,7 +592,7 @@ def test_two_ranks_equal_one_process_with_the_doubled_micro_batches(tmp_path):
         assert 0 < one[name]["record"]["clip_ratio/region_mean"] < 1, name
 
 
-# -- docs/grpo.md ---------------------------------------------------------------------------------------------
+# -- docs/grpo.md -----------------------------------------------------------------------------------------
 def _grpo_map():
     import importlib.util
 

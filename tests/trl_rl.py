@@ -38,14 +38,16 @@ SETUP = {"checkpoint": "tiny-gpt2", "n_prompts": 24, "min_prompt_tokens": 3, "ma
          "eos_every": 8, "eos_offset": 7, "seed": 0, "max_grad_norm": 1.0}
 EOS = 50256
 
-# name -> (trainer, settings) over the defaults of ``config``: per-device batch 4, 4 generations (RLOO: TRL's 2),
-# completions of at most 6 tokens, gradient accumulation 2, 3 steps, AdamW at 1e-3, one reward function. The
-# settings that clip use SGD at a large rate: Adam turns float32 rounding in near-zero gradients into steps of
-# the full rate (up to 4e-5 apart at lr 2e-2), SGD moves each weight by its gradient (weights agree to 1e-7).
+# name -> (trainer, settings) over the defaults of ``config``: per-device batch 4, 4 generations (RLOO:
+# TRL's 2), completions of at most 6 tokens, gradient accumulation 2, 3 steps, AdamW at 1e-3, one reward
+# function. The settings that clip use SGD at a large rate: Adam turns float32 rounding in near-zero gradients
+# into steps of the full rate (up to 4e-5 apart at lr 2e-2), SGD moves each weight by its gradient (weights
+# agree to 1e-7).
+TWO_REWARDS = ("vowel_share", "short_length")
 SETTINGS = {
     "grpo_dapo": ("grpo", {}),
-    "grpo_dapo_beta_mu2": ("grpo", {"beta": 0.1, "num_iterations": 2, "epsilon_high": 0.28, "optimizer": "sgd",
-                                     "lr": 0.5, "rewards": ("vowel_share", "short_length"),
+    "grpo_dapo_beta_mu2": ("grpo", {"beta": 0.1, "num_iterations": 2, "epsilon_high": 0.28,
+                                     "optimizer": "sgd", "lr": 0.5, "rewards": TWO_REWARDS,
                                      "reward_weights": (1.0, 0.5), "max_steps": 4}),
     "grpo_grpo_sequence": ("grpo", {"loss_type": "grpo", "importance_sampling_level": "sequence",
                                      "num_iterations": 2, "optimizer": "sgd", "lr": 1.0, "max_steps": 4}),
@@ -53,24 +55,23 @@ SETTINGS = {
                                     "grad_accum": 1, "schedule": "linear"}),
     "grpo_bnpo_batch_masked": ("grpo", {"loss_type": "bnpo", "scale_rewards": "batch",
                                          "mask_truncated_completions": True, "steps_per_generation": 4,
-                                         "optimizer": "sgd", "lr": 3.0, "rewards": ("vowel_share", "short_length"),
+                                         "optimizer": "sgd", "lr": 3.0, "rewards": TWO_REWARDS,
                                          "max_steps": 4}),
     "grpo_dapo_spg4": ("grpo", {"steps_per_generation": 4, "beta": 0.05, "optimizer": "sgd", "lr": 3.0,
                                  "max_steps": 4}),
     "rloo": ("rloo", {}),
     "rloo_mu2": ("rloo", {"num_generations": 4, "num_iterations": 2, "normalize_advantages": True,
                           "epsilon_high": 0.28, "reward_clip_range": (-1.0, 0.6), "temperature": 0.8,
-                          "optimizer": "sgd", "lr": 0.5,
-                          "beta": 0.1, "rewards": ("vowel_share", "short_length"), "reward_weights": (1.0, 0.5),
-                          "max_steps": 4}),
+                          "optimizer": "sgd", "lr": 0.5, "beta": 0.1, "rewards": TWO_REWARDS,
+                          "reward_weights": (1.0, 0.5), "max_steps": 4}),
 }
 # checked against the saved trace in the default suite (the others are marked slow)
 DEFAULT_SUITE = ("grpo_dapo_beta_mu2", "grpo_bnpo_batch_masked", "rloo_mu2")
 # the per-step numbers compared, when TRL logs them
-STEP_KEYS = ("loss", "grad_norm", "learning_rate", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-             "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max", "reward", "reward_std",
-             "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-             "completions/mean_terminated_length")
+STEP_KEYS = ("loss", "grad_norm", "learning_rate", "kl", "entropy", "clip_ratio/low_mean",
+             "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max",
+             "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+             "completions/clipped_ratio", "completions/mean_terminated_length")
 
 
 def random_setting(seed: int) -> tuple[str, dict]:
@@ -91,7 +92,7 @@ def random_setting(seed: int) -> tuple[str, dict]:
     out.update(rng.choice([{"optimizer": "adamw", "lr": 1e-3}, {"optimizer": "sgd", "lr": 0.3},
                            {"optimizer": "sgd", "lr": 1.0}]))
     if rng.random() < 0.5:
-        out.update(rewards=("vowel_share", "short_length"), reward_weights=(rng.choice([0.5, 1.0]), rng.choice([-1.0, 2.0])))
+        out.update(rewards=TWO_REWARDS, reward_weights=(rng.choice([0.5, 1.0]), rng.choice([-1.0, 2.0])))
     if trainer == "grpo":
         out.update(loss_type=rng.choice(["dapo", "grpo", "dr_grpo", "bnpo"]),
                    importance_sampling_level=rng.choice(["token", "sequence"]),
@@ -102,9 +103,13 @@ def random_setting(seed: int) -> tuple[str, dict]:
 
 
 def config(name: str) -> dict:
-    trainer, overrides = random_setting(int(name.split("_")[1])) if name.startswith("random_") else SETTINGS[name]
-    cfg = {"trainer": trainer, "per_device": 4, "num_generations": 4, "max_completion_length": 6, "grad_accum": 2,
-           "max_steps": 3, "lr": 1e-3, "optimizer": "adamw", "rewards": ("vowel_share",), "reward_weights": None,
+    if name.startswith("random_"):
+        trainer, overrides = random_setting(int(name.split("_")[1]))
+    else:
+        trainer, overrides = SETTINGS[name]
+    cfg = {"trainer": trainer, "per_device": 4, "num_generations": 4, "max_completion_length": 6,
+           "grad_accum": 2, "max_steps": 3, "lr": 1e-3, "optimizer": "adamw", "rewards": ("vowel_share",),
+           "reward_weights": None,
            "num_iterations": 1, "steps_per_generation": None, "epsilon": 0.2, "epsilon_high": None,
            "temperature": 1.0, "mask_truncated_completions": False, "schedule": "constant",
            "seed": SETUP["seed"]}
@@ -169,8 +174,8 @@ class Recorder:
 
     def wrap(self, func):
         def recorded(prompts, completions, completion_ids, **kwargs):
-            self.rounds.append({"prompts": list(prompts), "completion_ids": [list(map(int, c)) for c in completion_ids],
-                                "permutation": None})
+            self.rounds.append({"prompts": list(prompts), "permutation": None,
+                                "completion_ids": [list(map(int, c)) for c in completion_ids]})
             return func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
         recorded.__name__ = func.__name__
         return recorded
@@ -199,12 +204,14 @@ def run_trl(name: str, out_dir: Path):
     model.generation_config.eos_token_id = eos_ids()
     recorder = Recorder()
     common = {"output_dir": str(out_dir), "per_device_train_batch_size": cfg["per_device"],
-              "gradient_accumulation_steps": cfg["grad_accum"], "steps_per_generation": cfg["steps_per_generation"],
-              "num_generations": cfg["num_generations"], "max_completion_length": cfg["max_completion_length"],
+              "gradient_accumulation_steps": cfg["grad_accum"],
+              "steps_per_generation": cfg["steps_per_generation"], "num_generations": cfg["num_generations"],
+              "max_completion_length": cfg["max_completion_length"],
               "num_iterations": cfg["num_iterations"], "beta": cfg["beta"], "epsilon": cfg["epsilon"],
               "epsilon_high": cfg["epsilon_high"], "temperature": cfg["temperature"],
               "mask_truncated_completions": cfg["mask_truncated_completions"],
-              "reward_weights": cfg["reward_weights"], "max_steps": cfg["max_steps"], "learning_rate": cfg["lr"],
+              "reward_weights": cfg["reward_weights"], "max_steps": cfg["max_steps"],
+              "learning_rate": cfg["lr"],
               "lr_scheduler_type": cfg["schedule"], "weight_decay": 0.0,
               "optim": "adamw_torch" if cfg["optimizer"] == "adamw" else "sgd",
               "max_grad_norm": SETUP["max_grad_norm"], "logging_steps": 1, "report_to": "none",
@@ -241,7 +248,8 @@ def replay_rounds(rounds: list[dict]):
     from minift.rl.replay import ReplayRound
 
     return [ReplayRound(step=i + 1, prompts=r["prompts"], completion_ids=r["completion_ids"],
-                        prompt_ids=r.get("prompt_ids"), permutation=r["permutation"]) for i, r in enumerate(rounds)]
+                        prompt_ids=r.get("prompt_ids"), permutation=r["permutation"])
+            for i, r in enumerate(rounds)]
 
 
 def replay_lines(rounds: list[dict], tmp: Path) -> list[dict]:
@@ -266,7 +274,8 @@ def run_minift(name: str, rounds, dtype: torch.dtype = torch.float32):
 
     cfg = config(name)
     tokenizer = minift_tokenizer()
-    lm = from_pretrained(FIXTURES / SETUP["checkpoint"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).to(dtype)
+    lm = from_pretrained(FIXTURES / SETUP["checkpoint"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    lm = lm.to(dtype)
     policy = CompletionLogProbs(lm, cfg["temperature"]).train()
     reference = CompletionLogProbs(copy.deepcopy(lm), cfg["temperature"]).eval().requires_grad_(False) \
         if cfg["beta"] else None
@@ -276,8 +285,9 @@ def run_minift(name: str, rounds, dtype: torch.dtype = torch.float32):
                              scale_rewards=cfg.get("scale_rewards", "group"),
                              normalize_advantages=cfg.get("normalize_advantages", False),
                              reward_clip_range=cfg.get("reward_clip_range"), beta=cfg["beta"],
-                             mask_truncated_completions=cfg["mask_truncated_completions"], steps_per_generation=spg,
-                             grad_accum=ga, num_iterations=mu, rows_per_forward=cfg["per_device"])
+                             mask_truncated_completions=cfg["mask_truncated_completions"],
+                             steps_per_generation=spg, grad_accum=ga, num_iterations=mu,
+                             rows_per_forward=cfg["per_device"])
     round_metrics: dict[int, list[dict]] = {}
 
     def make_round(r: int) -> list[dict]:
@@ -285,8 +295,8 @@ def run_minift(name: str, rounds, dtype: torch.dtype = torch.float32):
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rnd.completion_ids]
         columns = [REWARDS[n](prompts=rnd.prompts, completions=texts, completion_ids=rnd.completion_ids)
                    for n in cfg["rewards"]]
-        per_func = torch.tensor([[float("nan") if c[i] is None else c[i] for c in columns] for i in range(len(texts))],
-                                dtype=torch.float32)
+        per_func = torch.tensor([[float("nan") if c[i] is None else c[i] for c in columns]
+                                 for i in range(len(texts))], dtype=torch.float32)
         micro_batches, metrics = prepare_round(
             settings, policy, reference, rnd.prompt_ids or [tokenizer.encode(p) for p in rnd.prompts],
             rnd.completion_ids, per_func, weights, list(cfg["rewards"]), EOS, set(eos_ids()) | {EOS},
@@ -329,7 +339,8 @@ def weight_digest(params: dict[str, torch.Tensor]) -> dict[str, dict]:
         if name == "lm_head.weight":
             continue
         values = p.detach().double().flatten()
-        r = torch.randn(values.numel(), generator=torch.Generator().manual_seed(values.numel()), dtype=torch.float64)
+        seeded = torch.Generator().manual_seed(values.numel())
+        r = torch.randn(values.numel(), generator=seeded, dtype=torch.float64)
         out[name] = {"sum": float(values.sum()), "projection": float(values @ r)}
     return out
 

@@ -61,7 +61,8 @@ def grpo_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: 
     return torch.nan_to_num(advantages, nan=0.0), std
 
 
-def sequence_kl(old_logps: torch.Tensor, ref_logps: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+def sequence_kl(old_logps: torch.Tensor, ref_logps: torch.Tensor, completion_mask: torch.Tensor
+                ) -> torch.Tensor:
     """[N] RLOO's KL estimate of each completion: the summed first-order log-ratio log π_old - log π_ref
     over its completion tokens (can be negative; RLOO subtracts beta times it from the reward)."""
     return ((old_logps - ref_logps) * completion_mask).sum(-1)
@@ -97,7 +98,8 @@ def reward_metrics(rewards_per_func: torch.Tensor, weights: torch.Tensor, names:
     rewards = weighted_rewards(rewards_per_func, weights)
     out["reward"] = torch.nanmean(rewards).item()
     out["reward_std"] = nanstd(rewards).item()
-    out["frac_reward_zero_std"] = torch.isclose(compared_std, torch.zeros_like(compared_std)).float().mean().item()
+    zero_std = torch.isclose(compared_std, torch.zeros_like(compared_std))
+    out["frac_reward_zero_std"] = zero_std.float().mean().item()
     return out
 
 
@@ -108,7 +110,8 @@ def completion_metrics(completion_ids: list[list[int]], stop_ids: set[int]) -> d
     clipped = torch.tensor([ids[-1] not in stop_ids for ids in completion_ids])
     terminated = lengths[~clipped] if (~clipped).any() else torch.zeros(1)
     return {"completions/mean_length": lengths.mean().item(), "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(), "completions/clipped_ratio": clipped.float().mean().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": clipped.float().mean().item(),
             "completions/mean_terminated_length": terminated.mean().item(),
             "completions/min_terminated_length": terminated.min().item(),
             "completions/max_terminated_length": terminated.max().item()}

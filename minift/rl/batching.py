@@ -88,7 +88,8 @@ def round_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Se
             "completion_mask": completion_mask}
 
 
-def shuffled_split(batch: dict, permutation: Sequence[int] | torch.Tensor, n_micro_batches: int) -> list[dict]:
+def shuffled_split(batch: dict, permutation: Sequence[int] | torch.Tensor, n_micro_batches: int
+                   ) -> list[dict]:
     """TRL's ``shuffle_sequence_dict`` then ``split_tensor_dict``: training row k is round row
     ``permutation[k]``; the rows are cut into ``n_micro_batches`` equal, consecutive parts. Tensors
     with one row per completion are permuted and cut; other values (Python numbers) are copied into

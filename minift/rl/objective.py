@@ -163,7 +163,8 @@ def clip_metrics(metrics: MicroBatchMetrics, coef: torch.Tensor, advantages: tor
         if per_token:
             metrics.mean(f"clip_ratio/{name}", (flags * mask).sum(), mask.sum())
         else:
-            metrics.mean(f"clip_ratio/{name}", flags.sum(), torch.tensor(float(flags.shape[0]), device=flags.device))
+            n_rows = torch.tensor(float(flags.shape[0]), device=flags.device)
+            metrics.mean(f"clip_ratio/{name}", flags.sum(), n_rows)
     if per_token:
         low_rows, high_rows = ((x * mask).sum(-1) / mask.sum(-1) for x in (low, high))  # 0/0: NaN, left out
     else:

@@ -83,8 +83,9 @@ def _finish_round(path: Path, records: list[tuple[int, dict]], num_generations: 
         for start in range(0, len(records), num_generations):
             group = records[start:start + num_generations]
             if len({r["prompt"] for _, r in group}) != 1:
-                raise ReplayError(f"{path}:{group[0][0]}: the {num_generations} completions from this line on "
-                                  f"must share one prompt (a group); found {len({r['prompt'] for _, r in group})}")
+                found = len({r["prompt"] for _, r in group})
+                raise ReplayError(f"{path}:{group[0][0]}: the {num_generations} completions from this line "
+                                  f"on must share one prompt (a group); found {found}")
     for key in OPTIONAL:
         present = [key in r for _, r in records]
         if any(present) and not all(present):
@@ -101,7 +102,8 @@ def _finish_round(path: Path, records: list[tuple[int, dict]], num_generations: 
             permutation[position] = row
     return ReplayRound(step=step, prompts=[r["prompt"] for _, r in records],
                        completion_ids=[r["completion_ids"] for _, r in records],
-                       prompt_ids=[r["prompt_ids"] for _, r in records] if "prompt_ids" in records[0][1] else None,
+                       prompt_ids=([r["prompt_ids"] for _, r in records] if "prompt_ids" in records[0][1]
+                                   else None),
                        permutation=permutation)
 
 
@@ -123,8 +125,9 @@ def read_replay(path: str | Path, num_generations: int | None = None) -> list[Re
                 current = []
             expected = current[0][1]["step"] if current else (rounds[-1].step + 1 if rounds else 1)
             if record["step"] != expected:
-                raise ReplayError(f"{path}:{number}: step {record['step']} where step {expected} was expected "
-                                  f"(rounds are numbered 1, 2, ... in order, each one's completions together)")
+                raise ReplayError(f"{path}:{number}: step {record['step']} where step {expected} was "
+                                  f"expected (rounds are numbered 1, 2, ... in order, each one's completions "
+                                  f"together)")
             current.append((number, record))
     if current:
         rounds.append(_finish_round(path, current, num_generations))

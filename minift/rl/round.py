@@ -1,8 +1,8 @@
 """One generation round -> the micro-batches the loop trains on, and the round's logged numbers, as TRL 1.16.
 
     sampled completions + their rewards per reward function       (generation and rewards: elsewhere)
-    -> laid out (batching.round_batch), old log-probs if an update can come between (batching.needs_old_logps),
-       reference log-probs if beta > 0, all under the weights of this moment
+    -> laid out (batching.round_batch), old log-probs if an update can come between
+       (batching.needs_old_logps), reference log-probs if beta > 0, all under the weights of this moment
     -> advantages: GRPO's group baseline, or RLOO's leave-one-out on the reward minus beta x its KL
     -> this rank's rows, shuffled by ``permutation`` and cut into ``steps_per_generation`` micro-batches
     -> metrics under TRL's names (reward, reward_std, frac_reward_zero_std, rewards/<name>/*, completions/*,
@@ -50,7 +50,8 @@ class RoundSettings:
 
 
 def prepare_round(settings: RoundSettings, policy: CompletionLogProbs, reference: CompletionLogProbs | None,
-                  prompt_ids: list[list[int]], completion_ids: list[list[int]], rewards_per_func: torch.Tensor,
+                  prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                  rewards_per_func: torch.Tensor,
                   reward_weights: torch.Tensor, reward_names: list[str], pad_id: int, stop_ids: set[int],
                   permutation, device: torch.device, rank: int = 0, world_size: int = 1, autocast=None
                   ) -> tuple[list[dict], dict[str, float]]:
@@ -86,7 +87,8 @@ def prepare_round(settings: RoundSettings, policy: CompletionLogProbs, reference
         if ref is not None:  # every row was scored
             rewards = rewards - settings.beta * adv.sequence_kl(old, ref, mask)
             metrics["kl"] = (((old - ref) * mask).sum() / mask.sum().clamp(min=1)).item()
-        advantages, std = adv.rloo_advantages(rewards, settings.num_generations, settings.normalize_advantages)
+        advantages, std = adv.rloo_advantages(rewards, settings.num_generations,
+                                              settings.normalize_advantages)
     metrics.update(adv.reward_metrics(rewards_per_func, reward_weights, reward_names, std))
     metrics.update(adv.completion_metrics(completion_ids, stop_ids))
 
