@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "trainer-map.md"
-PINS = {"transformers": "5.24.0", "accelerate": "1.15.0"}
+PINS = {"transformers": "5.24.0", "accelerate": "1.15.0", "trl": "1.16.0"}  # trl: docs/grpo.md
 NEXT_LINE = " ⏎ "  # joins the parts of a citation that spans consecutive lines
 
 _T, _A = "transformers", "accelerate"
@@ -152,10 +152,11 @@ def locate(path: Path, code: str) -> int:
     return hits[0]
 
 
-def upstream_root() -> tuple[Path | None, str]:
-    """site-packages holding the pinned transformers and accelerate, or None and why not."""
+def upstream_root(packages=("transformers", "accelerate")) -> tuple[Path | None, str]:
+    """site-packages holding the pinned ``packages``, or None and why not."""
     roots = []
-    for name, pin in PINS.items():
+    for name in packages:
+        pin = PINS[name]
         try:
             module = importlib.import_module(name)
         except ImportError:
@@ -163,7 +164,7 @@ def upstream_root() -> tuple[Path | None, str]:
         if module.__version__ != pin:
             return None, f"{name} {module.__version__} is installed, the map cites {pin}"
         roots.append(Path(module.__file__).resolve().parents[1])
-    return roots[0], f"transformers {PINS['transformers']}, accelerate {PINS['accelerate']}"
+    return roots[0], ", ".join(f"{name} {PINS[name]}" for name in packages)
 
 
 def _cell(code: str) -> str:
@@ -184,8 +185,9 @@ def table_rows(root: Path) -> list[str]:
     return out
 
 
-CITATION = re.compile(r"^\| (?P<what>.+?) \| `(?P<ufile>(?:transformers|accelerate)/[\w/]+\.py):(?P<uline>\d+)` \| "
-                      r"`(?P<ucode>.+?)` \| `(?P<mfile>minift/[\w/]+\.py):(?P<mline>\d+)` \| `(?P<mcode>.+?)` \| ")
+CITATION = re.compile(r"^\| (?P<what>.+?) \| `(?P<ufile>(?:transformers|accelerate|trl)/[\w/]+\.py):"
+                      r"(?P<uline>\d+)` \| `(?P<ucode>.+?)` \| `(?P<mfile>minift/[\w/]+\.py):(?P<mline>\d+)` \| "
+                      r"`(?P<mcode>.+?)` \| ")
 
 
 def cited(text: str) -> list[dict]:
