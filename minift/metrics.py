@@ -22,12 +22,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from .config import RunConfigError
+from .config import REPORTERS, RunConfigError
 
 METRICS_FILE = "metrics.jsonl"
-
-
-REPORTERS = ("tensorboard",)
 
 
 class TensorBoardReporter:

@@ -31,7 +31,8 @@ from .hub import load_weights
 from .loop import TrainState, fail_if_mostly_skipped, train
 from .metrics import (MetricsLogger, eval_at, eval_line, plot_curves, read_records, run_summary, summary_text,
                       trim_metrics)
-from .components import build_hooks, build_optimizer, build_scheduler, wrap_for_training
+from .components import (build_hooks, build_optimizer, build_scheduler, local_inputs, machine_notes,
+                         schedule_notes, wrap_for_training)
 from .precision import Precision
 from .run_dir import claim_output_dir
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
@@ -82,7 +83,10 @@ def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> Run
     setup_process(cfg.train.seed, device, cfg.train.threads, cfg.train.keep_large_allocations)
     precision = Precision(cfg.train.precision, device)
     precision.warn_if_slow()
-    return RunContext(cfg, dist, device, precision, log if dist.is_main else (lambda *_: None))
+    context = RunContext(cfg, dist, device, precision, log if dist.is_main else (lambda *_: None))
+    for line in machine_notes(cfg):
+        context.say(line)
+    return context
 
 
 def run_stage(cfg: RunConfig, build_stage: Callable[[RunContext], Stage], resume: str | bool | None = None,
@@ -96,7 +100,7 @@ def run_stage(cfg: RunConfig, build_stage: Callable[[RunContext], Stage], resume
     dist = Distributed.from_env()
     try:
         with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, enabled=dist.is_main,
-                              log=log):
+                              log=log, inputs=local_inputs(cfg)):
             ctx = set_up(cfg, dist, log)
             return _run(ctx, build_stage(ctx), resume, resume_with_changes)
     finally:
@@ -107,6 +111,9 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     cfg, dist, say, out_dir = ctx.cfg, ctx.dist, ctx.say, ctx.out_dir
     optimizer = build_optimizer(cfg, stage.model)
     scheduler = build_scheduler(cfg, optimizer, stage.total_steps)
+    for line in schedule_notes(cfg, len(stage.sampler) if hasattr(stage.sampler, "__len__") else None,
+                               stage.total_steps):
+        say(line)
     parts = ckpt.TrainingParts(stage.saved_model, optimizer, scheduler, ctx.precision, stage.sampler,
                                stage.tokenizer, stage.extra_state, stage.load_model_weights)
     state, run_config = TrainState(), cfg.to_dict()
