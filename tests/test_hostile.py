@@ -636,3 +636,19 @@ def test_a_resumed_finished_run_keeps_the_whole_runs_summary(tmp_path, finished)
     after = run(small_config(out), resume=True, **QUIET)
     for key in ("first_loss", "last_loss", "steps", "eval_after", "timed_steps", "real_tokens_per_s"):
         assert after[key] == before[key], key
+
+
+def test_overwrite_moves_only_a_runs_own_folder_even_as_dot(tmp_path, monkeypatch):
+    run_dir = tmp_path / "work"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    (run_dir / "README.md").write_text("the user's own file")
+    monkeypatch.chdir(run_dir)
+    with pytest.raises(InputError, match=r"holds files no run writes \(README.md\) beside the previous run"):
+        with claim_output_dir(".", resume=False, overwrite=True, **QUIET):
+            pass
+    assert (run_dir / "metrics.jsonl").exists()
+    (run_dir / "README.md").unlink()
+    with claim_output_dir(".", resume=False, overwrite=True, **QUIET):
+        pass
+    assert (tmp_path / "work.previous-1" / "metrics.jsonl").exists() and not (run_dir / "metrics.jsonl").exists()
