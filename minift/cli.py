@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, describe, load_config
+from .config import RunConfig, check_template, describe, load_config
 from .errors import InputError, MiniftError
 
 
@@ -96,6 +96,9 @@ def cmd_score(args) -> int:
     from .preference.score import check_best_of_n, rank_completions
 
     if args.policy:
+        if args.candidates:
+            raise InputError(f"score: {len(args.candidates)} candidate(s) and --policy — give the "
+                             "completions to rank, or --policy to sample them, not both")
         check_generation_args(args)
         check_best_of_n(args.n, args.max_new_tokens)
     ranked = rank_completions(args.model, args.prompt, args.candidates, policy=args.policy, n=args.n,
@@ -141,6 +144,8 @@ def cmd_predict(args) -> int:
     from .data import format_prompt, label_token_ids
     from .evaluate import label_log_probs
 
+    if args.template:
+        check_template(args.template)
     model, tokenizer, data = _load_for_inference(args.model)
     if args.template:
         data.template = args.template

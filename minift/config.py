@@ -157,6 +157,10 @@ class RunConfig:
         self.model.dtype = DTYPE_ALIASES.get(self.model.dtype, self.model.dtype)
         checks = [
             (t.batch_size > 0, "train.batch_size must be positive"),
+            (t.output_dir.strip() != "", 'train.output_dir is empty — name a folder ("." for this one)'),
+            (d.source.strip() != "", 'data.source is empty — a hub id, a local file or folder, or '
+                                     '"synthetic"'),
+            (self.model.name.strip() != "", 'model.name is empty — a hub name, a model folder, or "random"'),
             (0 <= t.seed < 2**32, f"train.seed must be in [0, 2**32 - 1] (numpy's range), got {t.seed}"),
             (t.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {t.threads}"),
             (self.model.model_type in CONFIG_CLASSES,
@@ -222,6 +226,9 @@ REPORTERS = {"tensorboard": "tensorboard"}  # train.report_to name -> the packag
 
 def check_template(template: str) -> None:
     """Refuse a ``{text:d}`` or ``{text!r}``: a template only places the text and the label."""
+    if unknown := template_fields(template) - TEMPLATE_FIELDS:
+        raise RunConfigError(f"data.template {template!r}: unknown field(s) {sorted(unknown)}; a template "
+                             "can use {text} and {label}")
     for _, name, spec, conversion in string.Formatter().parse(template):
         if name is not None and (spec or conversion):
             shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"

@@ -387,6 +387,9 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
     pytest.param(["CONFIG", "--set", "train.device=cuda"], 'train.device = "cuda", but this machine has no '
                                                            'CUDA device', marks=NO_CUDA),
     (["CONFIG", "--set", "train.threads=-1"], "train.threads must be >= 0"),
+    (["CONFIG", "--set", "train.output_dir="], 'train.output_dir is empty — name a folder ("." for this'),
+    (["CONFIG", "--set", "data.source="], "data.source is empty"),
+    (["CONFIG", "--set", "model.name="], "model.name is empty"),
     (["CONFIG", "--set", "model.model_type=bert"], "model.model_type 'bert': one of ['gpt2', 'openai-gpt']"),
     (["CONFIG", "--set", "data.template={text:d} sentiment: {label}"],
      "{text:d} — a template field takes no format spec or conversion; write {text}"),
@@ -471,11 +474,15 @@ def test_eval_uses_the_model_folders_config_and_refuses_another_tokenizer(tmp_pa
     assert "remove n_embd from model.config" in err[0]
 
 
-def test_predict_refuses_a_text_longer_than_the_model_holds(capsys, finished):
+def test_predict_refuses_a_text_longer_than_the_model_holds_and_a_bad_template(capsys, finished):
     code, err = cli(capsys, "predict", "fine", "word " * 100, "--model", finished / "model")
     assert code == 2 and len(err) == 1
     assert "text 2 ('word word word word word word word word '...) makes a prompt of" in err[0]
     assert "the model holds 64 with the label — shorten it" in err[0]
+    code, err = cli(capsys, "predict", "fine", "--model", finished / "model", "--template",
+                    "{text:d} is {label}")
+    assert code == 2 and err == ["minift: error: data.template '{text:d} is {label}': {text:d} — a template "
+                                 "field takes no format spec or conversion; write {text}"]
 
 
 # -- labels the tokenizer cannot tell apart ------------------------------------------------------------------

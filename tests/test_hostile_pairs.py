@@ -238,10 +238,20 @@ def folders(tmp_path_factory):
     (["hi", "--model", "@/lm"], "holds a OpenAIGPTLMHeadModel (a language model), not a reward model"),
     (["hi", "--model", "@/no_run_config"], "has no run_config.json naming its labels"),
     (["hi", "--model", "@/list_run_config"], "run_config.json: not a minift run config (a JSON list)"),
+    (["hi", " x", "--model", "@/reward", "--policy", "@/lm"], "give the completions to rank, or --policy to "
+                                                            "sample them, not both"),
 ])
 def test_score_refusals_are_one_line(capsys, folders, args, message):
     code, err = cli(capsys, "score", *[a.replace("@", str(folders)) for a in args])
     assert code == 2 and len(err) == 1 and message.replace("@", str(folders)) in err[0], err
+
+
+@pytest.mark.parametrize("command", [["predict", "so good"], ["generate", "so good"]])
+def test_language_model_commands_refuse_a_reward_model(capsys, folders, command):
+    code, err = cli(capsys, *command, "--model", folders / "reward")
+    assert code == 2 and len(err) == 1
+    assert "holds a OpenAIGPTForSequenceClassification (a reward model, minift reward's), not a language" \
+        in err[0]
 
 
 def test_best_of_n_samples_in_batches_and_says_how_far_it_is(capsys, folders, monkeypatch):
