@@ -148,6 +148,29 @@ def test_a_dpo_run_on_one_pairs_file_holds_out_the_fraction_and_names_dropped_ro
     assert dropped == {3, 5, 7}  # the file's own row numbers, in whichever split they fell
 
 
+def test_a_null_completion_is_dropped_as_empty_and_a_null_prompt_or_a_missing_split_refused(tmp_path):
+    from minift.preference.pairs import load_pairs
+
+    rows = [{"prompt": f"p{i}:", "chosen": " a", "rejected": " b"} for i in range(4)]
+    rows[1]["chosen"] = None
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, report = tokenize_pairs(load_pairs(str(tmp_path))["train"], CharTokenizer(), 16)
+    assert (report.pairs, report.dropped_empty) == (3, [1])
+    rows[2]["prompt"] = None
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="split 'train' row 2: 'prompt' is null — give the prompt"):
+        load_pairs(str(tmp_path))
+    from minift.preference.recipe import build_pairs
+
+    tweets = tmp_path / "tweets"
+    tweets.mkdir()
+    for split in ("train", "test"):
+        (tweets / f"{split}.jsonl").write_text(json.dumps({"text": "fine", "label_text": "positive"}) + "\n")
+    cfg = _config("dpo", tmp_path / "run", f'data.source="{tweets}"', "data.eval_split=nope")
+    with pytest.raises(DataError, match=r"tweets: no 'nope' split \(found \['test', 'train'\]\)"):
+        build_pairs(cfg, CharTokenizer(), print, "dpo")
+
+
 def test_a_pairs_max_length_the_model_cannot_hold_is_refused_at_start_up(tmp_path):
     with pytest.raises(DataError, match=r"pairs.max_length \(100\) exceeds the model's n_positions \(64\)"):
         run_dpo(_config("dpo", tmp_path, "pairs.max_length=100"), **QUIET)

@@ -69,7 +69,10 @@ def load_pairs(source: str, seed: int = 0, validation_fraction: float = 0.0) -> 
                             f"(prompt, chosen, rejected); columns are {split.column_names}")
         for row, values in enumerate(zip(*(split[c] for c in PAIR_COLUMNS))):
             for column, value in zip(PAIR_COLUMNS, values):
-                if not isinstance(value, str):
+                if value is None and column == "prompt":
+                    raise DataError(f"{source}: split {name!r} row {row}: 'prompt' is null — give the prompt "
+                                    f"(\"\" for none), or remove the row")
+                if value is not None and not isinstance(value, str):  # a null completion: dropped as empty
                     raise DataError(f"{source}: split {name!r} row {row}: {column!r} must be plain text, "
                                     f"got {type(value).__name__} (conversational pairs are not supported)")
     return splits
@@ -155,7 +158,8 @@ def tokenize_pairs(pairs: datasets.Dataset, tokenizer, max_length: int, append_e
     eos = [tokenizer.eos_id] if append_eos and tokenizer.eos_id is not None else []
     if append_eos and not eos:
         raise DataError(f"append_eos asked for, but tokenizer {tokenizer.source} has no EOS token")
-    columns = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
+    columns = {c: [value or "" for value in values]  # a null completion counts as empty (dropped)
+               for c, values in pairs.select_columns(list(PAIR_COLUMNS)).to_dict().items()}
     numbers = list(pairs[ROW]) if ROW in pairs.column_names else range(len(pairs))  # rows of the source
     prompts = tokenizer.encode_batch(columns["prompt"])
     with_chosen = tokenizer.encode_batch([p + c for p, c in zip(columns["prompt"], columns["chosen"])])

@@ -55,18 +55,20 @@ def build_pairs(cfg: RunConfig, tokenizer, say: Callable[[str], None], stage: st
     if p.source == TWEETS:
         label_token_ids(tokenizer, d.template, tuple(d.labels))  # refuses labels the tokenizer confuses
         splits = load_dataset_splits(cfg)
-
+    else:
+        splits = load_pairs(p.source, cfg.train.seed, d.validation_fraction)
+    for split in (d.train_split, eval_split):
+        if split not in splits:
+            held_out = split == eval_split
+            hint = " — or set data.validation_fraction to hold pairs out of train" if held_out else ""
+            source = d.source if p.source == TWEETS else p.source
+            raise DataError(f"{source}: no {split!r} split (found {sorted(splits)}){hint}")
+    if p.source == TWEETS:
         def pairs_of(split):
             return tweet_pairs(splits[split], split, d.template, d.labels, p.rejected, cfg.train.seed,
                                d.text_column, d.label_column)
         raw = {"train": pairs_of(d.train_split), "eval": pairs_of(eval_split)}
     else:
-        splits = load_pairs(p.source, cfg.train.seed, d.validation_fraction)
-        for split in (d.train_split, eval_split):
-            if split not in splits:
-                held_out = split == eval_split
-                hint = " — or set data.validation_fraction to hold pairs out of train" if held_out else ""
-                raise DataError(f"pairs.source {p.source}: no {split!r} split (found {sorted(splits)}){hint}")
         raw = {"train": splits[d.train_split], "eval": splits[eval_split]}
     append_eos = append_eos_for(p.append_eos, tokenizer, stage)
     if append_eos and tokenizer.eos_id is None:
