@@ -27,6 +27,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .distributed import Distributed
+from .errors import ResumeRefused
 from .hub import load_weights
 from .loop import TrainState, fail_if_mostly_skipped, train
 from .metrics import (MetricsLogger, eval_at, eval_line, plot_curves, read_records, run_summary, summary_text,
@@ -121,6 +122,9 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     if resume:  # metrics.jsonl cut back to the resumed step (all of it when starting from scratch)
         resumed = ckpt.resume_training(resume, out_dir, state, parts, dist, run_config, stage.fingerprints,
                                        allow_changes=resume_with_changes, log=say)
+        if state.step > stage.total_steps:
+            raise ResumeRefused(f"{resumed} is at step {state.step}, past this run's {stage.total_steps} "
+                                f"steps — raise train.max_steps (or epochs) above {state.step}")
         trim_metrics(out_dir, state.step if resumed else -1, keep_evals_at_step=state.step < stage.total_steps)
 
     metrics = MetricsLogger(out_dir, stage.total_steps, initial_step=state.step, enabled=dist.is_main,

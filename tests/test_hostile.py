@@ -640,9 +640,13 @@ def test_resume_with_changes_continues_with_a_new_batch_size(tmp_path, finished)
 def test_a_resumed_finished_run_keeps_the_whole_runs_summary(tmp_path, finished):
     out = copy_run(finished, tmp_path / "run")
     before = json.loads((out / "summary.json").read_text())
-    after = run(small_config(out), resume=True, **QUIET)
+    run(small_config(out), resume=True, **QUIET)
+    after = run(small_config(out), resume=True, **QUIET)  # twice from the same checkpoint: one marker
     for key in ("first_loss", "last_loss", "steps", "eval_after", "timed_steps", "real_tokens_per_s"):
         assert after[key] == before[key], key
+    assert after["resumed_at"] == [4]
+    with pytest.raises(ResumeRefused, match="checkpoint-4 is at step 4, past this run's 2 steps — raise"):
+        run(small_config(out, "train.max_steps=2"), resume=True, resume_with_changes=True, **QUIET)
 
 
 def test_overwrite_moves_only_a_runs_own_folder_even_as_dot(tmp_path, monkeypatch):
