@@ -39,6 +39,9 @@ def resume_of(args):
     ``--resume-with-changes`` alone means ``--resume``. A path that cannot be a checkpoint (a config
     file, an exported model folder) is refused before anything is loaded or created."""
     resume = True if args.resume == "latest" else args.resume
+    if args.overwrite and (resume or args.resume_with_changes):
+        raise InputError("--overwrite starts afresh (the old run moved aside) and --resume continues it: "
+                         "give one")
     if isinstance(resume, str):
         check_resume_path(args.command, Path(resume), args.config)
     return resume or (True if args.resume_with_changes else None)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from . import synthetic
 from .config import RunConfig, RunConfigError
-from .data import DataError, load_splits
+from .data import DataError, check_something_to_learn, load_splits
 from .distributed import SINGLE_PROCESS, Distributed
 from .hub import from_pretrained, resolve_checkpoint
 from .loop import Hooks, TrainState, skip_nonfinite, stop_on_nonfinite
@@ -147,6 +147,8 @@ def build_sampler(cfg: RunConfig, examples, dist: Distributed = SINGLE_PROCESS) 
     Trainer's (its seeded order, its group_by_length megabatches of batch x accumulation), in one
     process only."""
     t = cfg.train
+    if hasattr(examples, "prompt_length"):  # sequences (pairs always keep a completion token)
+        check_something_to_learn(examples, cfg.data.objective, cfg.data.max_length)
     if t.compat == "trainer" and dist.enabled:
         raise DataError("train.compat = \"trainer\" reproduces one-process Trainer runs; run it without torchrun")
     return make_sampler(cfg.data.sampler, examples.lengths, t.batch_size, t.seed, rank=dist.rank,

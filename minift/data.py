@@ -384,6 +384,19 @@ class TokenizedExamples:
         return {"input_ids": self.input_ids[i], "prompt_length": self.prompt_length[i]}
 
 
+def check_something_to_learn(examples: TokenizedExamples, objective: str, max_length: int) -> None:
+    """Refuse training examples with no next-token target at all (every loss would be 0 over 0
+    tokens): ``data.max_length`` too short for any example, or for any label under ``completion``."""
+    if objective == "completion":
+        targets = sum(max(0, n - max(p, 1)) for n, p in zip(examples.lengths, examples.prompt_length))
+    else:
+        targets = sum(max(0, n - 1) for n in examples.lengths)
+    if targets == 0:
+        what = "label" if objective == "completion" else "second token"
+        raise DataError(f"no training example keeps a {what} to predict within data.max_length = "
+                        f"{max_length} (data.objective = {objective!r}) — raise data.max_length")
+
+
 def prepare_split(dsd: datasets.DatasetDict, split: str, tokenizer, template: str = DEFAULT_TEMPLATE,
                   labels: tuple[str, ...] = DEFAULT_LABELS, max_length: int = DEFAULT_MAX_LENGTH,
                   text_column: str = _DEFAULTS.text_column, label_column: str = _DEFAULTS.label_column,

@@ -283,6 +283,10 @@ def bad_data(tmp_path_factory):
      "on"),
     (["--set", "data.source=@/emoji", "--set", "data.labels=['\U0001F622', '\U0001F610', '\U0001F600']"],
      "are the same tokens with"),
+    (["--set", "data.max_length=1"], "no training example keeps a second token to predict within "
+                                     "data.max_length = 1 (data.objective = 'all')"),
+    (["--set", "data.max_length=3", "--set", "data.objective=completion"],
+     "no training example keeps a label to predict within data.max_length = 3"),
     (["--set", "data.pad_to_multiple_of=100"], "pads sequences of data.max_length = 64 tokens to 100, more "
                                                "than the model's n_positions (64)"),
 ])
@@ -407,6 +411,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
                                                         "directory"),
     (["CONFIG", "--set", "data.source=/no/such/data.jsonl"], "data.source = /no/such/data.jsonl: no such "
                                                              "file"),
+    (["CONFIG", "--resume", "--overwrite"],
+     "--overwrite starts afresh (the old run moved aside) and --resume continues it: give one"),
     (["CONFIG", "--set", "train.output_dir=FILE"], "is a file, not a folder — set train.output_dir to a "
                                                    "folder"),
     (["CONFIG", "--set", "train.output_dir=LINK"], "is a symbolic link to"),
