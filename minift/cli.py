@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", required=True, help="a reward model directory (<output_dir>/model of minift reward)")
     score.add_argument("--policy", help="best-of-n: sample the candidates from this model (e.g. <output_dir>/model "
                                         "of minift train or minift dpo) instead of taking them as arguments")
-    score.add_argument("--n", type=int, default=8, help="best-of-n: how many continuations to sample")
+    score.add_argument("--n", type=int, default=8,
+                       help="best-of-n: how many continuations to sample (1 to 10000, in batches of 256)")
     score.add_argument("--max-new-tokens", type=int, default=8, help="best-of-n: tokens per continuation")
     score.add_argument("--temperature", type=float, default=1.0, help="best-of-n: sampling temperature (0 = greedy)")
     score.add_argument("--top-k", type=int, default=0, help="best-of-n: sample from the k likeliest tokens (0 = all)")
