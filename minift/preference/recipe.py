@@ -74,6 +74,8 @@ def build_pairs(cfg: RunConfig, tokenizer, say: Callable[[str], None], stage: st
     if append_eos and tokenizer.eos_id is None:
         raise DataError(f"pairs.append_eos = \"yes\", but tokenizer {tokenizer.source} has no EOS token — "
                         "set pairs.append_eos = \"auto\" or \"no\"")
+    ending = f"end with {tokenizer.eos_token!r}" if append_eos else "have no EOS appended"
+    say(f"pairs: completions {ending} (pairs.append_eos = {p.append_eos!r})")
     out = []
     for name, limit in (("train", p.max_train_pairs), ("eval", p.max_eval_pairs)):
         pairs, report = tokenize_pairs(raw[name], tokenizer, max_length, append_eos, name)
