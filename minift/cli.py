@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
 def use_model_folder(cfg: RunConfig, model: str, overrides: list[str]) -> None:
     """``eval --model DIR``: the folder's own config.json rules (the config's ``model.config`` sizes and
     dropout are for training a model from ``model.name``), and its own tokenizer, unless
-    ``--set model.tokenizer=...`` names one (refused when it is another: ``parts.build_tokenizer``)."""
+    ``--set model.tokenizer=...`` names one (refused when it is another: ``components.build_tokenizer``)."""
     from .tokenizer import has_tokenizer_files
 
     cfg.model.name, cfg.model.config = model, {}

@@ -511,7 +511,7 @@ def test_labels_with_the_same_tokens_or_one_starting_another_are_refused(finishe
 
 # -- loader workers: at most one per CPU, and none outlives the run ----------------------------------------
 def test_loader_workers_are_capped_at_the_cpus_and_said(tmp_path):
-    from minift.parts import build_loader, machine_notes
+    from minift.components import build_loader, machine_notes
     from minift.runtime import usable_cpus
 
     cfg = small_config(tmp_path, "data.num_workers=100000")
@@ -540,7 +540,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_loader_workers_leave_signals_to_the_run_and_die_with_it(tmp_path):
     """A worker ignores SIGTERM (the run decides when to stop) and dies with its parent, even by SIGKILL."""
-    from minift.parts import build_loader
+    from minift.components import build_loader
     from minift.sampling import SequentialSampler
 
     cfg = small_config(tmp_path, "data.num_workers=1")
@@ -572,7 +572,7 @@ def test_loader_workers_leave_signals_to_the_run_and_die_with_it(tmp_path):
 # -- settings the run cannot honour as written are said at start-up -----------------------------------------
 def test_accumulation_longer_than_an_epoch_and_warmup_longer_than_the_run_are_said(tmp_path):
     from minift.optim import make_scheduler
-    from minift.parts import schedule_notes
+    from minift.components import schedule_notes
 
     cfg = small_config(tmp_path, "train.grad_accum=1000", "train.warmup_steps=1000", "train.lr=1e-3",
                        "train.schedule=linear")
