@@ -571,8 +571,8 @@ def test_loader_workers_leave_signals_to_the_run_and_die_with_it(tmp_path):
 
 # -- settings the run cannot honour as written are said at start-up -----------------------------------------
 def test_accumulation_longer_than_an_epoch_and_warmup_longer_than_the_run_are_said(tmp_path):
-    from minift.optim import make_scheduler
     from minift.components import schedule_notes
+    from minift.optim import make_scheduler
 
     cfg = small_config(tmp_path, "train.grad_accum=1000", "train.warmup_steps=1000", "train.lr=1e-3",
                        "train.schedule=linear")
