@@ -398,9 +398,10 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def same_setting(old: Any, new: Any) -> bool:
     """Equal values; a yes/no option saved as true/false by an older minift equals "yes"/"no"."""
-    spelled = {True: "yes", False: "no"}
-    return (spelled.get(old, old) if isinstance(old, bool) else old) == (spelled.get(new, new)
-                                                                      if isinstance(new, bool) else new)
+    def spelled(value: Any) -> Any:
+        return {True: "yes", False: "no"}[value] if isinstance(value, bool) else value
+
+    return spelled(old) == spelled(new)
 
 
 def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints: dict[str, str]

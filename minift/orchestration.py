@@ -4,7 +4,7 @@ A stage only builds its parts (``Stage``): the module the loop trains, the model
 object, its batches, its held-out evaluation, the fingerprints of what it trains on, what its
 exported model folder holds. ``run_stage`` runs any stage the same way:
 
-    claim the output folder -> set up the process (device, seeds, threads, precision)
+    check the local inputs, claim the output folder -> set up the process (device, seeds, threads, precision)
     -> the stage builds its parts -> AdamW + schedule -> resume (refusing changed settings or data)
     -> metrics -> evaluation before -> loop.train (under DDP and torch.compile when asked)
     -> final checkpoint -> evaluation after -> model/ written atomically -> summary of the whole run
