@@ -329,7 +329,7 @@ def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_n
     if keep_new_hyperparameters:
         _reapply_hyperparameters(parts.optimizer, parts.scheduler, fresh)
     parts.precision.load_state_dict(saved["precision"])
-    parts.sampler.load_state_dict(saved["sampler"][dist.rank])
+    parts.sampler.load_state_dict(saved["sampler"][dist.rank], allow_changes=keep_new_hyperparameters)
     state.load_state_dict(saved["train_state"])
     set_rng_state(saved["rng"][dist.rank])
     for key, value in (parts.extra_state or {}).items():  # a stage's own entries: tensors restored in place
@@ -396,6 +396,14 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def same_setting(old: Any, new: Any) -> bool:
+    """Equal values; a yes/no option saved as true/false by an older minift equals "yes"/"no"."""
+    def spelled(value: Any) -> Any:
+        return {True: "yes", False: "no"}[value] if isinstance(value, bool) else value
+
+    return spelled(old) == spelled(new)
+
+
 def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints: dict[str, str]
                        ) -> list[tuple[str, Any, Any]]:
     """(setting, checkpoint's value, this run's) for every setting that changes the maths (the
@@ -403,7 +411,8 @@ def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints:
     saved = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
     old, new = _flatten(saved), _flatten(run_config)
     rows = [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
-            if key not in FREE_ON_RESUME and not key.startswith("eval.") and old.get(key) != new.get(key)]
+            if key not in FREE_ON_RESUME and not key.startswith("eval.")
+            and not same_setting(old.get(key), new.get(key))]
     saved_prints = read_manifest(path).get("fingerprints", {})
     for name, value in run_fingerprints.items():
         if name in saved_prints and saved_prints[name] != value:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig, describe, load_config
+from .config import RunConfig, check_template, describe, load_config
 from .errors import InputError, MiniftError
 
 
@@ -36,9 +36,30 @@ def _load_for_inference(model_dir: str):
 
 def resume_of(args):
     """``--resume`` as the recipes take it: True (the newest intact checkpoint), a path, or None;
-    ``--resume-with-changes`` alone means ``--resume``."""
+    ``--resume-with-changes`` alone means ``--resume``. A path that cannot be a checkpoint (a config
+    file, an exported model folder) is refused before anything is loaded or created."""
     resume = True if args.resume == "latest" else args.resume
+    if args.overwrite and (resume or args.resume_with_changes):
+        raise InputError("--overwrite starts afresh (the old run moved aside) and --resume continues it: "
+                         "give one")
+    if isinstance(resume, str):
+        check_resume_path(args.command, Path(resume), args.config)
     return resume or (True if args.resume_with_changes else None)
+
+
+def check_resume_path(command: str, path: Path, config: str | None) -> None:
+    suffix = path.suffix.lower()
+    if suffix in (".toml", ".yaml", ".yml") or (path.is_file() and suffix == ".json"):
+        fix = (f"minift {command} {path} --resume" if config is None else
+               f"minift {command} {config} --resume (the newest checkpoint) or --resume "
+               "<output_dir>/checkpoint-N")
+        raise InputError(f"--resume {path}: a config file, not a checkpoint — {fix}")
+    if path.is_dir() and not (path / "manifest.json").exists() and (path / "config.json").exists() \
+            and not (path / "training_state.pt").exists():
+        raise InputError(f"--resume {path}: a finished model folder, not a checkpoint (it holds no training "
+                         "state) — resume from a checkpoint-N folder beside it, or --resume alone for the "
+                         f"newest; to train further from this model, set model.name = {path} and start a new "
+                         "run")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +78,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from .finetune import run
 
+    resume = resume_of(args)
     cfg = load_config(args.config, args.set or [])
-    summary = run(cfg, resume=resume_of(args), overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
+    summary = run(cfg, resume=resume, overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
     return 0 if summary else 1
 
 
@@ -66,42 +88,80 @@ def cmd_preference(args) -> int:
     from .preference.config import PreferenceConfig
     from .preference.recipe import run_dpo, run_reward
 
+    resume = resume_of(args)
     cfg = load_config(args.config, args.set or [], stage=PreferenceConfig)
     summary = (run_dpo if args.command == "dpo" else run_reward)(
-        cfg, resume=resume_of(args), overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
+        cfg, resume=resume, overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
     return 0 if summary else 1
 
 
 def cmd_score(args) -> int:
-    from .preference.score import rank_completions
+    from .preference.score import check_best_of_n, rank_completions
 
+    if args.policy:
+        if args.candidates:
+            raise InputError(f"score: {len(args.candidates)} candidate(s) and --policy — give the "
+                             "completions to rank, or --policy to sample them, not both")
+        check_generation_args(args)
+        check_best_of_n(args.n, args.max_new_tokens)
     ranked = rank_completions(args.model, args.prompt, args.candidates, policy=args.policy, n=args.n,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              seed=args.seed)
+                              seed=args.seed, progress=_sampling_progress)
     for reward, text in ranked:
         print(f"{reward:+.4f}\t{text!r}")
     return 0
+
+
+def _sampling_progress(done: int, total: int) -> None:
+    """A line on stderr per batch of best-of-n samples, when there is more than one batch."""
+    from .preference.score import SAMPLE_BATCH
+
+    if total > SAMPLE_BATCH:
+        print(f"best-of-n: {done}/{total} continuations sampled", file=sys.stderr, flush=True)
 
 
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.set or [])
     from .finetune import evaluate_only
 
+    if args.model:
+        use_model_folder(cfg, args.model, args.set or [])
     result = evaluate_only(cfg, args.model)
     print(json.dumps({"model": args.model or cfg.model.name, **result.as_dict()}, indent=2))
     return 0
+
+
+def use_model_folder(cfg: RunConfig, model: str, overrides: list[str]) -> None:
+    """``eval --model DIR``: the folder's own config.json rules (the config's ``model.config`` sizes and
+    dropout are for training a model from ``model.name``), and its own tokenizer, unless
+    ``--set model.tokenizer=...`` names one (refused when it is another: ``components.build_tokenizer``)."""
+    from .tokenizer import has_tokenizer_files
+
+    cfg.model.name, cfg.model.config = model, {}
+    asked = any(o.split("=", 1)[0].strip() == "model.tokenizer" for o in overrides)
+    if not asked and Path(model).is_dir() and has_tokenizer_files(Path(model)):
+        cfg.model.tokenizer = ""
 
 
 def cmd_predict(args) -> int:
     from .data import format_prompt, label_token_ids
     from .evaluate import label_log_probs
 
+    if args.template:
+        check_template(args.template)
     model, tokenizer, data = _load_for_inference(args.model)
     if args.template:
         data.template = args.template
     labels = tuple(data.labels)
     label_ids = label_token_ids(tokenizer, data.template, labels)
     prompts = [tokenizer.encode(format_prompt(text, data.template)) for text in args.text]
+    room = model.config.n_positions - max(len(ids) for ids in label_ids)
+    for i, (text, ids) in enumerate(zip(args.text, prompts), 1):
+        if not ids or len(ids) > room:
+            what = "shorten it" if ids else "give a text with words in it"
+            raise InputError(f"text {i} ({text[:40]!r}{'...' if len(text) > 40 else ''}) makes a prompt of "
+                             f"{len(ids)} tokens; the model holds {model.config.n_positions} with the label "
+                             f"— {what}")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     scores = label_log_probs(model, prompts, label_ids, pad, torch.device("cpu"))
     for text, row in zip(args.text, scores):
@@ -187,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", required=True, help="a reward model directory (<output_dir>/model of minift reward)")
     score.add_argument("--policy", help="best-of-n: sample the candidates from this model (e.g. <output_dir>/model "
                                         "of minift train or minift dpo) instead of taking them as arguments")
-    score.add_argument("--n", type=int, default=8, help="best-of-n: how many continuations to sample")
+    score.add_argument("--n", type=int, default=8,
+                       help="best-of-n: how many continuations to sample (1 to 10000, in batches of 256)")
     score.add_argument("--max-new-tokens", type=int, default=8, help="best-of-n: tokens per continuation")
     score.add_argument("--temperature", type=float, default=1.0, help="best-of-n: sampling temperature (0 = greedy)")
     score.add_argument("--top-k", type=int, default=0, help="best-of-n: sample from the k likeliest tokens (0 = all)")

@@ -7,6 +7,7 @@ errors naming the key; ``describe()`` lists every option with its default for ``
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import string
 import tomllib
@@ -17,6 +18,7 @@ from typing import Any
 # the choice lists live with the code that implements them; validation reads them from there
 from .collate import OBJECTIVES, PADDINGS
 from .errors import InputError
+from .models.config import CONFIG_CLASSES
 from .models.lm_loss import LOSS_ROWS
 from .optim import SCHEDULES
 from .precision import AUTOCAST_PRECISIONS, DTYPES
@@ -32,12 +34,17 @@ class RunConfigError(InputError):
     pass
 
 
-def option(default: Any, help: str) -> Any:
+def option(default: Any, help: str, **metadata: Any) -> Any:
     """A config field with its one-line help (shown by ``minift train --help``); list and dict
     defaults are copied per instance."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def yes_no_auto(default: str, help: str) -> Any:
+    """An ``"auto"`` / ``"yes"`` / ``"no"`` option; ``true`` / ``false`` are read as "yes" / "no"."""
+    return option(default, help, yes_no_auto=True)
 
 
 @dataclass
@@ -78,14 +85,16 @@ class DataSection:
     template: str = option("{text} sentiment: {label}", "how an example becomes one training text")
     objective: str = option("all", '"all": loss on every real token (as Trainer); "completion": label only')
     max_length: int = option(128, "truncate longer examples to this many tokens (<= the model's n_positions)")
-    append_eos: str = option("auto", 'end every example with EOS: "auto" (when the tokenizer has one), "yes", "no"')
+    append_eos: str = yes_no_auto("auto", 'end every example with EOS: "auto" (when the tokenizer has one), '
+                                          '"yes", "no"')
     padding: str = option("longest", '"longest" in the batch, or "max_length" (the classic recipe, benchmarks only)')
     pad_to_multiple_of: int = option(0, "round padded lengths up to a multiple of this (0 = off)")
     sampler: str = option("length_grouped", '"random", "sequential", "length_grouped" (less padding) or "packed" '
                                             '(batch_size rows of max_length tokens: one shape, for compile/GPU)')
     packing: bool = option(False, "concatenate examples into rows of max_length instead of padding")
     max_train_examples: int = option(0, "train on the first N kept examples (0 = all)")
-    num_workers: int = option(0, "DataLoader worker processes (0 = load in the main process)")
+    num_workers: int = option(0, "DataLoader worker processes (0 = load in the main process; at most the "
+                                 "CPUs)")
 
 
 @dataclass
@@ -105,7 +114,7 @@ class TrainSection:
     beta2: float = option(0.999, "AdamW beta2")
     eps: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float = option(1.0, "clip the gradient's global norm to this (0 = no clipping)")
-    fused_adamw: str = option("auto", 'fused AdamW kernel: "auto" (where supported), "yes", "no"')
+    fused_adamw: str = yes_no_auto("auto", 'fused AdamW kernel: "auto" (where supported), "yes", "no"')
     precision: str = option("fp32", '"fp32", "bf16" or "fp16" (autocast; fp16 with a gradient scaler)')
     loss_denominator: str = option("targets", '"targets" (next-token targets) or "trainer" (Trainer\'s count)')
     compat: str = option("minift", '"trainer": every number a learner can see is Trainer\'s (see resolve_compat)')
@@ -148,6 +157,14 @@ class RunConfig:
         self.model.dtype = DTYPE_ALIASES.get(self.model.dtype, self.model.dtype)
         checks = [
             (t.batch_size > 0, "train.batch_size must be positive"),
+            (t.output_dir.strip() != "", 'train.output_dir is empty — name a folder ("." for this one)'),
+            (d.source.strip() != "", 'data.source is empty — a hub id, a local file or folder, or '
+                                     '"synthetic"'),
+            (self.model.name.strip() != "", 'model.name is empty — a hub name, a model folder, or "random"'),
+            (0 <= t.seed < 2**32, f"train.seed must be in [0, 2**32 - 1] (numpy's range), got {t.seed}"),
+            (t.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {t.threads}"),
+            (self.model.model_type in CONFIG_CLASSES,
+             f"model.model_type {self.model.model_type!r}: one of {sorted(CONFIG_CLASSES)}"),
             (t.grad_accum > 0, "train.grad_accum must be positive"),
             (t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive"),
             (t.max_steps >= 0, "train.max_steps must be >= 0"),
@@ -180,6 +197,9 @@ class RunConfig:
              "data.pad_to_multiple_of, max_train_examples, num_workers must be >= 0"),
             (0 <= d.validation_fraction < 1, "data.validation_fraction must be in [0, 1)"),
             (len(d.labels) >= 2 and all(isinstance(x, str) for x in d.labels), "data.labels: two or more strings"),
+            (all(isinstance(x, str) and x.strip() for x in d.labels),
+             f"data.labels {d.labels}: a label must have a word in it (an empty label adds no token to "
+             "score)"),
             (len(set(d.labels)) == len(d.labels),
              f"data.labels {d.labels}: {sorted({x for x in d.labels if d.labels.count(x) > 1})} appear more than once "
              f"— list each label once"),
@@ -194,10 +214,50 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise RunConfigError(message)
+        check_template(d.template)
+        check_device(t.device)
+        check_reporters(t.report_to)
         return self
 
 
 TEMPLATE_FIELDS = {"text", "label"}
+REPORTERS = {"tensorboard": "tensorboard"}  # train.report_to name -> the package it needs
+
+
+def check_template(template: str) -> None:
+    """Refuse a ``{text:d}`` or ``{text!r}``: a template only places the text and the label."""
+    if unknown := template_fields(template) - TEMPLATE_FIELDS:
+        raise RunConfigError(f"data.template {template!r}: unknown field(s) {sorted(unknown)}; a template "
+                             "can use {text} and {label}")
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is not None and (spec or conversion):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise RunConfigError(f"data.template {template!r}: {shown} — a template field takes no format "
+                                 f"spec or conversion; write {{{name}}}")
+
+
+def check_device(device: str) -> None:
+    """``train.device`` as torch spells a device (whether this machine has one: when the run starts)."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise RunConfigError(f"train.device {device!r} is not a device: \"auto\", \"cpu\", \"cuda\", "
+                             "\"cuda:1\", \"mps\" ...") from None
+
+
+def check_reporters(names: list) -> None:
+    """``train.report_to``: known trackers whose package is installed, refused now rather than after
+    the data and the model are loaded."""
+    for name in names:
+        if not isinstance(name, str) or name not in REPORTERS:
+            raise RunConfigError(f"train.report_to: unknown {name!r}; known: {sorted(REPORTERS)}")
+        if importlib.util.find_spec(REPORTERS[name]) is None:
+            raise RunConfigError(f"train.report_to = [{name!r}] needs the {REPORTERS[name]} package: pip "
+                                 f"install \"minift[{name}]\", or drop it from train.report_to")
 
 
 def template_fields(template: str) -> set[str]:
@@ -283,14 +343,18 @@ def from_dict(raw: dict[str, Any], source: str = "config", stage: type | None = 
         if not isinstance(values, dict):
             raise RunConfigError(f"{source}: [{section}] must be a table")
         target = sections[section]
-        names = {f.name for f in dataclasses.fields(target)}
+        fields = {f.name: f for f in dataclasses.fields(target)}
         for key, value in values.items():
-            if key not in names:
-                raise RunConfigError(f"{source}: unknown key [{section}] {key}; known keys: {sorted(names)}")
+            if key not in fields:
+                raise RunConfigError(f"{source}: unknown key [{section}] {key}; known keys: {sorted(fields)}")
+            if fields[key].metadata.get("yes_no_auto") and isinstance(value, bool):
+                value = "yes" if value else "no"  # a yes/no/auto option written as true / false
             setattr(target, key, _check_value(section, key, value, getattr(target, key), source))
     config.validate()
     if config.stage is not None and hasattr(config.stage, "validate"):
         config.stage.validate()
+    if config.stage is not None and hasattr(config.stage, "validate_with"):  # its checks of [data], [train]
+        config.stage.validate_with(config)
     return config
 
 
@@ -310,7 +374,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """A TOML config file as a dict; a missing file or bad TOML is a RunConfigError naming it."""
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is skipped
     except FileNotFoundError:
         raise RunConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as err:
@@ -330,7 +394,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not isinstance(raw[section], dict):
             raise RunConfigError(f"--set {text!r}: [{section}] is not a table")
         if key.startswith("config.") and section == "model":
-            raw[section].setdefault("config", {})[key[len("config."):]] = value
+            table = raw[section].setdefault("config", {})
+            if not isinstance(table, dict):
+                raise RunConfigError(f"--set {text!r}: [model] config is {table!r}, not a table — write it "
+                                     "as { n_layer = 2 }")
+            table[key[len("config."):]] = value
         else:
             raw[section][key] = value
     return raw

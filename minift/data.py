@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ DEFAULT_TEMPLATE = _DEFAULTS.template
 DEFAULT_LABELS = tuple(_DEFAULTS.labels)
 DEFAULT_MAX_LENGTH = _DEFAULTS.max_length
 _EXTENSION_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ROW = "row"  # the column that keeps each example's row number in its source split
 
 
 class DataError(InputError):
@@ -47,7 +49,7 @@ class SplitReport:
     def line(self) -> str:
         parts = [f"{self.split}: {self.rows_read} rows read, {self.rows_kept} kept"]
         if self.skipped_empty:
-            shown = ", ".join(str(r) for r in self.skipped_empty[:5])
+            shown = ", ".join(str(r) for r in sorted(self.skipped_empty)[:5])
             more = "..." if len(self.skipped_empty) > 5 else ""
             parts.append(f"{len(self.skipped_empty)} skipped (empty text; rows {shown}{more})")
         parts.append(f"{self.tokens} tokens")
@@ -65,17 +67,19 @@ def _expand(pattern: str) -> list[str]:
     return paths
 
 
-def check_text_file(path: str, as_jsonl: bool = False) -> None:
+def check_text_file(path: str, as_jsonl: bool = False, text_columns: tuple[str, ...] = ()) -> set[str]:
     """Refuse a text data file that ``datasets`` would mangle or fail on with a traceback that
-    hides the row: invalid UTF-8 (replaced silently), no rows at all, and for ``.jsonl`` a line
-    that is not a JSON object (a malformed row, or CSV under a .jsonl name). Errors name the
-    file and line."""
+    hides the row: invalid UTF-8 (replaced silently), no rows at all (a CSV header alone included),
+    and for ``.jsonl`` a line that is not a JSON object (a malformed row, or CSV under a .jsonl name)
+    or whose ``text_columns`` hold something other than text (``datasets`` would silently turn a
+    number or a nested object into its JSON string). A UTF-8 byte-order mark is fine. Errors name
+    the file and line. Returns the columns of a JSON-lines file (empty for CSV)."""
     jsonl = as_jsonl or Path(path).suffix.lower() == ".jsonl"
-    rows = 0
+    rows, columns = 0, set()
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             try:
-                text = line.decode("utf-8")
+                text = line.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}: line {line_no} is not valid UTF-8 (byte {err.start}: "
                                 f"{line[err.start:err.start + 1]!r}); fix or re-encode the file") from None
@@ -83,12 +87,17 @@ def check_text_file(path: str, as_jsonl: bool = False) -> None:
                 continue
             rows += 1
             if jsonl:
-                _check_json_object(text, path, line_no)
+                row = _check_json_object(text, path, line_no)
+                _check_text_values(row, text_columns, path, line_no)
+                columns.update(row)
     if rows == 0:
         raise DataError(f"{path}: empty (no rows) — fill it, or point data.source at another file")
+    if rows == 1 and Path(path).suffix.lower() == ".csv":
+        raise DataError(f"{path}: a header line and no rows — fill it, or point data.source at another file")
+    return columns
 
 
-def _check_json_object(text: str, path: str, line_no: int) -> None:
+def _check_json_object(text: str, path: str, line_no: int) -> dict[str, Any]:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as err:
@@ -99,6 +108,29 @@ def _check_json_object(text: str, path: str, line_no: int) -> None:
     if not isinstance(row, dict):
         raise DataError(f"{path}: line {line_no} is a JSON {type(row).__name__}, not an object of column -> value "
                         f"— one {{\"text\": ..., \"label_text\": ...}} object per line")
+    return row
+
+
+_JSON_KINDS = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+
+
+def _check_text_values(row: dict[str, Any], text_columns: tuple[str, ...], path: str, line_no: int) -> None:
+    for column in text_columns:
+        value = row.get(column)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{path}: line {line_no}: {column!r} is "
+                            f"{_JSON_KINDS.get(type(value), 'not text')} ({json.dumps(value)[:40]}), not "
+                            "text — write it as a string, or fix the row")
+
+
+def _column_differences(columns: dict[str, set[str]]) -> str | None:
+    """Which file lacks which column, when the JSON-lines files of a source differ in columns."""
+    every = set().union(*columns.values()) if columns else set()
+    for path, found in columns.items():
+        if found != every:
+            return (f"{path} lacks column(s) {sorted(every - found)} that other files of the source have — "
+                    "every file needs the same columns")
+    return None
 
 
 def _builder_for(paths: list[str]) -> str:
@@ -131,14 +163,16 @@ def _local_files(source: str) -> dict[str, list[str]] | None:
 
 def load_splits(source: str = DEFAULT_DATASET, data_files: dict[str, str] | None = None,
                 validation_fraction: float = 0.0, seed: int = 0,
-                cache_dir: str | None = None) -> datasets.DatasetDict:
+                cache_dir: str | None = None, text_columns: tuple[str, ...] = ()) -> datasets.DatasetDict:
     """Load a dataset by hub id, local directory, file or glob (or explicit ``data_files``
     per split) with ``datasets.load_dataset``. With ``validation_fraction`` > 0 a seeded
-    validation split is carved from train."""
+    validation split is carved from train. ``text_columns``: columns whose every value must be
+    text (checked in local JSON-lines files, where ``datasets`` would convert them silently)."""
     if data_files:
         files = {split: _expand(pattern) for split, pattern in data_files.items()}
     else:
         files = _local_files(source)
+    columns: dict[str, set[str]] = {}  # per JSON-lines file
     try:
         if files is None:
             dsd = datasets.load_dataset(source, cache_dir=cache_dir)
@@ -147,13 +181,15 @@ def load_splits(source: str = DEFAULT_DATASET, data_files: dict[str, str] | None
             if builder in ("json", "csv"):
                 for paths in files.values():
                     for path in paths:
-                        check_text_file(path)
+                        columns[path] = check_text_file(path, text_columns=text_columns)
             dsd = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
     except DataError:
         raise
     except Exception as err:
         for path in [p for paths in (files or {}).values() for p in paths if p.lower().endswith(".json")]:
-            check_text_file(path, as_jsonl=True)  # JSON lines under a .json name: name the bad line
+            columns[path] = check_text_file(path, as_jsonl=True, text_columns=text_columns)  # name the line
+        if differences := _column_differences({p: c for p, c in columns.items() if c}):
+            raise DataError(differences) from None
         where = files if files is not None else source
         raise DataError(f"cannot load {where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                         ) from err
@@ -162,11 +198,24 @@ def load_splits(source: str = DEFAULT_DATASET, data_files: dict[str, str] | None
     if "train" not in dsd:
         raise DataError(f"{source}: no train split (found {sorted(dsd)})")
     if validation_fraction:
-        if not 0.0 < validation_fraction < 1.0:
-            raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-        parts = dsd["train"].train_test_split(test_size=validation_fraction, seed=seed, shuffle=True)
-        dsd["train"], dsd["validation"] = parts["train"], parts["test"]
+        dsd["train"], dsd["validation"] = carve_validation(dsd["train"], validation_fraction, seed, source)
     return dsd
+
+
+def carve_validation(train: datasets.Dataset, fraction: float, seed: int, source: str
+                     ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A seeded ``fraction`` of ``train`` held out (``datasets``' split: ceil for the held-out part)."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"validation_fraction must be in (0, 1), got {fraction}")
+    n_held_out = math.ceil(fraction * len(train))
+    if len(train) - n_held_out < 1:
+        raise DataError(f"data.validation_fraction = {fraction} of the {len(train)} train rows of {source} "
+                        f"holds out {n_held_out} and leaves none to train on — lower "
+                        "data.validation_fraction")
+    if ROW not in train.column_names:  # each row keeps its number in the source, for reports
+        train = train.add_column(ROW, list(range(len(train))))
+    parts = train.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
 
 
 # -- cleaning ---------------------------------------------------------------------------------------
@@ -182,9 +231,10 @@ def clean_split(ds: datasets.Dataset, split: str, text_column: str = _DEFAULTS.t
     report = SplitReport(split, rows_read=len(ds))
     columns = ds.select_columns([text_column, label_column]).to_dict()
     texts, label_values = columns[text_column], columns[label_column]
+    numbers = list(ds[ROW]) if ROW in ds.column_names else list(range(len(ds)))  # row numbers in the source
     keep = []
     known = set(labels)
-    for row, (text, label) in enumerate(zip(texts, label_values)):
+    for i, (row, text, label) in enumerate(zip(numbers, texts, label_values)):
         if text is not None and not isinstance(text, str):
             raise DataError(f"split {split!r} row {row}: {text_column!r} must be a string, got {text!r}")
         if text is None or not text.strip():
@@ -193,10 +243,10 @@ def clean_split(ds: datasets.Dataset, split: str, text_column: str = _DEFAULTS.t
         if label not in known:
             raise DataError(f"split {split!r} row {row}: unknown label {label!r} in column {label_column!r}; "
                             f"expected one of {list(labels)}")
-        keep.append(row)
+        keep.append(i)
     if not keep:
         raise DataError(f"split {split!r} has no usable rows ({report.rows_read} read, all empty)")
-    cleaned = ds.add_column("row", list(range(len(ds)))).select(keep)
+    cleaned = (ds if ROW in ds.column_names else ds.add_column(ROW, numbers)).select(keep)
     report.rows_kept = len(cleaned)
     return cleaned, report
 
@@ -224,7 +274,10 @@ def format_example(text: str, label: str, template: str) -> str:
 
 
 def label_token_ids(tokenizer, template: str, labels: tuple[str, ...]) -> list[list[int]]:
-    """The token ids each label adds after the prompt (checked on a sample prompt)."""
+    """The token ids each label adds after the prompt (checked on a sample prompt). Refused: labels
+    the tokenizer cannot tell apart (the same tokens, e.g. symbols it maps to one unknown token), and
+    a label whose tokens begin another's (its score is never below the longer one's, so the longer
+    could never be predicted)."""
     prompt = format_prompt("example", template)
     prompt_ids = tokenizer.encode(prompt)
     out = []
@@ -233,7 +286,29 @@ def label_token_ids(tokenizer, template: str, labels: tuple[str, ...]) -> list[l
         if full[:len(prompt_ids)] != prompt_ids:
             raise DataError(f"template {template!r}: the prompt's tokens are not a prefix of the full text's")
         out.append(full[len(prompt_ids):])
+    check_label_tokens(tokenizer, labels, out)
     return out
+
+
+def check_label_tokens(tokenizer, labels: tuple[str, ...], ids: list[list[int]]) -> None:
+    def shown(i: int) -> str:
+        return f"{labels[i]!r} ({' '.join(map(str, ids[i]))}: {tokenizer.decode(ids[i])!r})"
+
+    source = getattr(tokenizer, "source", "tokenizer")
+    for i, label_ids in enumerate(ids):
+        if not label_ids:
+            raise DataError(f"data.labels: {labels[i]!r} adds no token after the prompt with {source} — "
+                            "choose labels with words in them")
+        for j, other in enumerate(ids):
+            if i == j:
+                continue
+            if label_ids == other and i < j:
+                raise DataError(f"data.labels {shown(i)} and {shown(j)} are the same tokens with {source}: "
+                                "their scores would always tie — choose labels the tokenizer tells apart")
+            if len(label_ids) < len(other) and other[:len(label_ids)] == label_ids:
+                raise DataError(f"data.labels {shown(i)} is the start of {shown(j)}: its score is never "
+                                f"below the longer label's, so {labels[j]!r} could never be predicted — "
+                                "choose labels that start differently")
 
 
 def tokenize_split(ds: datasets.Dataset, tokenizer, template: str, labels: tuple[str, ...], max_length: int,
@@ -307,6 +382,19 @@ class TokenizedExamples:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"input_ids": self.input_ids[i], "prompt_length": self.prompt_length[i]}
+
+
+def check_something_to_learn(examples: TokenizedExamples, objective: str, max_length: int) -> None:
+    """Refuse training examples with no next-token target at all (every loss would be 0 over 0
+    tokens): ``data.max_length`` too short for any example, or for any label under ``completion``."""
+    if objective == "completion":
+        targets = sum(max(0, n - max(p, 1)) for n, p in zip(examples.lengths, examples.prompt_length))
+    else:
+        targets = sum(max(0, n - 1) for n in examples.lengths)
+    if targets == 0:
+        what = "label" if objective == "completion" else "second token"
+        raise DataError(f"no training example keeps a {what} to predict within data.max_length = "
+                        f"{max_length} (data.objective = {objective!r}) — raise data.max_length")
 
 
 def prepare_split(dsd: datasets.DatasetDict, split: str, tokenizer, template: str = DEFAULT_TEMPLATE,

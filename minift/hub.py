@@ -256,6 +256,11 @@ def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype | None =
     """
     directory = resolve_checkpoint(name_or_path)
     config = config_from_json_file(directory / CONFIG_NAME)
+    architectures = config.extra.get("architectures") or []
+    if any("SequenceClassification" in str(a) for a in architectures):
+        raise CheckpointError(f"{directory} holds a {architectures[0]} (a reward model, minift reward's), "
+                              "not a language model — give a model folder of minift train or minift dpo, or "
+                              f"score with this one: minift score PROMPT --model {directory}")
     if config_overrides:
         config = config.replace(**config_overrides)
     with torch.device("meta"):

@@ -22,12 +22,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from .config import RunConfigError
+from .config import REPORTERS, RunConfigError
 
 METRICS_FILE = "metrics.jsonl"
-
-
-REPORTERS = ("tensorboard",)
 
 
 class TensorBoardReporter:
@@ -303,7 +300,8 @@ def trim_metrics(output_dir: str | Path, step: int, keep_evals_at_step: bool = T
         except json.JSONDecodeError:  # the last line of a run killed mid-write
             continue
         at = record.get("step", 0)
-        if "summary" in record or at > step or (at == step and "eval" in record and not keep_evals_at_step):
+        redone = at == step and ("resume" in record or ("eval" in record and not keep_evals_at_step))
+        if "summary" in record or at > step or redone:  # an earlier resume from the same step: its marker too
             continue
         kept.append(line + "\n")
     tmp = path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")

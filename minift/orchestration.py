@@ -4,7 +4,7 @@ A stage only builds its parts (``Stage``): the module the loop trains, the model
 object, its batches, its held-out evaluation, the fingerprints of what it trains on, what its
 exported model folder holds. ``run_stage`` runs any stage the same way:
 
-    claim the output folder -> set up the process (device, seeds, threads, precision)
+    check the local inputs, claim the output folder -> set up the process (device, seeds, threads, precision)
     -> the stage builds its parts -> AdamW + schedule -> resume (refusing changed settings or data)
     -> metrics -> evaluation before -> loop.train (under DDP and torch.compile when asked)
     -> final checkpoint -> evaluation after -> model/ written atomically -> summary of the whole run
@@ -27,11 +27,13 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .distributed import Distributed
+from .errors import ResumeRefused
 from .hub import load_weights
 from .loop import TrainState, fail_if_mostly_skipped, train
 from .metrics import (MetricsLogger, eval_at, eval_line, plot_curves, read_records, run_summary, summary_text,
                       trim_metrics)
-from .components import build_hooks, build_optimizer, build_scheduler, wrap_for_training
+from .components import (build_hooks, build_optimizer, build_scheduler, local_inputs, machine_notes,
+                         schedule_notes, wrap_for_training)
 from .precision import Precision
 from .run_dir import claim_output_dir
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
@@ -82,7 +84,10 @@ def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> Run
     setup_process(cfg.train.seed, device, cfg.train.threads, cfg.train.keep_large_allocations)
     precision = Precision(cfg.train.precision, device)
     precision.warn_if_slow()
-    return RunContext(cfg, dist, device, precision, log if dist.is_main else (lambda *_: None))
+    context = RunContext(cfg, dist, device, precision, log if dist.is_main else (lambda *_: None))
+    for line in machine_notes(cfg):
+        context.say(line)
+    return context
 
 
 def run_stage(cfg: RunConfig, build_stage: Callable[[RunContext], Stage], resume: str | bool | None = None,
@@ -96,7 +101,7 @@ def run_stage(cfg: RunConfig, build_stage: Callable[[RunContext], Stage], resume
     dist = Distributed.from_env()
     try:
         with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, enabled=dist.is_main,
-                              log=log):
+                              log=log, inputs=local_inputs(cfg)):
             ctx = set_up(cfg, dist, log)
             return _run(ctx, build_stage(ctx), resume, resume_with_changes)
     finally:
@@ -107,6 +112,9 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     cfg, dist, say, out_dir = ctx.cfg, ctx.dist, ctx.say, ctx.out_dir
     optimizer = build_optimizer(cfg, stage.model)
     scheduler = build_scheduler(cfg, optimizer, stage.total_steps)
+    for line in schedule_notes(cfg, len(stage.sampler) if hasattr(stage.sampler, "__len__") else None,
+                               stage.total_steps):
+        say(line)
     parts = ckpt.TrainingParts(stage.saved_model, optimizer, scheduler, ctx.precision, stage.sampler,
                                stage.tokenizer, stage.extra_state, stage.load_model_weights)
     state, run_config = TrainState(), cfg.to_dict()
@@ -114,6 +122,9 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     if resume:  # metrics.jsonl cut back to the resumed step (all of it when starting from scratch)
         resumed = ckpt.resume_training(resume, out_dir, state, parts, dist, run_config, stage.fingerprints,
                                        allow_changes=resume_with_changes, log=say)
+        if state.step > stage.total_steps:
+            raise ResumeRefused(f"{resumed} is at step {state.step}, past this run's {stage.total_steps} "
+                                f"steps — raise train.max_steps (or epochs) above {state.step}")
         trim_metrics(out_dir, state.step if resumed else -1, keep_evals_at_step=state.step < stage.total_steps)
 
     metrics = MetricsLogger(out_dir, stage.total_steps, initial_step=state.step, enabled=dist.is_main,

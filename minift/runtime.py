@@ -1,6 +1,7 @@
 """Process set-up for a run: seeds, device, threads, the CPU allocator setting, the stop
-signal, moving batches to the device ahead of the step, and peak memory. The recipe calls ``setup_process`` once;
-nothing here knows about models or data.
+signal, moving batches to the device ahead of the step, peak memory, and the DataLoader workers'
+set-up (they die with the run). The recipe calls ``setup_process`` once; nothing here knows about
+models or data.
 
 ``keep_large_allocations``: glibc serves allocations above its mmap threshold (at most 32 MiB)
 with fresh ``mmap`` pages and returns them on free, so every training step page-faults its large
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import random
 import signal
 import sys
@@ -20,6 +22,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+
+from .errors import InputError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -33,10 +37,39 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; anything else as torch spells it."""
+    """``"auto"``: CUDA when available, else CPU; anything else as torch spells it, refused (one line,
+    ``InputError``) when this machine does not have it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"train.device {name!r} is not a device: \"auto\", \"cpu\", \"cuda\", \"cuda:1\" "
+                         "...") from None
+    check_device_present(device)
+    return device
+
+
+def check_device_present(device: torch.device) -> None:
+    """Refuse a device this machine lacks before a tensor is moved to it."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"train.device = \"{device}\", but this machine has no CUDA device (torch "
+                             f"{torch.__version__}, CUDA "
+                             f"{'built in' if torch.backends.cuda.is_built() else 'not built in'}) — use "
+                             "train.device = \"auto\" or \"cpu\"")
+        if device.index is not None and device.index >= count:
+            raise InputError(f"train.device = \"{device}\", but this machine has {count} CUDA device(s): "
+                             f"cuda:0 .. cuda:{count - 1}")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"train.device = \"{device}\", but MPS is not available here — use \"auto\" or "
+                         "\"cpu\"")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        backend = getattr(torch, device.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise InputError(f"train.device = \"{device}\": no {device.type} device is available here — use "
+                             "\"auto\" or \"cpu\"")
 
 
 def setup_process(seed: int, device: torch.device, threads: int = 0, keep_allocations: bool = True) -> None:
@@ -63,6 +96,33 @@ def keep_large_allocations(threshold: int = 1 << 30) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold - 1))
     return _applied
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def init_loader_worker(parent_pid: int, worker_id: int) -> None:
+    """``worker_init_fn`` of every DataLoader minift builds (``functools.partial(init_loader_worker,
+    os.getpid())``). A worker leaves SIGINT and SIGTERM to the training process, which stops at the
+    next step boundary and then shuts its workers down; and it dies with that process however it
+    dies (Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, so a SIGKILLed run leaves no orphan worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # another libc: the DataLoader's own watchdog remains
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os._exit(1)
 
 
 def to_device(window: list[dict], device: torch.device) -> list[dict]:

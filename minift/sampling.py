@@ -9,6 +9,7 @@ Under torchrun each rank takes ``rank::world_size`` of the global batches of an 
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -64,14 +65,25 @@ class BatchSampler:
         return {"kind": type(self).__name__, "epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
                 "batch_size": self.batch_size, "n_examples": self.n_examples, "world_size": self.world_size}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, allow_changes: bool = False) -> None:
+        """The saved position. ``allow_changes`` (``--resume-with-changes``): a sampler of another kind,
+        seed, batch size or data size continues the saved epoch after about as many examples as were
+        used: its batches of that epoch are cut anew, so the continuation is exact only where the order
+        of examples is the same (``random``, ``sequential``, same seed and data) and the examples used
+        fill whole new batches; elsewhere some examples of that epoch repeat or are left out."""
+        changed = []
         for key in ("kind", "seed", "batch_size", "n_examples", "world_size"):
             mine = type(self).__name__ if key == "kind" else getattr(self, key)
             if state.get(key, mine) != mine:
-                raise InputError(f"sampler state has {key}={state.get(key)!r} but this run has {mine!r}: "
-                                 f"resume with the same data, batch size, seed and world size")
+                if not allow_changes or key == "world_size":
+                    raise InputError(f"sampler state has {key}={state.get(key)!r} but this run has {mine!r}: "
+                                     "resume with the same data, batch size, seed and world size")
+                changed.append(key)
         self.epoch = state["epoch"]
         self.consumed = state["consumed"]
+        if changed:
+            used = state["consumed"] * state.get("batch_size", self.batch_size)
+            self.consumed = min(math.ceil(used / self.batch_size), len(self))
 
     @staticmethod
     def _cut(order: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -158,6 +158,24 @@ def check_vocab_matches(model, tokenizer: Tokenizer) -> None:
             f"{model.config.vocab_size}: ids >= {model.config.vocab_size} would index past the embedding")
 
 
+# A sample of what a tokenizer may meet: two tokenizers with one vocabulary that split it alike are the same.
+_PROBE = ("Hello World! héllo CAFÉ 123 4.5 :) @user #tag https://t.co/x sentiment: positive negative "
+          "neutral 😀 don't   tabs\tand\nlines <|endoftext|> [PAD] <unk>")
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether ``a`` and ``b`` give every token the same id (same vocabulary, added tokens included,
+    and the same split of a probe text)."""
+    if a.vocab_size != b.vocab_size or a.backend.get_vocab(True) != b.backend.get_vocab(True):
+        return False
+    return a.encode(_PROBE) == b.encode(_PROBE)
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return (directory / "tokenizer.json").exists() or ((directory / "vocab.json").exists()
+                                                       and (directory / "merges.txt").exists())
+
+
 # -- building from files ------------------------------------------------------------------------
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     merges = []

@@ -262,9 +262,20 @@ def test_dpo_recipe_resume_is_bit_exact_with_precomputed_reference(tmp_path):
     assert all(key in steps[-1] for key in STEP_KEYS["dpo"])
 
 
+def _sample_without_cache(policy, prompt_ids, n, steps, generator):
+    """n rows sampled token by token from the full forward's logits of every row (no KV cache)."""
+    rows = torch.tensor([list(prompt_ids)] * n)
+    with torch.no_grad():
+        for _ in range(steps):
+            probs = torch.softmax(policy.eval()(rows)[:, -1].double(), dim=-1).float()
+            rows = torch.cat([rows, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return rows.tolist()
+
+
 def test_best_of_n_ranks_sampled_continuations_by_their_reward():
-    """Every continuation is what the policy's own generate() samples with the same generator, and the
-    ranking is by the reward model's score of prompt + continuation, best first."""
+    """best-of-n samples in batches (generate_many: the prompt's cache shared by every row): each row is
+    what a cache-free recomputation of all rows draws from the same generator; greedy rows are
+    generate()'s; the ranking is by the reward model's score of prompt + continuation, best first."""
     from minift import load_tokenizer
     from minift.preference.reward import RewardModel, best_of_n, score_texts
 
@@ -275,16 +286,25 @@ def test_best_of_n_ranks_sampled_continuations_by_their_reward():
     reward_model = RewardModel(build_model(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16,
                                                      n_layer=1, n_head=2)), tok.pad_id)
     prompt = "what a lovely day sentiment:"
-    ranked = best_of_n(policy, reward_model, prompt, tok, tok, n=5, max_new_tokens=4, seed=3)
+    seen = []
+    ranked = best_of_n(policy, reward_model, prompt, tok, tok, n=5, max_new_tokens=4, seed=3, batch_size=3,
+                       progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(3, 5), (5, 5)]
     generator = torch.Generator().manual_seed(3)
     prompt_ids = tok.encode(prompt)
-    expected = [tok.decode(policy.generate(prompt_ids, max_new_tokens=4, generator=generator)[len(prompt_ids):],
-                           skip_special_tokens=True) for _ in range(5)]
+    rows = _sample_without_cache(policy, prompt_ids, 3, 4, generator) + _sample_without_cache(
+        policy, prompt_ids, 2, 4, generator)
+    expected = [tok.decode(ids[len(prompt_ids):], skip_special_tokens=True) for ids in rows]
     assert sorted(text for _, text in ranked) == sorted(expected)
     rewards = [r for r, _ in ranked]
     assert rewards == sorted(rewards, reverse=True)
     again = score_texts(reward_model, [tok.encode(f"{prompt} {text}".rstrip()) for _, text in ranked], tok.pad_id, "cpu")
     assert again.tolist() == pytest.approx(rewards, abs=1e-6)
+    greedy = policy.generate(prompt_ids, max_new_tokens=6, temperature=0)
+    assert policy.generate_many(prompt_ids, 3, max_new_tokens=6, temperature=0) == [greedy] * 3
+    first = greedy[len(prompt_ids)]  # as EOS: every row ends after it
+    assert policy.generate_many(prompt_ids, 2, max_new_tokens=6, temperature=0, eos_id=first) == [
+        prompt_ids + [first]] * 2
 
 
 def test_a_recipe_trained_reward_model_saves_the_true_vocabulary_and_reloads(tmp_path):

@@ -155,14 +155,7 @@ class CausalLM(nn.Module):
         With ``use_cache`` the keys and values of earlier tokens are kept (one token's forward per
         step); without, the whole sequence is recomputed each step — the same tokens (tested)."""
         ids = list(prompt_ids)
-        if not ids:
-            raise InputError("generate: the prompt has no tokens")
-        if not (math.isfinite(temperature) and temperature >= 0):
-            raise InputError(f"generate: temperature must be a finite number >= 0, got {temperature}")
-        if top_k < 0 or max_new_tokens < 0:
-            raise InputError(f"generate: top_k and max_new_tokens must be >= 0, got {top_k} and {max_new_tokens}")
-        if len(ids) >= self.config.n_positions:
-            raise InputError(f"generate: the prompt has {len(ids)} tokens; the model holds {self.config.n_positions}")
+        self._check_generation(ids, max_new_tokens, temperature, top_k)
         was_training = self.training
         self.eval()
         device = self.lm_head_weight.device
@@ -179,6 +172,54 @@ class CausalLM(nn.Module):
                 break
         self.train(was_training)
         return ids
+
+    @torch.no_grad()
+    def generate_many(self, prompt_ids: Sequence[int], n: int, max_new_tokens: int = 20,
+                      temperature: float = 1.0, top_k: int = 0, eos_id: int | None = None,
+                      generator: torch.Generator | None = None) -> list[list[int]]:
+        """``n`` continuations of one prompt, sampled as one batch: the prompt runs once into a KV cache
+        every row shares, then each step is one forward of ``n`` tokens and one draw of ``n`` next tokens.
+        Each row is the prompt's ids followed by its new ones, cut after its ``eos_id``; the sampling
+        rules are ``generate``'s (temperature 0: every row is the greedy continuation)."""
+        ids = list(prompt_ids)
+        self._check_generation(ids, max_new_tokens, temperature, top_k)
+        if n < 1:
+            raise InputError(f"generate_many: n must be >= 1, got {n}")
+        was_training = self.training
+        self.eval()
+        device = self.lm_head_weight.device
+        cache = self.new_kv_cache()
+        last = self.hidden_states(torch.tensor([ids], device=device), kv_cache=cache)[:, -1]
+        for layer in cache:  # the one prompt under every row
+            layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+        logits = F.linear(last, self.lm_head_weight).float().expand(n, -1)
+        rows: list[list[int]] = [list(ids) for _ in range(n)]
+        open_rows = torch.ones(n, dtype=torch.bool)
+        steps = min(max_new_tokens, self.config.n_positions - len(ids))
+        for step in range(steps):
+            next_ids = sample_tokens(logits, temperature, top_k, generator)
+            for row, token in zip(torch.nonzero(open_rows).flatten().tolist(), next_ids[open_rows].tolist()):
+                rows[row].append(token)
+            if eos_id is not None:
+                open_rows &= next_ids != eos_id
+            if step == steps - 1 or not open_rows.any():
+                break
+            hidden = self.hidden_states(next_ids[:, None].to(device), kv_cache=cache)
+            logits = F.linear(hidden[:, -1], self.lm_head_weight).float()
+        self.train(was_training)
+        return rows
+
+    def _check_generation(self, ids: list[int], max_new_tokens: int, temperature: float, top_k: int) -> None:
+        if not ids:
+            raise InputError("generate: the prompt has no tokens")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise InputError(f"generate: temperature must be a finite number >= 0, got {temperature}")
+        if top_k < 0 or max_new_tokens < 0:
+            raise InputError(f"generate: top_k and max_new_tokens must be >= 0, got {top_k} and "
+                             f"{max_new_tokens}")
+        if len(ids) >= self.config.n_positions:
+            raise InputError(f"generate: the prompt has {len(ids)} tokens; the model holds "
+                             f"{self.config.n_positions}")
 
     # -- parameters -------------------------------------------------------------------------
     def num_parameters(self) -> int:
@@ -283,11 +324,18 @@ class CausalLM(nn.Module):
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int = 0,
                  generator: torch.Generator | None = None) -> int:
     """The next token from one position's logits: argmax at temperature 0, else a sample."""
+    return int(sample_tokens(logits[None], temperature, top_k, generator)[0])
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One next token per row of ``logits`` [rows, vocab] (on the CPU): argmax at temperature 0,
+    else a sample from softmax(logits / temperature), from the ``top_k`` likeliest when > 0."""
     if temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1).cpu()
     logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)

@@ -114,7 +114,9 @@ class DPOObjective:
         ref_chosen, ref_rejected = self.reference_for(batch, inputs)
         chosen_ratio = chosen_logps - ref_chosen.to(chosen_logps.dtype)
         rejected_ratio = rejected_logps - ref_rejected.to(rejected_logps.dtype)
-        chosen_tokens, rejected_tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(1).chunk(2)
+        # ipo's per-token average: every completion token counted, as TRL's unshifted completion mask
+        # does (with an empty prompt the first one, which nothing predicts, is counted but has no log-prob)
+        chosen_tokens, rejected_tokens = (inputs["labels"] != IGNORE_INDEX).sum(1).chunk(2)
         losses = dpo_losses(chosen_ratio, rejected_ratio, self.beta, self.loss_type, self.label_smoothing,
                             chosen_tokens, rejected_tokens)
         chosen_rewards, rejected_rewards = self.beta * chosen_ratio.detach(), self.beta * rejected_ratio.detach()

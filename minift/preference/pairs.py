@@ -10,7 +10,9 @@ The stages, each a function:
 
 Truncation follows TRL's DPO default (``truncation_mode="keep_start"``): each prompt+completion is
 cut at ``max_length`` from the END, so the completion loses its tail first; a pair whose prompt alone
-fills ``max_length`` keeps no completion token and is dropped. Both are counted in the report.
+fills ``max_length`` keeps no completion token and is dropped. Pairs that cannot teach anything are
+dropped too: an empty chosen or rejected completion, and chosen = rejected (the loss is then log 2
+with zero gradient, and held-out accuracy would count float noise). All are counted in the report.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import datasets
 import torch
 
-from ..data import DataError, clean_split, format_prompt, load_splits, split_template
+from ..data import ROW, DataError, clean_split, format_prompt, load_splits, split_template
 from ..models.layers import IGNORE_INDEX
 from .config import REJECTED_CHOICES
 
@@ -37,18 +39,29 @@ class PairReport:
     pairs: int = 0
     truncated: int = 0  # pairs where chosen or rejected lost tokens at the end
     dropped_long_prompt: int = 0  # pairs whose prompt alone reaches max_length
-    dropped_rows: list[int] = field(default_factory=list)
+    dropped_rows: list[int] = field(default_factory=list)  # rows dropped for any reason
+    dropped_empty: list[int] = field(default_factory=list)  # rows with an empty chosen or rejected completion
+    dropped_identical: list[int] = field(default_factory=list)  # rows whose chosen and rejected are equal
 
     def line(self) -> str:
-        return (f"{self.split}: {self.rows_read} rows read, {self.pairs} pairs, {self.truncated} truncated "
-                f"(end cut, as TRL's keep_start), {self.dropped_long_prompt} dropped (prompt fills max_length)")
+        line = (f"{self.split}: {self.rows_read} rows read, {self.pairs} pairs, {self.truncated} truncated "
+                f"(end cut, as TRL's keep_start), {self.dropped_long_prompt} dropped (prompt fills "
+                "max_length)")
+        for rows, why in ((self.dropped_empty, "empty chosen or rejected"),
+                          (self.dropped_identical, "chosen = rejected")):
+            if rows:
+                shown = ", ".join(map(str, sorted(rows)[:5])) + ("..." if len(rows) > 5 else "")
+                line += f", {len(rows)} dropped ({why}; rows {shown})"
+        return line
 
 
 # -- sources ----------------------------------------------------------------------------------------
-def load_pairs(source: str, seed: int = 0) -> datasets.DatasetDict:
+def load_pairs(source: str, seed: int = 0, validation_fraction: float = 0.0) -> datasets.DatasetDict:
     """Preference splits from a hub id, local directory (train.jsonl / test.parquet ...) or file, in
-    TRL's standard format: string columns ``prompt``, ``chosen``, ``rejected``."""
-    splits = load_splits(source, seed=seed)
+    TRL's standard format: string columns ``prompt``, ``chosen``, ``rejected``. With
+    ``validation_fraction`` > 0 a seeded ``validation`` split is held out of train (as ``minift train``)."""
+    splits = load_splits(source, seed=seed, validation_fraction=validation_fraction,
+                         text_columns=PAIR_COLUMNS)
     for name, split in splits.items():
         missing = [c for c in PAIR_COLUMNS if c not in split.column_names]
         if missing:
@@ -56,7 +69,10 @@ def load_pairs(source: str, seed: int = 0) -> datasets.DatasetDict:
                             f"(prompt, chosen, rejected); columns are {split.column_names}")
         for row, values in enumerate(zip(*(split[c] for c in PAIR_COLUMNS))):
             for column, value in zip(PAIR_COLUMNS, values):
-                if not isinstance(value, str):
+                if value is None and column == "prompt":
+                    raise DataError(f"{source}: split {name!r} row {row}: 'prompt' is null — give the prompt "
+                                    f"(\"\" for none), or remove the row")
+                if value is not None and not isinstance(value, str):  # a null completion: dropped as empty
                     raise DataError(f"{source}: split {name!r} row {row}: {column!r} must be plain text, "
                                     f"got {type(value).__name__} (conversational pairs are not supported)")
     return splits
@@ -72,15 +88,15 @@ def tweet_pairs(split: datasets.Dataset, name: str, template: str, labels: Seque
     cleaned, _ = clean_split(split, name, text_column, label_column, tuple(labels))
     completion = split_template(template)[1]
     rng = random.Random(seed)
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": []}
-    columns = cleaned.select_columns([text_column, label_column, "row"]).to_dict()
-    for text, gold, row in zip(columns[text_column], columns[label_column], columns["row"]):
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], ROW: []}
+    columns = cleaned.select_columns([text_column, label_column, ROW]).to_dict()
+    for text, gold, row in zip(columns[text_column], columns[label_column], columns[ROW]):
         wrong = [label for label in labels if label != gold]
         for bad in (wrong if rejected == "both" else [rng.choice(wrong)]):
             out["prompt"].append(format_prompt(text, template))
             out["chosen"].append(completion.format(label=gold))
             out["rejected"].append(completion.format(label=bad))
-            out["row"].append(row)
+            out[ROW].append(row)
     return datasets.Dataset.from_dict(out)
 
 
@@ -119,29 +135,52 @@ class TokenizedPairs:
                 "rejected_ids": self.rejected_ids[i], "index": i}
 
 
+def append_eos_for(setting: str | bool, tokenizer, stage: str) -> bool:
+    """``pairs.append_eos`` resolved for a tokenizer: "yes"/"no" (or a saved true/false), or "auto" =
+    what TRL computes. TRL appends EOS to every completion when the tokenizer has one. Its reward
+    model (transformers' sequence classifier) reads the reward at the last token that is not the pad
+    token, so where EOS is the pad token (GPT-2) it reads the token before EOS: the reward stage then
+    leaves EOS off, and minift's reward, read at the last real token, is that same token's."""
+    if isinstance(setting, bool) or setting in ("yes", "no"):
+        return setting in (True, "yes")
+    if tokenizer.eos_id is None:
+        return False
+    return not (stage == "reward" and tokenizer.pad_id == tokenizer.eos_id)
+
+
 def tokenize_pairs(pairs: datasets.Dataset, tokenizer, max_length: int, append_eos: bool = False,
                    name: str = "train") -> tuple[TokenizedPairs, PairReport]:
     """Tokenize as TRL's DPOTrainer does: encode prompt, prompt+chosen and prompt+rejected; the
     completion starts where the three stop sharing a prefix. ``append_eos`` adds the tokenizer's
-    EOS to both completions (TRL always does; minift's tweet pairs end on the label instead, the
-    token a reward model scores). Then keep_start truncation to ``max_length`` per sequence."""
+    EOS to both completions (``append_eos_for`` says when). Then keep_start truncation to
+    ``max_length`` per sequence. Pairs that cannot teach are dropped and counted (module docstring)."""
     report = PairReport(name, rows_read=len(pairs))
     eos = [tokenizer.eos_id] if append_eos and tokenizer.eos_id is not None else []
     if append_eos and not eos:
         raise DataError(f"append_eos asked for, but tokenizer {tokenizer.source} has no EOS token")
-    columns = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
+    columns = {c: [value or "" for value in values]  # a null completion counts as empty (dropped)
+               for c, values in pairs.select_columns(list(PAIR_COLUMNS)).to_dict().items()}
+    numbers = list(pairs[ROW]) if ROW in pairs.column_names else range(len(pairs))  # rows of the source
     prompts = tokenizer.encode_batch(columns["prompt"])
     with_chosen = tokenizer.encode_batch([p + c for p, c in zip(columns["prompt"], columns["chosen"])])
     with_rejected = tokenizer.encode_batch([p + r for p, r in zip(columns["prompt"], columns["rejected"])])
     out = TokenizedPairs([], [], [])
-    for row, (p_ids, c_full, r_full) in enumerate(zip(prompts, with_chosen, with_rejected)):
+    for row, p_ids, c_full, r_full in zip(numbers, prompts, with_chosen, with_rejected):
         start = min(common_prefix_length(p_ids, c_full), common_prefix_length(p_ids, r_full))
         if start >= max_length:
             report.dropped_long_prompt += 1
             report.dropped_rows.append(row)
             continue
+        if not c_full[start:] or not r_full[start:]:
+            report.dropped_empty.append(row)
+            report.dropped_rows.append(row)
+            continue
         chosen, rejected = c_full[start:] + eos, r_full[start:] + eos
         room = max_length - start
+        if chosen[:room] == rejected[:room]:
+            report.dropped_identical.append(row)
+            report.dropped_rows.append(row)
+            continue
         if len(chosen) > room or len(rejected) > room:
             report.truncated += 1
         out.prompt_ids.append(c_full[:start])

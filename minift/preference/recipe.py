@@ -22,14 +22,15 @@ from typing import Any, Callable
 
 from .. import checkpoint as ckpt
 from ..config import RunConfig, load_config
-from ..data import DataError
+from ..data import DataError, label_token_ids
 from ..hub import load_weights
 from ..orchestration import RunContext, Stage, run_stage
-from ..components import build_loader, build_model, build_sampler, build_tokenizer, count_steps, load_dataset_splits
+from ..components import (build_loader, build_model, build_sampler, build_tokenizer, check_lengths, count_steps,
+                          load_dataset_splits)
 from .config import TWEETS, PreferenceConfig
 from .dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
-from .pairs import (PairCollator, PairObjective, TokenizedPairs, evaluate_pairs, load_pairs, pair_batches,
-                    tokenize_pairs, tweet_pairs)
+from .pairs import (PairCollator, PairObjective, TokenizedPairs, append_eos_for, evaluate_pairs, load_pairs,
+                    pair_batches, tokenize_pairs, tweet_pairs)
 from .reward import RewardModel, load_reward_weights, reward_loss
 
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
@@ -44,26 +45,40 @@ def load_preference_config(path: str | Path | None, overrides: list[str] = ()
 
 
 # -- data -----------------------------------------------------------------------------------------------
-def build_pairs(cfg: RunConfig, tokenizer, say: Callable[[str], None]) -> tuple[TokenizedPairs, TokenizedPairs]:
-    """Train and held-out pairs, tokenized and counted."""
+def build_pairs(cfg: RunConfig, tokenizer, say: Callable[[str], None], stage: str
+                ) -> tuple[TokenizedPairs, TokenizedPairs]:
+    """Train and held-out pairs, tokenized and counted (held out: ``data.eval_split``, or the
+    ``data.validation_fraction`` carved from train)."""
     d, p = cfg.data, cfg.stage.pairs
     max_length = p.max_length or d.max_length
+    eval_split = "validation" if d.validation_fraction else d.eval_split
     if p.source == TWEETS:
+        label_token_ids(tokenizer, d.template, tuple(d.labels))  # refuses labels the tokenizer confuses
         splits = load_dataset_splits(cfg)
-        eval_split = "validation" if d.validation_fraction else d.eval_split
-
+    else:
+        splits = load_pairs(p.source, cfg.train.seed, d.validation_fraction)
+    for split in (d.train_split, eval_split):
+        if split not in splits:
+            held_out = split == eval_split
+            hint = " — or set data.validation_fraction to hold pairs out of train" if held_out else ""
+            source = d.source if p.source == TWEETS else p.source
+            raise DataError(f"{source}: no {split!r} split (found {sorted(splits)}){hint}")
+    if p.source == TWEETS:
         def pairs_of(split):
             return tweet_pairs(splits[split], split, d.template, d.labels, p.rejected, cfg.train.seed,
                                d.text_column, d.label_column)
         raw = {"train": pairs_of(d.train_split), "eval": pairs_of(eval_split)}
     else:
-        splits = load_pairs(p.source, cfg.train.seed)
-        if d.eval_split not in splits:
-            raise DataError(f"{p.source}: no {d.eval_split!r} split for held-out pairs (found {sorted(splits)})")
-        raw = {"train": splits[d.train_split], "eval": splits[d.eval_split]}
+        raw = {"train": splits[d.train_split], "eval": splits[eval_split]}
+    append_eos = append_eos_for(p.append_eos, tokenizer, stage)
+    if append_eos and tokenizer.eos_id is None:
+        raise DataError(f"pairs.append_eos = \"yes\", but tokenizer {tokenizer.source} has no EOS token — "
+                        "set pairs.append_eos = \"auto\" or \"no\"")
+    ending = f"end with {tokenizer.eos_token!r}" if append_eos else "have no EOS appended"
+    say(f"pairs: completions {ending} (pairs.append_eos = {p.append_eos!r})")
     out = []
     for name, limit in (("train", p.max_train_pairs), ("eval", p.max_eval_pairs)):
-        pairs, report = tokenize_pairs(raw[name], tokenizer, max_length, p.append_eos, name)
+        pairs, report = tokenize_pairs(raw[name], tokenizer, max_length, append_eos, name)
         say("pairs: " + report.line())
         if limit and limit < len(pairs):
             pairs.truncate(limit)
@@ -98,11 +113,14 @@ class PairParts:
     total_steps: int
 
 
-def build_pair_parts(ctx: RunContext, disable_dropout: bool) -> PairParts:
+def build_pair_parts(ctx: RunContext, disable_dropout: bool, stage: str) -> PairParts:
     cfg = without_dropout(ctx.cfg) if disable_dropout else ctx.cfg
     tokenizer = build_tokenizer(cfg)
     lm = build_model(cfg, tokenizer, ctx.device)
-    train_pairs, eval_pairs = build_pairs(cfg, tokenizer, ctx.say)
+    if cfg.stage.pairs.max_length:
+        check_lengths(cfg.stage.pairs.max_length, cfg.data.pad_to_multiple_of, lm.config.n_positions,
+                      "pairs.max_length")
+    train_pairs, eval_pairs = build_pairs(cfg, tokenizer, ctx.say, stage)
     collator = PairCollator(tokenizer.pad_id, cfg.data.pad_to_multiple_of or None)
     sampler = build_sampler(cfg, train_pairs, ctx.dist)
     loader = build_loader(cfg, train_pairs, sampler, collator, ctx.device)
@@ -114,7 +132,7 @@ def build_pair_parts(ctx: RunContext, disable_dropout: bool) -> PairParts:
 def build_dpo_stage(ctx: RunContext) -> Stage:
     """The policy's log-probs (``SequenceLogProbs``) train; the language model is what is saved."""
     d = ctx.cfg.stage.dpo
-    parts = build_pair_parts(ctx, d.disable_dropout)
+    parts = build_pair_parts(ctx, d.disable_dropout, "dpo")
     scorer = SequenceLogProbs(parts.lm)
     objective, eval_objective = dpo_objectives(d, parts, scorer, ctx)
     reference_logps = getattr(objective, "reference_logps", None)
@@ -129,7 +147,7 @@ def build_dpo_stage(ctx: RunContext) -> Stage:
 
 def build_reward_stage(ctx: RunContext) -> Stage:
     """The backbone with a scalar head (``RewardModel``) trains and is saved."""
-    parts = build_pair_parts(ctx, ctx.cfg.stage.reward.disable_dropout)
+    parts = build_pair_parts(ctx, ctx.cfg.stage.reward.disable_dropout, "reward")
     model = RewardModel(parts.lm, parts.tokenizer.pad_id)
     return Stage("reward", model=model, saved_model=model, loss=PairObjective(reward_loss), batches=parts.loader,
                  sampler=parts.sampler, total_steps=parts.total_steps, tokenizer=parts.tokenizer,
@@ -178,4 +196,6 @@ def run_reward(cfg: RunConfig, pref: PreferenceConfig | None = None, resume: str
 def with_stage(cfg: RunConfig, pref: PreferenceConfig | None) -> RunConfig:
     if pref is None and cfg.stage is None:
         pref = PreferenceConfig()
-    return dataclasses.replace(cfg, stage=pref.validate()) if pref is not None else cfg
+    cfg = dataclasses.replace(cfg, stage=pref.validate()) if pref is not None else cfg
+    cfg.stage.validate_with(cfg)
+    return cfg

@@ -15,16 +15,18 @@ the attention mask. They agree while no real token is the pad id: the tweet pair
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..hub import CheckpointError, read_state_dict, resolve_checkpoint
 from ..models import build_model, config_from_json_file
 from ..models.base import CONFIG_NAME, WEIGHTS_NAME, CausalLM
+from ..models.config import read_json_object
 from .pairs import PairLoss
 
 SEQUENCE_CLASSIFIERS = {"openai-gpt": "OpenAIGPTForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
@@ -74,7 +76,12 @@ class RewardModel(nn.Module):
 def load_reward_model(name_or_path: str | Path) -> RewardModel:
     """A reward model saved by minift or by transformers (``…ForSequenceClassification``, num_labels 1)."""
     directory = resolve_checkpoint(name_or_path)
-    raw = json.loads((directory / CONFIG_NAME).read_text())
+    raw = read_json_object(directory / CONFIG_NAME)
+    architectures = raw.get("architectures") or []
+    if architectures and not any("SequenceClassification" in str(a) for a in architectures):
+        raise CheckpointError(f"{directory} holds a {architectures[0]} (a language model), not a reward "
+                              "model — give the model folder of minift reward; a language model samples "
+                              "with --policy")
     if len(raw.get("id2label", {"0": 0})) != 1:
         raise CheckpointError(f"{directory}: a reward model has num_labels = 1, config.json has "
                               f"{len(raw['id2label'])} labels")
@@ -117,31 +124,44 @@ def reward_loss(model: nn.Module, batch: dict, device: torch.device) -> PairLoss
 
 
 @torch.no_grad()
-def score_texts(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device
-                ) -> torch.Tensor:
-    """Rewards of token sequences (right-padded together)."""
-    time = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), time), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(sequences):
-        input_ids[row, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        attention_mask[row, :len(ids)] = 1
-    return model.eval().to(device)(input_ids.to(device), attention_mask.to(device)).float().cpu()
+def score_texts(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+                batch_size: int = 64) -> torch.Tensor:
+    """Rewards of token sequences (right-padded together, ``batch_size`` at a time)."""
+    too_long = [len(s) for s in sequences if len(s) > model.config.n_positions]
+    if too_long:
+        raise InputError(f"a sequence of {too_long[0]} tokens to score; the reward model holds "
+                         f"{model.config.n_positions} — shorten the prompt or the completions")
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        time = max(len(s) for s in chunk)
+        input_ids = torch.full((len(chunk), time), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+            attention_mask[row, :len(ids)] = 1
+        out.append(model.eval().to(device)(input_ids.to(device), attention_mask.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def best_of_n(policy: CausalLM, reward_model: RewardModel, prompt: str, policy_tokenizer, reward_tokenizer,
               n: int = 8, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-              device: torch.device | str = "cpu") -> list[tuple[float, str]]:
-    """Best-of-n: ``n`` continuations of ``prompt`` sampled from ``policy`` (``CausalLM.generate``, KV
-    cache; one seeded generator for all), each scored by ``reward_model`` on prompt + continuation.
-    Returns ``(reward, continuation)`` pairs, best first."""
+              device: torch.device | str = "cpu", batch_size: int = 256,
+              progress: Callable[[int, int], None] = lambda done, total: None) -> list[tuple[float, str]]:
+    """Best-of-n: ``n`` continuations of ``prompt`` sampled from ``policy`` (``CausalLM.generate_many``:
+    ``batch_size`` rows per batch, one seeded generator for all; ``progress(done, n)`` after each),
+    each scored by ``reward_model`` on prompt + continuation. Returns ``(reward, continuation)`` pairs,
+    best first."""
     generator = torch.Generator().manual_seed(seed)
     prompt_ids = policy_tokenizer.encode(prompt)
-    continuations = []
-    for _ in range(n):
-        ids = policy.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                              eos_id=policy_tokenizer.eos_id, generator=generator)
-        continuations.append(policy_tokenizer.decode(ids[len(prompt_ids):], skip_special_tokens=True))
+    continuations: list[str] = []
+    while len(continuations) < n:
+        rows = policy.generate_many(prompt_ids, min(batch_size, n - len(continuations)),
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                    eos_id=policy_tokenizer.eos_id, generator=generator)
+        continuations += [policy_tokenizer.decode(ids[len(prompt_ids):], skip_special_tokens=True)
+                          for ids in rows]
+        progress(len(continuations), n)
     sequences = [reward_tokenizer.encode(f"{prompt} {text}".rstrip()) for text in continuations]
     pad = reward_tokenizer.pad_id if reward_tokenizer.pad_id is not None else 0
     rewards = score_texts(reward_model, sequences, pad, torch.device(device)).tolist()
