@@ -115,13 +115,13 @@ def minift_groups(sbs, args) -> list[int]:
     """The sizes of minift's two AdamW parameter groups (decay, no decay) on the same model."""
     import torch
 
-    from minift import finetune
+    from minift import components
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = sbs.minift_settings(args, "random", str(Path(tmp) / "minift"))
         cfg, tokenizer, _, _ = sbs.minift_data(settings)
-        model = finetune.build_model(cfg, tokenizer, torch.device("cpu"))
-    return [len(group["params"]) for group in finetune.build_optimizer(cfg, model).param_groups]
+        model = components.build_model(cfg, tokenizer, torch.device("cpu"))
+    return [len(group["params"]) for group in components.build_optimizer(cfg, model).param_groups]
 
 
 def measure() -> dict:
