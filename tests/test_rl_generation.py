@@ -4,11 +4,14 @@ padding), the same prompt generated alone, a full forward without cache, TRL's `
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import pytest
 import torch
-from conftest import shared_path
+from conftest import REPO, SHARED, shared_path
 
 from minift.data import DataError
 from minift.errors import InputError
@@ -16,6 +19,7 @@ from minift.models import GPT2Config, GPTConfig, build_model
 from minift.rl.generation import (
     SamplingSettings,
     completion_mask,
+    decode_completions,
     generate_completions,
     new_generator,
     next_token_scores,
@@ -235,6 +239,15 @@ def test_a_saved_generator_state_draws_the_same_completions_again():
     assert whole.completion_ids == chunked.completion_ids and torch.equal(whole.mask, chunked.mask)
 
 
+@pytest.mark.shared
+def test_completions_decode_without_special_tokens():
+    from minift.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(shared_path("tokenizers", "gpt2"))
+    ids = [tokenizer.encode(" positive") + [tokenizer.eos_id], tokenizer.encode(" so so")]
+    assert decode_completions(tokenizer, ids) == [" positive", " so so"]
+
+
 def test_completion_mask_ends_at_the_first_eos():
     tokens = torch.tensor([[4, 3, 5, 3], [4, 4, 4, 4], [3, 0, 0, 0]])
     assert completion_mask(tokens, [3]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
@@ -343,3 +356,19 @@ def test_prompt_sampler_follows_trls_repeat_sampler_epoch_after_epoch():
     in_order = RepeatSampler(list(range(7)), mini_repeat_count=2, batch_size=2, shuffle=False)
     plain = PromptSampler(7, num_generations=2, prompts_per_generation=2, shuffle=False)
     assert [i for _ in range(3) for i in plain.next_batch()] == list(in_order)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.requires("transformers")
+def test_generation_benchmark_runs_and_both_sides_draw_the_same_tokens(tmp_path):
+    shared_path("fixtures", "tiny-gpt2")
+    out = tmp_path / "generation.json"
+    command = [sys.executable, "benchmarks/generation.py", "--models", "tiny-gpt2", "--batch-size", "3",
+               "--max-new-tokens", "4", "--rounds", "1", "--out", str(out)]
+    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "MINIFT_SHARED": str(SHARED), "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())[0]
+    assert record["same_tokens"] and record["new_tokens"] == 4
+    assert "| tiny-gpt2 | cpu, fp32 | 3 |" in result.stdout

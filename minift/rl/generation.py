@@ -239,8 +239,7 @@ def _generate_chunk(model, prompt_ids, settings: SamplingSettings, eos_ids, pad_
         logits = F.linear(hidden, model.lm_head_weight).float()
         scores = next_token_scores(logits, settings, seen)
         token = choose_tokens(scores, settings.do_sample, generator)
-        temperature = settings.temperature if settings.do_sample else 1.0
-        logprobs.append(torch.log_softmax(logits / temperature, dim=-1).gather(1, token[:, None])[:, 0])
+        logprobs.append(token_logprobs(logits, token, settings.temperature if settings.do_sample else 1.0))
         token = torch.where(unfinished, token, torch.full_like(token, pad_id))
         tokens.append(token)
         unfinished &= ~torch.isin(token, eos)
@@ -252,6 +251,18 @@ def _generate_chunk(model, prompt_ids, settings: SamplingSettings, eos_ids, pad_
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         hidden = model.hidden_states(token[:, None], mask if padded else None, kv_cache=cache)[:, -1]
     return torch.stack(tokens, dim=1).cpu(), torch.stack(logprobs, dim=1).float().cpu()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) at ``tokens`` [B], without writing the [B, V] log-softmax."""
+    scaled = logits / temperature if temperature != 1.0 else logits
+    return scaled.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+
+
+def decode_completions(tokenizer, completion_ids: Sequence[Sequence[int]]) -> list[str]:
+    """The completions' text as the rewards see it: special tokens (EOS, pad) left out, as TRL decodes
+    them (``batch_decode(completion_ids, skip_special_tokens=True)``)."""
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in completion_ids]
 
 
 def completion_mask(tokens: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
