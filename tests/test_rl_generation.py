@@ -296,7 +296,9 @@ def test_prompt_dataset_from_a_file_or_folder_drops_prompts_too_long_and_counts_
     rows = [{"prompt": "a b c", "answer": "x"}, {"prompt": "a b c d e f g", "answer": "y"},
             {"prompt": "a", "answer": "z"}, {"prompt": "   ", "answer": "w"}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for source in (tmp_path / "train.jsonl", tmp_path):
+    (tmp_path / "parquet").mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "parquet" / "train.parquet"))
+    for source in (tmp_path / "train.jsonl", tmp_path, tmp_path / "parquet"):
         dataset = load_prompt_dataset(str(source))
         prompts, report = tokenize_prompts(dataset, WordTokenizer(), max_tokens=max_prompt_tokens(10, 5))
         assert prompts.prompts == ["a b c", "a"] and prompts.columns == {"answer": ["x", "z"]}
