@@ -28,6 +28,7 @@ from minift.rl.prompts import (
     PromptSampler,
     load_prompt_dataset,
     max_prompt_tokens,
+    prompts_per_generation,
     tokenize_prompts,
     tweet_prompts,
 )
@@ -340,6 +341,10 @@ def test_prompt_sampler_groups_epochs_ranks_and_resume():
     assert ranks[0].next_batch() + ranks[1].next_batch() == batches[0]
     with pytest.raises(InputError, match="resume with the same prompts"):
         PromptSampler(10, 3, 4, seed=6).load_state_dict(copy.state_dict())
+    assert prompts_per_generation(12, 3) == 4
+    for size, group in ((10, 3), (2, 3)):
+        with pytest.raises(InputError, match=f"generation_batch_size {size} is not a multiple of num_gen"):
+            prompts_per_generation(size, group)
     for kwargs, message in (({"num_generations": 1}, "num_generations must be >= 2"),
                             ({"world_size": 3}, "cannot be split into whole groups over 3 processes"),
                             ({"n_prompts": 3}, "cannot fill one generation batch")):

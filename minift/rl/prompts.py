@@ -140,6 +140,18 @@ def tokenize_prompts(dataset: datasets.Dataset, tokenizer, max_tokens: int, name
 
 
 # -- the order of prompts ------------------------------------------------------------------------------
+def prompts_per_generation(generation_batch_size: int, num_generations: int) -> int:
+    """Distinct prompts in a generation batch of ``generation_batch_size`` completions (TRL's name: all
+    processes together), refusing a batch that does not hold whole groups."""
+    if num_generations < 2:
+        raise InputError(f"num_generations must be >= 2 (a group needs a baseline), got {num_generations}")
+    if generation_batch_size < num_generations or generation_batch_size % num_generations:
+        raise InputError(f"generation_batch_size {generation_batch_size} is not a multiple of "
+                         f"num_generations {num_generations}: a generation batch holds whole groups of "
+                         f"completions")
+    return generation_batch_size // num_generations
+
+
 class PromptSampler:
     """Which prompts each generation round samples completions for, reproducibly and resumably.
 
