@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -352,17 +353,41 @@ def test_prompt_sampler_groups_epochs_ranks_and_resume():
             PromptSampler(**{"n_prompts": 10, "num_generations": 3, "prompts_per_generation": 4, **kwargs})
 
 
-@pytest.mark.requires("trl")
-def test_prompt_sampler_follows_trls_repeat_sampler_epoch_after_epoch():
+# TRL's RepeatSampler order, recorded from TRL (regenerate: python3 tests/test_rl_generation.py)
+SAMPLER_TRACE = Path(__file__).parent / "data" / "trl_repeat_sampler.json"
+SAMPLER_CASES = [{"n": 11, "num_generations": 4, "prompts_per_generation": 3, "seed": 9, "shuffle": True,
+                  "epochs": 3},
+                 {"n": 7, "num_generations": 2, "prompts_per_generation": 2, "seed": 0, "shuffle": False,
+                  "epochs": 2}]
+
+
+def trl_repeat_sampler_trace() -> dict:
+    """TRL's RepeatSampler (repeat_count 1: one generation round per batch), iterated epoch after epoch
+    as the Trainer's DataLoader does (one sampler object, so one generator across epochs)."""
+    import trl
     from trl.trainer.utils import RepeatSampler
 
-    trl_sampler = RepeatSampler(list(range(11)), mini_repeat_count=4, batch_size=3, repeat_count=1, seed=9)
-    expected = list(trl_sampler) + list(trl_sampler) + list(trl_sampler)  # three epochs, one generator
-    ours = PromptSampler(11, num_generations=4, prompts_per_generation=3, seed=9)
-    assert [i for _ in range(3 * len(ours)) for i in ours.next_batch()] == expected
-    in_order = RepeatSampler(list(range(7)), mini_repeat_count=2, batch_size=2, shuffle=False)
-    plain = PromptSampler(7, num_generations=2, prompts_per_generation=2, shuffle=False)
-    assert [i for _ in range(3) for i in plain.next_batch()] == list(in_order)
+    cases = []
+    for case in SAMPLER_CASES:
+        sampler = RepeatSampler(list(range(case["n"])), mini_repeat_count=case["num_generations"],
+                                batch_size=case["prompts_per_generation"], repeat_count=1,
+                                shuffle=case["shuffle"], seed=case["seed"])
+        cases.append({**case, "indices": [i for _ in range(case["epochs"]) for i in sampler]})
+    return {"trl_version": trl.__version__, "cases": cases}
+
+
+def test_prompt_sampler_follows_trls_repeat_sampler_epoch_after_epoch():
+    for case in json.loads(SAMPLER_TRACE.read_text())["cases"]:
+        ours = PromptSampler(case["n"], case["num_generations"], case["prompts_per_generation"],
+                             seed=case["seed"], shuffle=case["shuffle"])
+        drawn = [i for _ in range(case["epochs"] * len(ours)) for i in ours.next_batch()]
+        assert drawn == case["indices"]
+
+
+@pytest.mark.slow
+@pytest.mark.requires("trl")
+def test_the_stored_sampler_trace_is_trls():
+    assert trl_repeat_sampler_trace() == json.loads(SAMPLER_TRACE.read_text())
 
 
 @pytest.mark.slow
@@ -379,3 +404,7 @@ def test_generation_benchmark_runs_and_both_sides_draw_the_same_tokens(tmp_path)
     record = json.loads(out.read_text())[0]
     assert record["same_tokens"] and record["new_tokens"] == 4
     assert "| tiny-gpt2 | cpu, fp32 | 3 |" in result.stdout
+
+
+if __name__ == "__main__":
+    SAMPLER_TRACE.write_text(json.dumps(trl_repeat_sampler_trace()) + "\n")

@@ -114,6 +114,7 @@ def test_a_completion_no_reward_applies_to_keeps_a_nan_total():
     assert total[0] == 2.0 and math.isnan(total[1]) and total[2] == 3.0
 
 
+@pytest.mark.slow
 @pytest.mark.requires("trl")
 def test_nanstd_equals_trls():
     from trl.trainer.utils import nanstd as trl_nanstd
