@@ -353,7 +353,8 @@ def test_prompt_sampler_groups_epochs_ranks_and_resume():
             PromptSampler(**{"n_prompts": 10, "num_generations": 3, "prompts_per_generation": 4, **kwargs})
 
 
-# TRL's RepeatSampler order, recorded from TRL (regenerate: python3 tests/test_rl_generation.py)
+# TRL's RepeatSampler order, recorded from TRL; regenerate with
+#   PYTHONPATH=.:benchmarks python3 tests/test_rl_generation.py
 SAMPLER_TRACE = Path(__file__).parent / "data" / "trl_repeat_sampler.json"
 SAMPLER_CASES = [{"n": 11, "num_generations": 4, "prompts_per_generation": 3, "seed": 9, "shuffle": True,
                   "epochs": 3},
