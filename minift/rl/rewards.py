@@ -15,9 +15,9 @@ completions) and ``trainer_state.global_step`` is the optimizer step. A spec nam
                              prompt + completion as it was trained (``RewardModelReward``)
     "package.module:name"    any importable callable with the signature above (async ones too)
 
-``None`` means "does not apply to this completion": it becomes NaN, and the weighted sum over rewards
-skips it (``nansum``), as TRL does; a completion no reward applies to keeps a NaN total (TRL leaves it
-out of the reward statistics and gives it no advantage). Anything else that is not a finite number —
+``None`` means "does not apply to this completion": it becomes NaN, which the weighted sum over rewards
+skips (``nansum``), as TRL does; a completion no reward applies to keeps a NaN total (TRL leaves it out
+of the reward statistics and gives it no advantage). Anything else that is not a finite number —
 NaN, inf, a string — and a list of the wrong length are refused with one line naming the reward and
 the step; so is an exception inside a reward.
 """
@@ -210,50 +210,15 @@ def build_reward(spec: str, device: torch.device | str = "cpu", batch_size: int 
 @dataclass
 class RewardScores:
     """The rewards of one generation batch: ``per_function`` [N, F] float32, NaN where a reward
-    returned None; what the functions logged through ``log_extra`` / ``log_metric``."""
+    returned None (TRL's ``rewards_per_func``), the rewards' ``names`` (metrics: ``rewards/<name>/*``)
+    and ``weights``; what the functions logged through ``log_extra`` / ``log_metric``. The weighted sum,
+    the advantages and the reward metrics are the update's business (``minift.rl.advantages``)."""
 
     per_function: torch.Tensor
     names: list[str]
     weights: torch.Tensor
     extra_columns: dict[str, list] = field(default_factory=dict)
     extra_metrics: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def total(self) -> torch.Tensor:
-        return weighted_total(self.per_function, self.weights)
-
-    def metrics(self) -> dict[str, float]:
-        return reward_metrics(self.per_function, self.names, self.weights)
-
-
-def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Standard deviation over the non-NaN values with Bessel's correction (NaN below two values),
-    as TRL's ``nanstd``."""
-    mean = torch.nanmean(values, dim=dim, keepdim=True)
-    count = (~torch.isnan(values)).sum(dim=dim, keepdim=True)
-    variance = torch.nanmean((values - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1)
-    variance = torch.where(count > 1, variance, torch.full_like(variance, float("nan")))
-    std = variance.sqrt()
-    return std.squeeze() if dim is None else std.squeeze(dim)
-
-
-def weighted_total(per_function: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_f w_f r_f over the rewards that apply (``nansum``); NaN where none applies."""
-    total = (per_function * weights.to(per_function)[None, :]).nansum(dim=1)
-    return total.masked_fill(torch.isnan(per_function).all(dim=1), float("nan"))
-
-
-def reward_metrics(per_function: torch.Tensor, names: Sequence[str], weights: torch.Tensor
-                   ) -> dict[str, float]:
-    """TRL's reward metrics of a (gathered) batch: ``rewards/<name>/mean|std`` over the completions each
-    reward applies to, ``reward`` and ``reward_std`` of the weighted total."""
-    out = {}
-    for i, name in enumerate(names):
-        out[f"rewards/{name}/mean"] = torch.nanmean(per_function[:, i]).item()
-        out[f"rewards/{name}/std"] = nanstd(per_function[:, i]).item()
-    total = weighted_total(per_function, weights)
-    out["reward"], out["reward_std"] = torch.nanmean(total).item(), nanstd(total).item()
-    return out
 
 
 class RewardSet:
