@@ -133,11 +133,11 @@ def test_rewards_that_cannot_be_built_are_one_line(user_module, tmp_path):
 
 
 # -- reward model folders ---------------------------------------------------------------------------------
-def save_reward_model(directory, append_eos=None, n_positions=32):
+def save_reward_model(directory, append_eos=None, n_positions=32, pad="eos"):
     """A random GPT-2 reward model as ``minift reward`` saves it (config, weights, tokenizer, run config)."""
     from minift.tokenizer import ensure_pad_token, load_tokenizer
 
-    tokenizer = ensure_pad_token(load_tokenizer(shared_path("tokenizers", "gpt2")), "eos")
+    tokenizer = ensure_pad_token(load_tokenizer(shared_path("tokenizers", "gpt2")), pad)
     torch.manual_seed(0)
     lm = build_model(GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=16,
                                 n_layer=1, n_head=2, initializer_range=0.2))
@@ -154,17 +154,19 @@ def save_reward_model(directory, append_eos=None, n_positions=32):
 
 @pytest.mark.shared
 @pytest.mark.requires("transformers")
-@pytest.mark.parametrize("append_eos", [None, True])
-def test_reward_model_scores_prompt_plus_completion_as_transformers_does(tmp_path, append_eos):
+@pytest.mark.parametrize("append_eos,pad,expected", [(None, "eos", False), (True, "eos", True),
+                                                     ("yes", "eos", True), ("auto", "eos", False),
+                                                     ("auto", "[PAD]", True)])
+def test_reward_model_scores_prompt_plus_completion_as_transformers_does(tmp_path, append_eos, pad, expected):
     """transformers' GPT2ForSequenceClassification on the same text, one row at a time (no padding), with
-    EOS appended exactly when the run config says the pairs had it; a row longer than the positions
-    keeps its start."""
+    EOS appended exactly when the run config says the pairs had it ("auto" or no pairs entry: TRL's
+    choice, no EOS where it is GPT-2's pad); a row longer than the positions keeps its start."""
     from tokenizers import Tokenizer
     from transformers import GPT2ForSequenceClassification
 
-    folder = save_reward_model(tmp_path, append_eos)
+    folder = save_reward_model(tmp_path, append_eos, pad=pad)
     reward = build_reward(str(folder), batch_size=2)
-    assert reward.kind == "model" and reward.function.append_eos is bool(append_eos)
+    assert reward.kind == "model" and reward.function.append_eos is expected
     prompts = ["what a lovely day sentiment:", "meh sentiment:", "long " * 40 + "sentiment:"]
     completions = [" positive", " neutral", " negative"]
     scores = RewardSet([reward]).score(prompts, completions, [[0]] * 3).per_function[:, 0]
@@ -173,10 +175,10 @@ def test_reward_model_scores_prompt_plus_completion_as_transformers_does(tmp_pat
     backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids = backend.encode(prompt + completion, add_special_tokens=False).ids
-        ids += [50256] if append_eos else []
+        ids += [50256] if expected else []
         with torch.no_grad():
-            expected = hf(torch.tensor([ids[:32]])).logits[0, 0]
-        assert scores[row].item() == pytest.approx(expected.item(), abs=1e-5)
+            reference = hf(torch.tensor([ids[:32]])).logits[0, 0]
+        assert scores[row].item() == pytest.approx(reference.item(), abs=1e-5)
     assert reward.function.truncated == 1
 
 

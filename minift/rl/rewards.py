@@ -71,19 +71,24 @@ BUILTIN_REWARDS: dict[str, Callable] = {"label_match": label_match}
 
 
 # -- (2) a reward model folder -------------------------------------------------------------------------
-def saved_append_eos(directory: Path) -> bool | None:
-    """Whether the reward model was trained with EOS after each completion, when its folder says so:
-    ``run_config.json``'s ``pairs.append_eos`` (None when the file or the entry is absent)."""
+def saved_append_eos(directory: Path, tokenizer) -> bool:
+    """Whether the reward model was trained with EOS after each completion, as ``minift score`` reads it:
+    ``run_config.json``'s ``pairs.append_eos`` (true / false, "yes" / "no"; absent from the pairs: no);
+    "auto", or a folder without a run config's pairs, is what TRL's reward training does — EOS when
+    the tokenizer has one, except where EOS is the pad token (GPT-2), since transformers' classifier
+    then reads the reward at the token before it."""
     path = directory / "run_config.json"
-    if not path.exists():
-        return None
     try:
-        pairs = json.loads(path.read_text(encoding="utf-8")).get("pairs")
-    except (json.JSONDecodeError, AttributeError) as err:
+        run_config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RewardError(f"{path}: not a minift run config ({err})") from None
-    if isinstance(pairs, dict) and isinstance(pairs.get("append_eos"), bool):
-        return pairs["append_eos"]
-    return None
+    pairs = run_config.get("pairs") if isinstance(run_config, dict) else None
+    setting = pairs.get("append_eos", "no") if isinstance(pairs, dict) else "auto"
+    if isinstance(setting, bool) or setting in ("yes", "no"):
+        return setting in (True, "yes")
+    if setting != "auto":
+        raise RewardError(f"{path}: pairs.append_eos is {setting!r}; expected true, false, yes, no or auto")
+    return tokenizer.eos_id is not None and tokenizer.pad_id != tokenizer.eos_id
 
 
 def check_reward_model_folder(spec: str, directory: Path) -> None:
@@ -112,10 +117,9 @@ class RewardModelReward:
 
     As it was trained: the text is ``prompt + completion`` (TRL concatenates the strings; minift's
     preference pairs encode ``prompt + chosen`` the same way), encoded by the reward model's own
-    tokenizer, with its EOS appended when the training appended it (``append_eos``: None reads
-    ``run_config.json``'s ``pairs.append_eos``, absent = False, minift's default and what TRL's
-    ``GRPOTrainer`` feeds a reward model). The score is read at the last real token (the attention
-    mask, as ``minift reward`` trains it). A sequence longer than the reward model's positions keeps
+    tokenizer, with its EOS appended when the training appended it (``append_eos``: None reads the
+    folder's ``run_config.json``, ``saved_append_eos``). The score is read at the last real token (the
+    attention mask, as ``minift reward`` trains it). A sequence longer than the reward model's positions keeps
     its start (the end is cut, as the pairs were truncated); ``truncated`` counts them."""
 
     def __init__(self, spec: str, device: torch.device | str = "cpu", batch_size: int = 64,
@@ -136,8 +140,7 @@ class RewardModelReward:
         self.model.requires_grad_(False)
         self.__name__ = Path(str(spec).rstrip("/")).name  # TRL's name: the last part of the model's path
         self.device, self.batch_size = torch.device(device), batch_size
-        self.append_eos = saved_append_eos(directory) if append_eos is None else append_eos
-        self.append_eos = bool(self.append_eos)
+        self.append_eos = saved_append_eos(directory, self.tokenizer) if append_eos is None else append_eos
         if self.append_eos and self.tokenizer.eos_id is None:
             raise RewardError(f"reward {spec!r}: trained with EOS appended, but its tokenizer has no "
                               f"EOS token")
