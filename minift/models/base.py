@@ -22,7 +22,8 @@ from torch import nn
 
 from .config import ModelConfig
 from ..errors import InputError
-from .layers import CausalSelfAttention, Conv1D, LayerKV, attention_bias, is_right_padded
+from .layers import (CausalSelfAttention, Conv1D, LayerKV, attention_bias, cached_attention_bias,
+                     is_right_padded, positions_from_mask)
 from .lm_loss import LOSS_ROWS, LossOutput, fused_lm_loss_sum, lm_loss_sum, lm_loss_sum_all_positions
 
 WEIGHTS_NAME = "model.safetensors"
@@ -126,14 +127,27 @@ class CausalLM(nn.Module):
         """The last hidden states [B, T, C] (before the LM head). ``attention_mask`` is
         applied as given (pass None when right padding makes it unnecessary). With ``kv_cache``
         (one ``LayerKV`` per layer, see ``new_kv_cache``) the tokens continue the cached ones:
-        their positions start after them, and their keys/values are added to the cache."""
+        their positions start after them, and their keys/values are added to the cache.
+
+        Batched generation with left padding: give the cache an ``attention_mask`` [B, cached + T]
+        over all tokens so far (0 = pad). Pads are then hidden from every real token, and the
+        positions default to the count of real tokens before each one (``positions_from_mask``),
+        so a padded prompt gets the positions (and the probabilities) it has alone."""
         seen = len(kv_cache[0]) if kv_cache else 0
         time = input_ids.shape[1]
         if seen + time > self.config.n_positions:
             raise ValueError(f"sequence length {seen + time} exceeds n_positions={self.config.n_positions}")
-        if kv_cache and (attention_mask is not None or document_ids is not None):
-            raise ValueError("a KV cache takes unpadded sequences: no attention_mask or document_ids")
-        bias = attention_bias(attention_mask, document_ids, time, input_ids.device)
+        if kv_cache is not None and document_ids is not None:
+            raise ValueError("a KV cache takes no document_ids (packed rows)")
+        if kv_cache is not None and attention_mask is not None:
+            if attention_mask.shape != (input_ids.shape[0], seen + time):
+                raise ValueError(f"with a KV cache the attention_mask covers cached and new tokens: expected "
+                                 f"{(input_ids.shape[0], seen + time)}, got {tuple(attention_mask.shape)}")
+            bias = cached_attention_bias(attention_mask, time, input_ids.device)
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)[:, seen:]
+        else:
+            bias = attention_bias(attention_mask, document_ids, time, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(seen, seen + time, device=input_ids.device)[None, :]
         return self.transformer(input_ids, position_ids, bias, kv_cache)

@@ -148,9 +148,31 @@ def causal_bias(queries: int, keys: int, device) -> torch.Tensor:
     return bias.masked_fill_(~causal_visible(queries, keys, device), torch.finfo(torch.float32).min)
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, T] that skip padding: each real token's count of real tokens before it (pads get
+    0), as transformers' ``generate`` derives them, so left padding leaves a row's positions unchanged."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill_(attention_mask == 0, 0)
+
+
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """True when every row is ones followed by zeros: real tokens never see a pad."""
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def cached_attention_bias(attention_mask: torch.Tensor, queries: int, device: torch.device) -> torch.Tensor:
+    """Additive bias [B, 1, queries, keys] for ``queries`` new tokens after ``keys - queries`` cached
+    ones (generation with a KV cache), ``attention_mask`` [B, keys] covering all of them (1 = real).
+
+    Key j is visible to query i iff j is not after i and ``attention_mask[j] == 1``; each query also
+    sees its own key, so the row of a left-padding query is never empty: its output is ignored, but
+    stays finite (an all-masked row would be NaN in half precision and poison the sums over values,
+    where a NaN times a zero weight is still NaN). Real queries never see a pad either way."""
+    keys = attention_mask.shape[1]
+    visible = causal_visible(queries, keys, device)[None, None] & attention_mask.bool()[:, None, None, :]
+    own = torch.zeros(queries, keys, dtype=torch.bool, device=device)
+    own[:, keys - queries:] = torch.eye(queries, dtype=torch.bool, device=device)
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=device)
+    return bias.masked_fill_(~(visible | own), torch.finfo(torch.float32).min)
 
 
 def attention_bias(attention_mask: torch.Tensor | None, document_ids: torch.Tensor | None,
