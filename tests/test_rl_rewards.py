@@ -13,7 +13,7 @@ from conftest import shared_path
 
 from minift.errors import InputError
 from minift.models import GPT2Config, build_model
-from minift.reward import RewardModel
+from minift.preference.reward import RewardModel
 from minift.rl.rewards import (
     RewardError,
     RewardModelReward,

@@ -27,7 +27,7 @@ from ..hub import CheckpointError, read_state_dict, resolve_checkpoint
 from ..models import build_model, config_from_json_file
 from ..models.base import CONFIG_NAME, WEIGHTS_NAME, CausalLM
 from ..models.config import read_json_object
-from .pairs import PairLoss
+from .pairs import PairLoss, append_eos_for
 
 SEQUENCE_CLASSIFIERS = {"openai-gpt": "OpenAIGPTForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
 
@@ -166,3 +166,27 @@ def best_of_n(policy: CausalLM, reward_model: RewardModel, prompt: str, policy_t
     pad = reward_tokenizer.pad_id if reward_tokenizer.pad_id is not None else 0
     rewards = score_texts(reward_model, sequences, pad, torch.device(device)).tolist()
     return sorted(zip(rewards, continuations), key=lambda pair: -pair[0])
+
+
+def saved_run_config(model_dir: str | Path) -> dict:
+    """The run config a minift model folder was trained with ({} for a folder minift did not write)."""
+    path = Path(model_dir) / "run_config.json"
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a minift run config ({err}) — remove it, or pass the completions") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: not a minift run config (a JSON {type(config).__name__}) — remove it, or "
+                         "pass the completions")
+    return config
+
+
+def trained_with_eos(run_config: dict, tokenizer) -> bool:
+    """Whether a reward model saw EOS after each completion, from its folder's run config
+    (``saved_run_config``): ``pairs.append_eos`` resolved as training resolved it; a folder minift
+    did not write (no pairs entry) is taken as TRL trains: "auto"."""
+    pairs = run_config.get("pairs")
+    setting = pairs.get("append_eos", "no") if isinstance(pairs, dict) else "auto"
+    return append_eos_for(setting, tokenizer, "reward") and tokenizer.eos_id is not None

@@ -9,9 +9,7 @@ training; a folder minift did not write is scored as TRL would have trained it).
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -19,26 +17,10 @@ from ..data import split_template
 from ..errors import InputError
 from ..hub import from_pretrained
 from ..tokenizer import load_tokenizer
-from .pairs import append_eos_for
-from .reward import best_of_n, load_reward_model, score_texts
+from .reward import best_of_n, load_reward_model, saved_run_config, score_texts, trained_with_eos
 
 MAX_N = 10_000  # best-of-n prints every continuation: more is a mistake, not a ranking
 SAMPLE_BATCH = 256  # best-of-n rows per generate_many batch
-
-
-def saved_run_config(model_dir: str | Path) -> dict:
-    """The run config a minift model folder was trained with ({} for a folder minift did not write)."""
-    path = Path(model_dir) / "run_config.json"
-    if not path.exists():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a minift run config ({err}) — remove it, or pass the completions") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: not a minift run config (a JSON {type(config).__name__}) — remove it, or "
-                         "pass the completions")
-    return config
 
 
 def check_best_of_n(n: int, max_new_tokens: int) -> None:
@@ -75,10 +57,7 @@ def rank_completions(model_dir: str, prompt: str, completions: list[str], policy
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
                          batch_size=SAMPLE_BATCH, progress=progress)
     completions = completions or label_completions(model_dir, run_config)
-    pairs = run_config.get("pairs")
-    setting = pairs.get("append_eos", "no") if isinstance(pairs, dict) else "auto"  # no run config: TRL's way
-    with_eos = append_eos_for(setting, tokenizer, "reward") and tokenizer.eos_id is not None
-    eos = [tokenizer.eos_id] if with_eos else []
+    eos = [tokenizer.eos_id] if trained_with_eos(run_config, tokenizer) else []
     sequences = [tokenizer.encode(prompt + c) + eos for c in completions]
     for completion, ids in zip(completions, sequences):
         if not ids:

@@ -71,26 +71,6 @@ BUILTIN_REWARDS: dict[str, Callable] = {"label_match": label_match}
 
 
 # -- (2) a reward model folder -------------------------------------------------------------------------
-def saved_append_eos(directory: Path, tokenizer) -> bool:
-    """Whether the reward model was trained with EOS after each completion, as ``minift score`` reads it:
-    ``run_config.json``'s ``pairs.append_eos`` (true / false, "yes" / "no"; absent from the pairs: no);
-    "auto", or a folder without a run config's pairs, is what TRL's reward training does — EOS when
-    the tokenizer has one, except where EOS is the pad token (GPT-2), since transformers' classifier
-    then reads the reward at the token before it."""
-    path = directory / "run_config.json"
-    try:
-        run_config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RewardError(f"{path}: not a minift run config ({err})") from None
-    pairs = run_config.get("pairs") if isinstance(run_config, dict) else None
-    setting = pairs.get("append_eos", "no") if isinstance(pairs, dict) else "auto"
-    if isinstance(setting, bool) or setting in ("yes", "no"):
-        return setting in (True, "yes")
-    if setting != "auto":
-        raise RewardError(f"{path}: pairs.append_eos is {setting!r}; expected true, false, yes, no or auto")
-    return tokenizer.eos_id is not None and tokenizer.pad_id != tokenizer.eos_id
-
-
 def check_reward_model_folder(spec: str, directory: Path) -> None:
     """Refuse, in one line, a folder that is no sequence-classification model with one label."""
     config_path = directory / "config.json"
@@ -118,13 +98,13 @@ class RewardModelReward:
     As it was trained: the text is ``prompt + completion`` (TRL concatenates the strings; minift's
     preference pairs encode ``prompt + chosen`` the same way), encoded by the reward model's own
     tokenizer, with its EOS appended when the training appended it (``append_eos``: None reads the
-    folder's ``run_config.json``, ``saved_append_eos``). The score is read at the last real token (the
-    attention mask, as ``minift reward`` trains it). A sequence longer than the reward model's positions keeps
+    folder's ``run_config.json``: ``preference.reward.trained_with_eos``). The score is read at the last
+    real token (the attention mask, as ``minift reward`` trains it). A sequence longer than the reward model's positions keeps
     its start (the end is cut, as the pairs were truncated); ``truncated`` counts them."""
 
     def __init__(self, spec: str, device: torch.device | str = "cpu", batch_size: int = 64,
                  append_eos: bool | None = None, dtype: torch.dtype | None = None):
-        from ..reward import load_reward_model
+        from ..preference.reward import load_reward_model, saved_run_config, trained_with_eos
         from ..tokenizer import load_tokenizer
 
         try:
@@ -140,7 +120,12 @@ class RewardModelReward:
         self.model.requires_grad_(False)
         self.__name__ = Path(str(spec).rstrip("/")).name  # TRL's name: the last part of the model's path
         self.device, self.batch_size = torch.device(device), batch_size
-        self.append_eos = saved_append_eos(directory, self.tokenizer) if append_eos is None else append_eos
+        if append_eos is None:
+            try:
+                append_eos = trained_with_eos(saved_run_config(directory), self.tokenizer)
+            except InputError as err:
+                raise RewardError(f"reward {spec!r}: {err}") from None
+        self.append_eos = append_eos
         if self.append_eos and self.tokenizer.eos_id is None:
             raise RewardError(f"reward {spec!r}: trained with EOS appended, but its tokenizer has no "
                               f"EOS token")
@@ -157,7 +142,7 @@ class RewardModelReward:
         return [r[:limit] or [self.pad_id] for r in rows]  # an empty text (GPT-1 drops whitespace): one pad
 
     def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-        from ..reward import score_texts
+        from ..preference.reward import score_texts
 
         rows = self.sequences(prompts, completions)
         scores = [score_texts(self.model, rows[i:i + self.batch_size], self.pad_id, self.device)
