@@ -284,7 +284,8 @@ class CausalLM(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save_json(directory / CONFIG_NAME, str(self.padded_head_weight.dtype).removeprefix("torch."))
+        weights_dtype = str(self.padded_head_weight.dtype).removeprefix("torch.")
+        self.config.save_json(directory / CONFIG_NAME, weights_dtype)
         save_file(self.checkpoint_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         return directory
 

@@ -67,8 +67,8 @@ class DecoderConfig(ModelConfig):
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int) \
-                and self.num_attention_heads > 0:
+        sizes = (self.hidden_size, self.num_attention_heads)
+        if self.head_dim is None and all(isinstance(n, int) for n in sizes) and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
     # -- reading config.json --------------------------------------------------------------------
@@ -107,13 +107,13 @@ class DecoderConfig(ModelConfig):
     # -- checks -----------------------------------------------------------------------------------
     def validate(self, source: str = "config") -> None:
         self._check_types(source)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                              f"num_key_value_heads ({self.num_key_value_heads})")
+            raise ConfigError(f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                              f"of num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"{source}: head_dim must be even for rotary positions, got {self.head_dim}")
         if not self.rms_norm_eps > 0 or not 0.0 <= self.attention_dropout < 1.0:
@@ -128,10 +128,9 @@ class DecoderConfig(ModelConfig):
             if self.extra.get(key):
                 raise ConfigError(f"{source}: {key} = {self.extra[key]!r} ({feature}) is not implemented by "
                                   f"minift's {self.model_type} decoder; refusing to load it without")
-        for name in ("partial_rotary_factor",):
-            if self.extra.get(name, 1.0) != 1.0:
-                raise ConfigError(f"{source}: {name} = {self.extra[name]!r} (rotary on part of each head) is not "
-                                  f"implemented; minift rotates the whole head")
+        if self.extra.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"{source}: partial_rotary_factor = {self.extra['partial_rotary_factor']!r} (rotary "
+                              f"on part of each head) is not implemented; minift rotates the whole head")
 
     def parameter_count(self) -> int:
         d, inner, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
@@ -164,7 +163,8 @@ def rope_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
         if not isinstance(params, dict):
             raise ConfigError(f"{source}: rope_parameters must be an object, got {params!r}")
         if any(isinstance(v, dict) for v in params.values()):
-            raise ConfigError(f"{source}: rope_parameters per layer type ({sorted(params)}) are not implemented")
+            raise ConfigError(f"{source}: rope_parameters per layer type ({sorted(params)}) are not "
+                              f"implemented")
         params = dict(params)
         if "rope_theta" in params:
             raw["rope_theta"] = params.pop("rope_theta")
@@ -187,8 +187,8 @@ def check_rope_scaling(scaling: dict | None, source: str) -> None:
         raise ConfigError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
     rope_type = scaling.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"{source}: rope_scaling.rope_type = {rope_type!r} is not implemented; minift implements "
-                          f"{list(ROPE_TYPES)} (Llama 3's frequency scaling)")
+        raise ConfigError(f"{source}: rope_scaling.rope_type = {rope_type!r} is not implemented; minift "
+                          f"implements {list(ROPE_TYPES)} (Llama 3's frequency scaling)")
     if rope_type == "llama3":
         missing = [k for k in LLAMA3_ROPE_KEYS if not isinstance(scaling.get(k), (int, float))]
         if missing:

@@ -128,8 +128,8 @@ class DecoderAttention(nn.Module):
             groups = 1
         gqa = {"enable_gqa": True} if groups > 1 else {}
         if attn_bias is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=self.scale,
-                                                  **gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                                  scale=self.scale, **gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout_p,
                                               scale=self.scale, **gqa)
 
@@ -184,14 +184,16 @@ class DecoderModel(nn.Module):
         cos, sin = self.rotary_emb(position_ids, h.dtype)
         keys = input_ids.shape[1] + (len(kv_cache[0]) if kv_cache else 0)
         biases = {None: attn_bias}  # one bias per distinct window, built once per forward
+        queries = input_ids.shape[1]
         for i, layer in enumerate(self.layers):
             if layer.window not in biases:
-                biases[layer.window] = windowed_bias(attn_bias, layer.window, input_ids.shape[1], keys, h.device)
+                biases[layer.window] = windowed_bias(attn_bias, layer.window, queries, keys, h.device)
             h = layer(h, cos, sin, biases[layer.window], None if kv_cache is None else kv_cache[i])
         return self.norm(h)
 
 
-def windowed_bias(attn_bias: torch.Tensor | None, window: int, queries: int, keys: int, device) -> torch.Tensor | None:
+def windowed_bias(attn_bias: torch.Tensor | None, window: int, queries: int, keys: int,
+                  device: torch.device) -> torch.Tensor | None:
     """``attn_bias`` (None = causal) with keys more than ``window - 1`` positions before the query
     hidden as well; unchanged when no key is that far back. The queries are the last ``queries`` of
     ``keys`` positions (generation after a cache)."""
