@@ -112,8 +112,9 @@ class DecoderConfig(ModelConfig):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{source}: {name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple "
-                              f"of num_key_value_heads ({self.num_key_value_heads})")
+            heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+            raise ConfigError(f"{source}: num_attention_heads ({heads}) must be a multiple of "
+                              f"num_key_value_heads ({kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"{source}: head_dim must be even for rotary positions, got {self.head_dim}")
         if not self.rms_norm_eps > 0 or not 0.0 <= self.attention_dropout < 1.0:
@@ -128,9 +129,10 @@ class DecoderConfig(ModelConfig):
             if self.extra.get(key):
                 raise ConfigError(f"{source}: {key} = {self.extra[key]!r} ({feature}) is not implemented by "
                                   f"minift's {self.model_type} decoder; refusing to load it without")
-        if self.extra.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError(f"{source}: partial_rotary_factor = {self.extra['partial_rotary_factor']!r} (rotary "
-                              f"on part of each head) is not implemented; minift rotates the whole head")
+        partial = self.extra.get("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise ConfigError(f"{source}: partial_rotary_factor = {partial!r} (rotary on part of each head) is "
+                              f"not implemented; minift rotates the whole head")
 
     def parameter_count(self) -> int:
         d, inner, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
