@@ -131,8 +131,8 @@ class DecoderConfig(ModelConfig):
                                   f"minift's {self.model_type} decoder; refusing to load it without")
         partial = self.extra.get("partial_rotary_factor", 1.0)
         if partial != 1.0:
-            raise ConfigError(f"{source}: partial_rotary_factor = {partial!r} (rotary on part of each head) is "
-                              f"not implemented; minift rotates the whole head")
+            raise ConfigError(f"{source}: partial_rotary_factor = {partial!r} (rotary on part of each head) "
+                              f"is not implemented; minift rotates the whole head")
 
     def parameter_count(self) -> int:
         d, inner, layers = self.hidden_size, self.intermediate_size, self.num_hidden_layers
