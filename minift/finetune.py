@@ -23,7 +23,8 @@ from . import checkpoint as ckpt
 from . import synthetic
 from .collate import Collator, PackingCollator, padding_efficiency
 from .config import RunConfig, RunConfigError
-from .data import DataError, SplitReport, TokenizedExamples, label_token_ids, load_splits, prepare_split
+from .chat_data import chat_tokenizer
+from .data import DataError, SplitReport, TokenizedExamples, example_preparer, load_splits
 from .distributed import SINGLE_PROCESS, Distributed
 from .evaluate import EvalData, EvalResult, eval_data_from_examples, evaluate
 from .hub import from_pretrained
@@ -47,7 +48,7 @@ def build_tokenizer(cfg: RunConfig):
         name = synthetic.prepare(Path(cfg.train.output_dir) / SYNTHETIC, seed=cfg.train.seed)[1]
     if name == "random":
         raise DataError("model.name = \"random\" needs model.tokenizer")
-    return ensure_pad_token(load_tokenizer(name), cfg.model.pad_token)
+    return ensure_pad_token(chat_tokenizer(load_tokenizer(name), cfg.data), cfg.model.pad_token)
 
 
 def build_model(cfg: RunConfig, tokenizer, device: torch.device):
@@ -57,7 +58,8 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
         model = build_random_model(config_cls.from_dict({"vocab_size": tokenizer.vocab_size, **cfg.model.config},
                                                         source="[model] config", strict=True))
     else:
-        model = from_pretrained(cfg.model.name, **cfg.model.config)
+        dtype = dtype_of(cfg.model.dtype, "model.dtype")  # converted once as read: no float32 copy of bf16
+        model = from_pretrained(cfg.model.name, dtype=dtype, **cfg.model.config)
     if tokenizer.vocab_size > model.config.vocab_size:
         model.resize_token_embeddings(tokenizer.vocab_size)  # e.g. the added [PAD]: mean-initialized row
     check_vocab_matches(model, tokenizer)
@@ -91,17 +93,15 @@ def load_dataset_splits(cfg: RunConfig):
 def build_datasets(cfg: RunConfig, tokenizer, with_train: bool = True) -> Datasets:
     d = cfg.data
     splits = load_dataset_splits(cfg)
-    prepare = partial(prepare_split, splits, tokenizer=tokenizer, template=d.template, labels=tuple(d.labels),
-                      max_length=d.max_length, text_column=d.text_column, label_column=d.label_column,
-                      append_eos={"auto": None, "yes": True, "no": False}[d.append_eos])
+    prepare, label_ids = example_preparer(d, splits, tokenizer)  # data.format: template strings or chats
     eval_examples, eval_report = prepare("validation" if d.validation_fraction else d.eval_split)
     n_eval = min(cfg.eval.max_examples or len(eval_examples), len(eval_examples))
     eval_batches = None  # in dataset order; train.compat = "trainer": the batches Trainer's eval loader makes
     if cfg.train.compat == "trainer":
         eval_batches = trainer_eval_batches(eval_examples.lengths[:n_eval], cfg.eval.batch_size, cfg.train.seed,
                                             group_by_length=d.sampler == "length_grouped")
-    eval_data = eval_data_from_examples(eval_examples, label_token_ids(tokenizer, d.template, tuple(d.labels)),
-                                        tokenizer.pad_id, d.objective, cfg.eval.batch_size, n_eval, eval_batches)
+    eval_data = eval_data_from_examples(eval_examples, label_ids, tokenizer.pad_id, d.objective,
+                                        cfg.eval.batch_size, n_eval, eval_batches)
     if not with_train:
         return Datasets(None, eval_data, eval_examples, [eval_report])
     train_examples, train_report = prepare(d.train_split)
