@@ -295,6 +295,23 @@ def test_config_fields_and_defaults_follow_each_family():
     assert q3.parameter_count() == build_model(q3).num_parameters()
 
 
+def test_flops_per_token_equal_the_counted_matmuls():
+    """The benchmark's FLOPs per trained token (GQA's narrow k/v, SwiGLU's three matrices, the head), against
+    torch's FLOP counter over a forward and backward: every matrix multiply, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = LlamaConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    model = build_model(config)
+    ids = torch.randint(0, 50, (3, 7))
+    with FlopCounterMode(display=False) as counter:
+        model(ids).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(v for op, v in counts.items() if str(op) in ("aten.mm", "aten.addmm"))
+    assert matmuls == config.flops_per_token() * ids.numel()
+    assert config.flops_per_token(7) > config.flops_per_token()  # attention's T-dependent part on top
+
+
 def _tiny(config_cls=LlamaConfig, **fields):
     torch.manual_seed(0)
     config = config_cls(**{**SMALL, "num_key_value_heads": 2, **fields})
