@@ -142,7 +142,16 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    return resolve(name_or_path, want=(CONFIG_NAME,) + WEIGHT_FILES, required=(CONFIG_NAME,))
+    """The checkpoint's directory; from the hub, a sharded checkpoint's shards (named by its index) too."""
+    directory = resolve(name_or_path, want=(CONFIG_NAME,) + WEIGHT_FILES, required=(CONFIG_NAME,))
+    try:
+        files = weights_files(directory)
+    except CheckpointError:
+        return directory  # load_weights says what is missing
+    missing = tuple(file.name for file in files if not file.exists())
+    if missing and not Path(name_or_path).expanduser().is_dir():
+        directory = resolve(name_or_path, want=missing, required=missing)
+    return directory
 
 
 # -- reading weights ------------------------------------------------------------------------------

@@ -441,3 +441,44 @@ def test_llama_forward_equals_the_stored_transformers_reference(tmp_path):
     expected = torch.from_numpy(stored["logits"])
     assert (logits - expected)[mask.bool()].abs().max() <= 1e-5
     assert expected.abs().max() > 1.0  # the reference is not trivially small
+
+
+def test_a_sharded_hub_checkpoint_fetches_its_shards(tmp_path, monkeypatch):
+    """From the hub, the index names the shards and each is fetched (a stand-in for huggingface_hub's
+    download serves the files of a local folder one by one)."""
+    import huggingface_hub
+
+    import minift.hub
+
+    model = _tiny(LlamaConfig)
+    model.save_pretrained(tmp_path / "source")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "source" / "model.safetensors"))
+    (tmp_path / "source" / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / "source" / shard), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "source" / "model.safetensors.index.json").write_text(json.dumps(index))
+    fetched = []
+
+    def download(repo_id, filename, local_files_only=False):
+        source = tmp_path / "source" / filename
+        if repo_id != "org/sharded" or not source.exists():
+            raise huggingface_hub.errors.EntryNotFoundError(f"{repo_id}/{filename}")
+        fetched.append(filename)
+        target = tmp_path / "snapshot" / filename
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(minift.hub, "hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    loaded = minift.from_pretrained("org/sharded")
+    assert set(shards) <= set(fetched)
+    ids = _batch()[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
