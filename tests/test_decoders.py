@@ -312,6 +312,15 @@ def test_flops_per_token_equal_the_counted_matmuls():
     assert config.flops_per_token(7) > config.flops_per_token()  # attention's T-dependent part on top
 
 
+def test_gpt_dropout_settings_in_decoder_terms():
+    """Recipes that switch dropout off by GPT's names (the preference stage) work for the decoders."""
+    config = LlamaConfig.from_dict({"attn_pdrop": 0.1, "resid_pdrop": 0.0, "embd_pdrop": 0.0}, strict=True)
+    assert config.attention_dropout == 0.1 and "resid_pdrop" not in config.extra
+    assert config.replace(attn_pdrop=0.0, resid_pdrop=0.0).attention_dropout == 0.0
+    with pytest.raises(ConfigError, match="resid_pdrop = 0.1: the Llama-shaped decoders have no"):
+        config.replace(resid_pdrop=0.1)
+
+
 def _tiny(config_cls=LlamaConfig, **fields):
     torch.manual_seed(0)
     config = config_cls(**{**SMALL, "num_key_value_heads": 2, **fields})

@@ -74,7 +74,12 @@ class DecoderConfig(ModelConfig):
     # -- reading config.json --------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config", strict: bool = False) -> DecoderConfig:
+        if strict:  # a user's settings may say dropout in GPT's words
+            raw = gpt_dropout_fields(raw, source)
         return super().from_dict(rope_fields(raw, source), source=source, strict=strict)
+
+    def replace(self, **changes: Any) -> DecoderConfig:
+        return super().replace(**gpt_dropout_fields(changes, "[model] config"))
 
     # -- the names the shared CausalLM code reads -----------------------------------------------
     @property
@@ -153,6 +158,20 @@ class DecoderConfig(ModelConfig):
         matrices += self.vocab_size * d  # the LM head (tied or not, it is a GEMM)
         attention = self.num_hidden_layers * 2 * q_out * sequence_length // 2  # QK^T and AV, causal half
         return 6 * matrices + 6 * attention
+
+
+def gpt_dropout_fields(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """GPT's dropout settings in a decoder's terms, so recipes that switch dropout off by name (TRL's
+    ``disable_dropout``) work for every model: ``attn_pdrop`` is ``attention_dropout``; the decoder
+    has no residual or embedding dropout, so ``resid_pdrop`` / ``embd_pdrop`` may only be 0."""
+    out = dict(settings)
+    if "attn_pdrop" in out:
+        out.setdefault("attention_dropout", out.pop("attn_pdrop"))
+    for name in ("resid_pdrop", "embd_pdrop"):
+        if name in out and out.pop(name) != 0:
+            raise ConfigError(f"{source}: {name} = {settings[name]!r}: the Llama-shaped decoders have no "
+                              f"residual or embedding dropout (only attention_dropout)")
+    return out
 
 
 def rope_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
