@@ -491,3 +491,26 @@ def test_a_sharded_hub_checkpoint_fetches_its_shards(tmp_path, monkeypatch):
     ids = _batch()[0]
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+@pytest.mark.slow
+def test_chat_recipe_compiled_on_the_static_path_has_no_graph_break(tmp_path):
+    """configs/llama-chat-tiny.toml with model.compile (inductor) on packed rows: 0 graph breaks, the training
+    graph plus at most one for evaluation."""
+    from torch._dynamo.utils import counters
+
+    from minift.config import load_config
+    from minift.finetune import run
+
+    from conftest import REPO
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = load_config(REPO / "configs" / "llama-chat-tiny.toml", [
+        f'train.output_dir="{tmp_path}"', "train.progress=false", "train.plot=false", "model.compile=true",
+        "data.sampler=packed", "train.batch_size=4", "train.grad_accum=1", "train.max_steps=12",
+        "eval.max_examples=32", "train.eval_every=0"])
+    summary = run(cfg, log=lambda *_: None)
+    assert summary["last_loss"] < summary["first_loss"]
+    assert not counters.get("graph_break"), dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2
