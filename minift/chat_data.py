@@ -22,6 +22,7 @@ a token is a loss token when its characters overlap an assistant span (transform
 conversations in rows and never splits a turn. No EOS is appended: the template writes the
 end-of-turn tokens.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -57,9 +58,11 @@ def row_kind(columns: list[str], data: DataSection) -> str:
         return "prompt_completion"
     if data.text_column in columns and data.label_column in columns:
         return "labelled_text"
-    raise DataError(f"data.format = \"chat\" needs a {data.messages_column!r} column, {data.prompt_column!r} and "
-                    f"{data.completion_column!r} columns, or {data.text_column!r} and {data.label_column!r} "
-                    f"columns; the split has {columns}")
+    raise DataError(
+        f'data.format = "chat" needs a {data.messages_column!r} column, {data.prompt_column!r} and '
+        f"{data.completion_column!r} columns, or {data.text_column!r} and {data.label_column!r} "
+        f"columns; the split has {columns}"
+    )
 
 
 def as_turns(value: Any, role: str, where: str) -> list[dict[str, Any]]:
@@ -71,10 +74,14 @@ def as_turns(value: Any, role: str, where: str) -> list[dict[str, Any]]:
 
 def checked_messages(value: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: expected a non-empty list of {{\"role\", \"content\"}} turns, got {value!r:.80}")
+        raise DataError(
+            f'{where}: expected a non-empty list of {{"role", "content"}} turns, got {value!r:.80}'
+        )
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
-            raise DataError(f"{where}: turn {i} must be an object with \"role\" and \"content\", got {turn!r:.80}")
+            raise DataError(
+                f'{where}: turn {i} must be an object with "role" and "content", got {turn!r:.80}'
+            )
     return value
 
 
@@ -93,16 +100,21 @@ def prompt_tokens(prompt_ids: list[int], ids: list[int], where: str) -> int:
     """How many of the conversation's tokens are the prompt's: as many of the prompt's (rendered with
     the generation prompt) as the conversation's start with (TRL's ``common_prefix_length``: a token
     merged across the boundary belongs to the completion); more than one differing is refused."""
-    common = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+    common = next(
+        (i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids))
+    )
     if common < len(prompt_ids) - 1:
-        raise DataError(f"{where}: the chat template renders the prompt with its generation prompt differently "
-                        f"from the start of the whole conversation ({len(prompt_ids) - common} prompt tokens "
-                        f"differ); the completion cannot be located")
+        raise DataError(
+            f"{where}: the chat template renders the prompt with its generation prompt differently "
+            f"from the start of the whole conversation ({len(prompt_ids) - common} prompt tokens "
+            f"differ); the completion cannot be located"
+        )
     return common
 
 
-def encode_prompt_completion(tokenizer, prompt: list[dict], completion: list[dict], variables: dict,
-                             where: str) -> tuple[list[int], int]:
+def encode_prompt_completion(
+    tokenizer, prompt: list[dict], completion: list[dict], variables: dict, where: str
+) -> tuple[list[int], int]:
     """Ids of prompt + completion and the number of prompt tokens (``prompt_tokens``)."""
     template = tokenizer.chat_template
     prompt_ids = tokenizer.encode(render(template, prompt, add_generation_prompt=True, **variables))
@@ -121,24 +133,31 @@ class RenderedRow:
     prompt_text: str | None = None
 
 
-def render_row(tokenizer, kind: str, data: DataSection, batch: dict[str, list], i: int, where: str,
-               variables: dict) -> RenderedRow:
+def render_row(
+    tokenizer, kind: str, data: DataSection, batch: dict[str, list], i: int, where: str, variables: dict
+) -> RenderedRow:
     template = tokenizer.chat_template
     try:
         if kind == "messages":
-            text, spans = assistant_spans(template, checked_messages(batch[data.messages_column][i], where),
-                                          **variables)
+            text, spans = assistant_spans(
+                template, checked_messages(batch[data.messages_column][i], where), **variables
+            )
             if not spans:
                 raise DataError(f"{where}: the conversation has no assistant turn, so nothing to train on")
             return RenderedRow(where, text, spans=spans)
         if kind == "prompt_completion":
             prompt = as_turns(batch[data.prompt_column][i], "user", f"{where} {data.prompt_column}")
-            completion = as_turns(batch[data.completion_column][i], "assistant", f"{where} {data.completion_column}")
+            completion = as_turns(
+                batch[data.completion_column][i], "assistant", f"{where} {data.completion_column}"
+            )
         else:
             turns = labelled_conversation(batch[data.text_column][i], batch[data.label_column][i], data)
             prompt, completion = turns[:-1], turns[-1:]
-        return RenderedRow(where, render(template, prompt + completion, **variables),
-                           prompt_text=render(template, prompt, add_generation_prompt=True, **variables))
+        return RenderedRow(
+            where,
+            render(template, prompt + completion, **variables),
+            prompt_text=render(template, prompt, add_generation_prompt=True, **variables),
+        )
     except ChatTemplateError as err:
         raise DataError(f"{where}: {err}") from None
 
@@ -152,8 +171,10 @@ def encode_rows(tokenizer, rows: list[RenderedRow]) -> list[tuple[list[int], lis
     for row, encoding in zip(rows, encodings):
         ids = encoding.ids
         if row.spans is not None:
-            mask = [int(any(start < span_end and span_start < end for span_start, span_end in row.spans))
-                    for start, end in encoding.offsets]
+            mask = [
+                int(any(start < span_end and span_start < end for span_start, span_end in row.spans))
+                for start, end in encoding.offsets
+            ]
         else:
             n_prompt = prompt_tokens(next(prompts), ids, row.where)
             mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
@@ -161,8 +182,14 @@ def encode_rows(tokenizer, rows: list[RenderedRow]) -> list[tuple[list[int], lis
     return out
 
 
-def tokenize_chat_split(ds: datasets.Dataset, tokenizer, data: DataSection, labels: tuple[str, ...],
-                        split: str, report: SplitReport) -> datasets.Dataset:
+def tokenize_chat_split(
+    ds: datasets.Dataset,
+    tokenizer,
+    data: DataSection,
+    labels: tuple[str, ...],
+    split: str,
+    report: SplitReport,
+) -> datasets.Dataset:
     """``datasets.map`` (cached) from rows to ``input_ids``, ``assistant_mask``, ``prompt_length``
     (tokens before the first loss token), ``length``, ``label_index`` (-1 without a label), ``row``."""
     kind = row_kind(ds.column_names, data)
@@ -171,10 +198,22 @@ def tokenize_chat_split(ds: datasets.Dataset, tokenizer, data: DataSection, labe
     max_length = data.max_length
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("input_ids", "assistant_mask", "prompt_length", "length",
-                                                "label_index", "n_untruncated", "lost")}
-        rendered = [render_row(tokenizer, kind, data, batch, i, f"split {split!r} row {row}", variables)
-                    for i, row in enumerate(batch["row"])]
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "input_ids",
+                "assistant_mask",
+                "prompt_length",
+                "length",
+                "label_index",
+                "n_untruncated",
+                "lost",
+            )
+        }
+        rendered = [
+            render_row(tokenizer, kind, data, batch, i, f"split {split!r} row {row}", variables)
+            for i, row in enumerate(batch["row"])
+        ]
         for i, (ids, mask) in enumerate(encode_rows(tokenizer, rendered)):
             out["n_untruncated"].append(len(ids))
             ids, mask = ids[:max_length], mask[:max_length]
@@ -196,8 +235,9 @@ def tokenize_chat_split(ds: datasets.Dataset, tokenizer, data: DataSection, labe
     return tokenized.remove_columns(["n_untruncated", "lost"])
 
 
-def clean_chat_split(ds: datasets.Dataset, split: str, data: DataSection,
-                     labels: tuple[str, ...]) -> tuple[datasets.Dataset, SplitReport]:
+def clean_chat_split(
+    ds: datasets.Dataset, split: str, data: DataSection, labels: tuple[str, ...]
+) -> tuple[datasets.Dataset, SplitReport]:
     """The tweets as ``clean_split`` cleans them; conversation rows: empty ones (None, [], "") skipped
     and counted, a ``row`` column added."""
     kind = row_kind(ds.column_names, data)
@@ -228,24 +268,29 @@ def chat_label_token_ids(tokenizer, data: DataSection, labels: tuple[str, ...]) 
     for label in labels:
         full = labelled_conversation("example", label, data)
         ids, n_prompt = encode_prompt_completion(tokenizer, prompt, full[-1:], variables, "label scoring")
-        if ids[:n_prompt] != tokenizer.encode(render(tokenizer.chat_template, prompt, add_generation_prompt=True,
-                                                     **variables)):
-            raise DataError(f"label {label!r}: its tokens do not follow the prompt's tokens unchanged; the label "
-                            f"words cannot be scored (set eval.accuracy = false)")
+        if ids[:n_prompt] != tokenizer.encode(
+            render(tokenizer.chat_template, prompt, add_generation_prompt=True, **variables)
+        ):
+            raise DataError(
+                f"label {label!r}: its tokens do not follow the prompt's tokens unchanged; the label "
+                f"words cannot be scored (set eval.accuracy = false)"
+            )
         out.append(ids[n_prompt:])
     return out
 
 
-def prepare_chat_split(dsd: datasets.DatasetDict, split: str, tokenizer, data: DataSection,
-                       labels: tuple[str, ...]) -> tuple[TokenizedExamples, SplitReport]:
+def prepare_chat_split(
+    dsd: datasets.DatasetDict, split: str, tokenizer, data: DataSection, labels: tuple[str, ...]
+) -> tuple[TokenizedExamples, SplitReport]:
     if split not in dsd:
         raise DataError(f"no {split!r} split (found {sorted(dsd)})")
     cleaned, report = clean_chat_split(dsd[split], split, data, labels)
     return TokenizedExamples(tokenize_chat_split(cleaned, tokenizer, data, labels, split, report)), report
 
 
-def chat_example_preparer(data: DataSection, splits: datasets.DatasetDict, tokenizer
-                          ) -> tuple[Callable[[str], tuple[TokenizedExamples, SplitReport]], list[list[int]]]:
+def chat_example_preparer(
+    data: DataSection, splits: datasets.DatasetDict, tokenizer
+) -> tuple[Callable[[str], tuple[TokenizedExamples, SplitReport]], list[list[int]]]:
     """What ``data.example_preparer`` gives for the chat format: prepare(split) and the label tokens
     (none when the rows carry no labels: accuracy is then not scored)."""
     labels = tuple(data.labels)

@@ -176,8 +176,8 @@ def test_bin_with_pickled_code_is_refused(tmp_path):
     ({"n_embd": 65}, "n_embd (65) must be divisible by n_head (4)"),
     ({"n_layer": 0}, "n_layer must be positive"),
     ({"vocab_size": "big"}, "vocab_size must be int"),
-    ({"model_type": "mixtral"}, "model_type 'mixtral' is not supported; minift knows ['gpt2', 'llama', 'mistral', "
-                                "'openai-gpt', 'qwen2', 'qwen3']"),
+    ({"model_type": "mixtral"}, "model_type 'mixtral' is not supported; minift knows ['gpt2', 'llama', "
+                                "'mistral', 'openai-gpt', 'qwen2', 'qwen3']"),
 ])
 def test_impossible_configs_are_refused(tmp_path, change, message):
     d = _copy_fixture("tiny-openai-gpt", tmp_path)
