@@ -5,6 +5,8 @@ Two contenders:
 - the classic recipe: every tweet padded to 512 tokens, batch 1, gradient accumulation 4;
 - Trainer at its best: dynamic padding to a multiple of 8, train_sampling_strategy="group_by_length",
   batch 16, gradient accumulation 2.
+The model is transformers' class of the benchmarked shape: ``OpenAIGPTLMHeadModel``, ``GPT2LMHeadModel``
+or, with ``--model-type llama``, ``LlamaForCausalLM`` (SDPA attention) of the ``--shape``.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 
 import torch
 
-from harness import Contender, Row, shared_dir, tokenized_tweets
+from harness import LLAMA_SHAPES, TOKENIZER_OF, Contender, Row, shared_dir, tokenized_tweets
 
 
 def _transformers_tokenizer(model_type: str):
@@ -22,7 +24,7 @@ def _transformers_tokenizer(model_type: str):
     # transformers 5.x: build from the folder; the vocab_file=/merges_file= constructor silently
     # builds a 1-token vocabulary.
     cls = transformers.OpenAIGPTTokenizerFast if model_type == "openai-gpt" else transformers.GPT2TokenizerFast
-    tok = cls.from_pretrained(str(shared_dir() / "tokenizers" / model_type))
+    tok = cls.from_pretrained(str(shared_dir() / "tokenizers" / TOKENIZER_OF[model_type]))
     if tok.pad_token is None:
         if model_type == "openai-gpt":
             tok.add_special_tokens({"pad_token": "[PAD]"})
@@ -31,10 +33,13 @@ def _transformers_tokenizer(model_type: str):
     return tok
 
 
-def _model(model_type: str, vocab_size: int):
+def _model(model_type: str, vocab_size: int, shape: str | None = None):
     import transformers
 
     torch.manual_seed(0)
+    if model_type == "llama":  # the same Llama shape as minift's rows, transformers' LlamaForCausalLM (SDPA)
+        config = transformers.LlamaConfig(vocab_size=vocab_size, **LLAMA_SHAPES[shape])
+        return transformers.LlamaForCausalLM(config)
     if model_type == "openai-gpt":
         config = transformers.OpenAIGPTConfig(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return transformers.OpenAIGPTLMHeadModel(config)
@@ -44,7 +49,8 @@ def _model(model_type: str, vocab_size: int):
 
 def run_trainer(id_: str, name: str, model_type: str, examples, *, max_length_padding: bool, batch_size: int,
                 grad_accum: int, group_by_length: bool, steps: int, warmup: int, output_dir: str,
-                precision: str = "fp32", seed: int = 0, compile_model: bool = False) -> Row:
+                precision: str = "fp32", seed: int = 0, compile_model: bool = False,
+                shape: str | None = None) -> Row:
     import datasets
     import transformers
 
@@ -87,7 +93,7 @@ def run_trainer(id_: str, name: str, model_type: str, examples, *, max_length_pa
         dataloader_num_workers=2 if torch.cuda.is_available() else 0,  # workers pay on a GPU, not on 2 CPU cores
         train_sampling_strategy="group_by_length" if group_by_length else "random", length_column_name="length",
         remove_unused_columns=False, bf16=precision == "bf16")
-    model = _model(model_type, len(tok))
+    model = _model(model_type, len(tok), shape)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
                                    callbacks=[StepTimes()])
     cuda = torch.cuda.is_available()
@@ -116,14 +122,16 @@ def trainer_contenders(args) -> list[Contender]:
             return run_trainer("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", args.model_type,
                                tokenized_tweets(args.model_type)[1], max_length_padding=True, batch_size=1,
                                grad_accum=4, group_by_length=False, steps=max(1, args.steps // 2),
-                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index)
+                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index,
+                               shape=args.shape)
 
     def best(args, round_index):
         with tempfile.TemporaryDirectory() as out:
             return run_trainer(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)",
                                args.model_type, tokenized_tweets(args.model_type)[1], max_length_padding=False,
                                batch_size=half, grad_accum=2, group_by_length=True, steps=args.steps,
-                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index)
+                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index,
+                               shape=args.shape)
 
     def best_compiled(args, round_index):
         with tempfile.TemporaryDirectory() as out:
@@ -131,7 +139,7 @@ def trainer_contenders(args) -> list[Contender]:
                                args.model_type, tokenized_tweets(args.model_type)[1], max_length_padding=False,
                                batch_size=half, grad_accum=2, group_by_length=True, steps=args.steps,
                                warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index,
-                               compile_model=True)
+                               compile_model=True, shape=args.shape)
 
     contenders = [Contender("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", classic, memory=True),
                   Contender(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)", best, memory=True)]

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmark, sized to run in under 5 minutes on one GPU (H100/H200):
+# The GPU benchmark, sized to run in about 10 minutes on one GPU (H100/H200):
 #  1. the hot path and its levers side by side with Trainer, every contender in one process: bf16 MFU on
 #     real tokens against the vendor's dense peak (benchmarks/harness.py KNOWN_PEAKS) and against a bf16
 #     8192^3 GEMM probe of the same process; each contender's steps run once untimed first (--warm-pass,
 #     the default on CUDA), so every shape of the timed steps is warm; timings from CUDA events;
-#  2. the end-to-end `minift train` epoch with configs/openai-gpt-tweets-gpu.toml (data, eval and
+#  2. the Llama-shaped rows: SmolLM2-135M's shape and a ~0.5B Llama (GQA, SwiGLU, RMSNorm, rotary; random
+#     init, the GPT-2 BPE), minift's hot path and compiled static path beside Trainer at its best with
+#     transformers' LlamaForCausalLM, MFU from the matrices' FLOPs (GQA and SwiGLU counted as they are);
+#  3. the end-to-end `minift train` epoch with configs/openai-gpt-tweets-gpu.toml (data, eval and
 #     compile included), its summary next to the hot-path figure.
 #
 #   MINIFT_SHARED=/path/to/shared benchmarks/gpu.sh            # defaults below
@@ -27,7 +30,13 @@ timeout "${MINIFT_GPU_BENCH_TIMEOUT:-200}" python3 benchmarks/throughput.py --de
     --only hot --only packed --only compile-packed --only compile-cudagraphs --only lm-head-all \
     --only trainer-classic --only trainer-best \
     --only trainer-best-compile "$@"
-# 2. one epoch end to end, random init of the full shape on the shared tweets (no hub needed)
+# 2. the Llama-shaped decoders, ~135M and ~0.5B parameters
+for shape in smollm2-135m llama-0.5b; do
+    timeout "${MINIFT_GPU_LLAMA_TIMEOUT:-200}" python3 benchmarks/throughput.py --model-type llama --shape "$shape" \
+        --device cuda --precision bf16 --sequences-per-step 512 --warmup 3 --steps 30 --rounds 1 --compile \
+        --no-isolated-memory --only hot --only compile-packed --only trainer-best --only trainer-best-compile "$@"
+done
+# 3. one epoch end to end, random init of the full shape on the shared tweets (no hub needed)
 out="$(mktemp -d)"
 start=$(date +%s)
 timeout "${MINIFT_GPU_EPOCH_TIMEOUT:-90}" python3 -m minift train configs/openai-gpt-tweets-gpu.toml \

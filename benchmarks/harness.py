@@ -9,6 +9,11 @@ the timed steps of all rounds are pooled. MFU = 6 N (real tokens/s) / peak, the 
 the spot with a large GEMM (or the vendor's figure for known GPUs). Peak memory: CUDA's
 ``max_memory_allocated``; on CPU the peak resident set of a fresh process running that contender
 alone (a long-lived process's resident set only grows).
+
+``--model-type llama``: a Llama-shaped decoder of a real checkpoint's shape (``--shape``, ``LLAMA_SHAPES``:
+SmolLM2-135M, or a ~0.5B Llama), the GPT-2 BPE standing in for its tokenizer. Its FLOPs per token
+are counted matrix by matrix (``DecoderConfig.flops_per_token``: GQA's narrower k/v projections,
+SwiGLU's three MLP matrices, the LM head), not 6 N.
 """
 from __future__ import annotations
 
@@ -40,6 +45,18 @@ REPO = Path(__file__).resolve().parents[1]
 # dense bf16 / fp32 peak FLOP/s of known accelerators (vendor figures, no sparsity)
 KNOWN_PEAKS = {"H100": {"bf16": 989e12, "fp32": 67e12}, "H200": {"bf16": 989e12, "fp32": 67e12},
                "A100": {"bf16": 312e12, "fp32": 19.5e12}}
+# Llama-shaped benchmark models (random init; speed does not depend on the weights). The tokenizer is the
+# GPT-2 BPE (50,257 ids; SmolLM2's own has 49,152: the LM head's GEMM is 2 % wider).
+LLAMA_SHAPES = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
+                     "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "llama-0.5b": {"hidden_size": 1280, "intermediate_size": 3584, "num_hidden_layers": 24,
+                   "num_attention_heads": 20, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+                   "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+}
+DEFAULT_SHAPE = "smollm2-135m"
+TOKENIZER_OF = {"openai-gpt": "openai-gpt", "gpt2": "gpt2", "llama": "gpt2"}  # shared/tokenizers/<name>
 
 
 def shared_dir() -> Path:
@@ -97,14 +114,17 @@ class Row:
         if other.peak_memory is not None:
             self.peak_memory = max(self.peak_memory or 0, other.peak_memory)
 
-    def summary(self, n_params: int, peak_flops: float) -> dict[str, Any]:
+    def summary(self, n_params: int, peak_flops: float,
+                flops_per_token: float | None = None) -> dict[str, Any]:
+        """Throughput and MFU; training FLOPs per token 6 N unless ``flops_per_token`` says otherwise."""
+        flops = flops_per_token or 6 * n_params
         out = {"id": self.id, "name": self.name, **throughput(self.steps)}
-        out["mfu_real"] = 6 * n_params * out["real_tokens_per_s"] / peak_flops
-        out["mfu_padded"] = 6 * n_params * out["padded_tokens_per_s"] / peak_flops
+        out["mfu_real"] = flops * out["real_tokens_per_s"] / peak_flops
+        out["mfu_padded"] = flops * out["padded_tokens_per_s"] / peak_flops
         out["peak_memory_mb"] = None if self.peak_memory is None else self.peak_memory / 2**20
         if self.local_peaks:  # against the machine's speed at the time: corrects for drift during a run
             out["local_gemm_flops"] = statistics.median(self.local_peaks)
-            out["mfu_real_local"] = 6 * n_params * out["real_tokens_per_s"] / out["local_gemm_flops"]
+            out["mfu_real_local"] = flops * out["real_tokens_per_s"] / out["local_gemm_flops"]
         return out
 
 
@@ -117,14 +137,21 @@ class Contender:
     memory: bool = False  # also measure its peak memory in a fresh process (CPU)
 
 
+def shape_overrides(args) -> list[str]:
+    """``model.config`` of the benchmarked shape: GPT-1/GPT-2's full default shape with dropout 0 (as the
+    Trainer rows), or the ``--shape`` of a Llama-shaped model (no dropout by default)."""
+    if args.model_type != "llama":
+        return ["model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0", "model.config.attn_pdrop=0.0"]
+    return [f"model.config.{key}={json.dumps(value)}" for key, value in LLAMA_SHAPES[args.shape].items()]
+
+
 def base_config(args, overrides: list[str]):
     """The benchmark's RunConfig: random init of the full shape, the shared tweets and tokenizer,
     constant lr, dropout 0 (as the Trainer rows), ``overrides`` in ``--set`` syntax."""
     shared = shared_dir()
     return load_config(None, [
         "model.name=random", f"model.model_type={args.model_type}",
-        f'model.tokenizer="{shared / "tokenizers" / args.model_type}"',
-        "model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0", "model.config.attn_pdrop=0.0",
+        f'model.tokenizer="{shared / "tokenizers" / TOKENIZER_OF[args.model_type]}"', *shape_overrides(args),
         f'data.source="{shared / "data" / "tweet_sentiment_extraction"}"', "data.eval_split=test",
         "train.lr=5e-5", "train.schedule=constant", f"train.precision={args.precision}",
         f"train.device={args.device}", "train.progress=false", *overrides])
@@ -133,7 +160,8 @@ def base_config(args, overrides: list[str]):
 @functools.lru_cache(maxsize=2)
 def tokenized_tweets(model_type: str):
     """Tokenizer and training examples, once per process (every contender shares them)."""
-    cfg = base_config(argparse.Namespace(model_type=model_type, precision="fp32", device="cpu"), [])
+    args = argparse.Namespace(model_type=model_type, shape=DEFAULT_SHAPE, precision="fp32", device="cpu")
+    cfg = base_config(args, [])
     tokenizer = build_tokenizer(cfg)
     return tokenizer, build_datasets(cfg, tokenizer).train
 
@@ -203,10 +231,23 @@ def minift_contenders(args) -> list[Contender]:
             for id_, name, overrides, hot_path, memory in specs]
 
 
-def n_parameters(args) -> int:
+def benchmarked_model(args):
+    """The benchmarked model on the meta device (shapes only, no memory)."""
     tokenizer, _ = tokenized_tweets(args.model_type)
-    with torch.device("meta"):  # shapes only, no memory
-        return build_model(base_config(args, []), tokenizer, torch.device("meta")).num_parameters()
+    with torch.device("meta"):
+        return build_model(base_config(args, []), tokenizer, torch.device("meta"))
+
+
+def n_parameters(args) -> int:
+    return benchmarked_model(args).num_parameters()
+
+
+def training_flops_per_token(args) -> float:
+    """6 N for GPT-1/GPT-2 (as the earlier records); the Llama-shaped decoders count their matrices."""
+    model = benchmarked_model(args)
+    if hasattr(model.config, "flops_per_token"):
+        return float(model.config.flops_per_token())
+    return 6.0 * model.num_parameters()
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -232,14 +273,15 @@ def run_benchmark(args, contenders: list[Contender], memory_command: list[str] |
     peak_flops, peak_source = probe_flops, f"GEMM probe ({probe_n}^3)"
     if known_peak_flops(device, args.precision):  # MFU against the vendor's figure on a known GPU
         peak_flops, peak_source = known_peak_flops(device, args.precision), "vendor table"
-    n_params = n_parameters(args)
+    n_params, flops = n_parameters(args), training_flops_per_token(args)
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device_name(device),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "model_type": args.model_type,
-            "n_params": n_params, "precision": args.precision, "peak_gemm_flops": peak_flops,
-            "peak_source": peak_source, "probe_gemm_flops": probe_flops,
-            "ceiling_real_tokens_per_s": peak_flops / (6 * n_params),
+            "shape": args.shape if args.model_type == "llama" else None,
+            "n_params": n_params, "flops_per_token": flops, "precision": args.precision,
+            "peak_gemm_flops": peak_flops, "peak_source": peak_source, "probe_gemm_flops": probe_flops,
+            "ceiling_real_tokens_per_s": peak_flops / flops,
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-            "runs": [row.summary(n_params, peak_flops) for row in rows.values()]}
+            "runs": [row.summary(n_params, peak_flops, flops) for row in rows.values()]}
 
 
 def peak_memory_in_fresh_process(command: list[str], contender_id: str) -> int | None:
@@ -274,7 +316,9 @@ def device_name(device: torch.device) -> str:
 
 # -- the command line and the report -------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-type", choices=["openai-gpt", "gpt2"], default="openai-gpt")
+    parser.add_argument("--model-type", choices=["openai-gpt", "gpt2", "llama"], default="openai-gpt")
+    parser.add_argument("--shape", choices=sorted(LLAMA_SHAPES), default=DEFAULT_SHAPE,
+                        help="the Llama-shaped model of --model-type llama")
     parser.add_argument("--steps", type=int, help="timed optimizer steps per contender and round "
                         "(default 2; --quick: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each round")
@@ -311,7 +355,8 @@ def finish_arguments(args) -> None:
 
 def forwarded_arguments(args) -> list[str]:
     """The options a fresh memory-measuring process needs to build the same contenders."""
-    out = ["--model-type", args.model_type, "--precision", args.precision, "--device", args.device,
+    out = ["--model-type", args.model_type, "--shape", args.shape, "--precision", args.precision,
+           "--device", args.device,
            "--sequences-per-step", str(args.sequences_per_step), "--no-warm-pass"]
     if args.threads:
         out += ["--threads", str(args.threads)]
@@ -328,7 +373,8 @@ def mfu_line(record: dict[str, Any]) -> str:
     """MFU of each row against the vendor peak and against the GEMM probe of the same process."""
     lines = []
     for s in record["runs"]:
-        probe = 6 * record["n_params"] * s["real_tokens_per_s"] / record["probe_gemm_flops"]
+        flops = record.get("flops_per_token", 6 * record["n_params"])
+        probe = flops * s["real_tokens_per_s"] / record["probe_gemm_flops"]
         lines.append(f"- {s['name']}: MFU on real tokens {100 * s['mfu_real']:.1f} % ({record['peak_source']}), "
                      f"{100 * probe:.1f} % of the GEMM probe")
     return "\n".join(lines)
@@ -360,7 +406,9 @@ def write_outputs(record: dict[str, Any], out_dir: str, baseline: str | None) ->
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"bench-{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
     header = (f"{record['date']}, {record['device']}, {record['threads']} threads, torch {record['torch']}, "
-              f"{record['model_type']} ({record['n_params'] / 1e6:.1f} M parameters), {record['precision']}; "
+              f"{record.get('shape') or record['model_type']} ({record['n_params'] / 1e6:.1f} M parameters, "
+              f"{record.get('flops_per_token', 6 * record['n_params']) / 1e9:.2f} GFLOP per trained token), "
+              f"{record['precision']}; "
               f"GEMM peak {record['peak_gemm_flops'] / 1e9:.1f} GFLOP/s -> ceiling "
               f"{record['ceiling_real_tokens_per_s']:.1f} real tokens/s; {record['rounds']} interleaved rounds of "
               f"{record['warmup']} warm-up + {record['steps']} timed steps per contender")

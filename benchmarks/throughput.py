@@ -5,6 +5,7 @@
     python3 benchmarks/throughput.py --quick            # smoke run (CI): no speed claims
     python3 benchmarks/throughput.py --only hot --only trainer-best --rounds 4
     python3 benchmarks/throughput.py --profile trace.json
+    python3 benchmarks/throughput.py --model-type llama --shape smollm2-135m --only hot --only trainer-best
 
 Contender ids: hot, compile, compile-packed, compile-cudagraphs (--compile; the last on CUDA), grouped-2x,
 random-2x, forloop-adamw, unfused-head, lm-head-all, packed, eager-attention, trainer-classic, trainer-best,

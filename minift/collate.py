@@ -2,12 +2,13 @@
 
 Right padding to the longest sequence of the batch (optionally to a multiple of N), or to a
 fixed ``max_length`` (only to reproduce the classic Trainer recipe). Labels are the input
-ids with -100 on pads (and, under the ``completion`` objective, on the prompt); the model
-shifts them. ``PackingCollator`` concatenates examples into rows with per-example positions
-and attention confined to each example; with ``rows_per_batch`` every batch has the same
-shape [rows_per_batch, row_length] (the static path: one compiled graph, CUDA-graph-able).
-Every batch says ``right_padded`` (a Python bool), so the model never reads its mask back
-from the device to decide it.
+ids with -100 on pads (and, under the ``completion`` objective, on the prompt; under
+``assistant``, on every token outside the example's ``assistant_mask``: TRL's assistant-only
+loss on chat data); the model shifts them. ``PackingCollator`` concatenates examples into rows
+with per-example positions and attention confined to each example; with ``rows_per_batch``
+every batch has the same shape [rows_per_batch, row_length] (the static path: one compiled
+graph, CUDA-graph-able). Every batch says ``right_padded`` (a Python bool), so the model never
+reads its mask back from the device to decide it.
 """
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ import torch
 from .models.layers import IGNORE_INDEX
 from .errors import InputError
 
-OBJECTIVES = ("all", "completion")  # loss on every real token / only after the prompt
+OBJECTIVES = ("all", "completion", "assistant")  # every real token / after the prompt / assistant turns
 PADDINGS = ("longest", "max_length")  # dynamic / the classic recipe's fixed length
 
 
 @dataclass
 class Collator:
     pad_id: int
-    objective: str = "all"  # "all": loss on every real token; "completion": only after the prompt
+    objective: str = "all"  # "all": every real token; "completion": after the prompt; "assistant": the mask
     pad_to_multiple_of: int | None = None
     padding: str = "longest"  # or "max_length" (the classic recipe)
     max_length: int | None = None
@@ -51,6 +52,17 @@ class Collator:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         return length
 
+    def example_labels(self, example: dict[str, Any], ids: torch.Tensor) -> torch.Tensor:
+        """One example's labels under the objective (-100 where it takes no loss)."""
+        if self.objective == "assistant":
+            if "assistant_mask" not in example:
+                raise InputError("objective \"assistant\" needs chat examples (data.format = \"chat\"): this "
+                                 "example has no assistant_mask")
+            keep = torch.as_tensor(example["assistant_mask"], dtype=torch.bool)
+            return ids.masked_fill(~keep, IGNORE_INDEX)
+        first_label = example.get("prompt_length", 0) if self.objective == "completion" else 0
+        return torch.cat([ids.new_full((min(first_label, len(ids)),), IGNORE_INDEX), ids[first_label:]])
+
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(e["input_ids"]) for e in examples]
         time = self.padded_length(max(lengths))
@@ -61,8 +73,7 @@ class Collator:
             ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
             input_ids[row, :length] = ids
             attention_mask[row, :length] = 1
-            first_label = example.get("prompt_length", 0) if self.objective == "completion" else 0
-            labels[row, first_label:length] = ids[first_label:]
+            labels[row, :length] = self.example_labels(example, ids)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "right_padded": True,
                 **batch_counts(input_ids, labels, n_real_tokens=sum(lengths))}
 
@@ -127,9 +138,8 @@ class PackingCollator(Collator):
                 position_ids[r, start:end] = torch.arange(len(ids))
                 document_ids[r, start:end] = doc
                 attention_mask[r, start:end] = 1
-                first_label = examples[i].get("prompt_length", 0) if self.objective == "completion" else 0
-                # the example's first token is predicted by nothing of its own: never a target
-                labels[r, start + max(first_label, 1):end] = ids[max(first_label, 1):]
+                labels[r, start:end] = self.example_labels(examples[i], ids)
+                labels[r, start] = IGNORE_INDEX  # predicted by nothing of its own document: never a target
                 start = end
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                 "position_ids": position_ids, "document_ids": document_ids, "right_padded": True,

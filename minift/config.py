@@ -27,6 +27,7 @@ from .sampling import SAMPLERS
 # torch's spellings of a dtype, accepted in a config and stored as minift's one spelling
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 YES_NO_AUTO = ("auto", "yes", "no")
+DATA_FORMATS = ("text", "chat")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -52,7 +53,8 @@ class ModelSection:
     name: str = option("openai-gpt", 'hub name or local checkpoint directory; "random" = init from `config`')
     tokenizer: str = option("", 'hub name or directory; "" = same as `name`; "synthetic" = the offline vocabulary')
     config: dict = option({}, "model config.json fields (random init) or overrides, e.g. { n_layer = 2 }")
-    model_type: str = option("openai-gpt", 'architecture for name = "random": "openai-gpt" or "gpt2"')
+    model_type: str = option("openai-gpt", 'architecture for name = "random": "openai-gpt", "gpt2", "llama", '
+                                           '"qwen2", "qwen3" or "mistral"')
     pad_token: str = option("auto", '"auto": keep the tokenizer\'s, else EOS, else add [PAD]; "eos"; or a token')
     dtype: str = option("fp32", "storage dtype of the weights: fp32, bf16, fp16 or fp64 (or torch's spelling)")
     compile: bool = option(False, "torch.compile the model (pair with data.sampler = \"packed\": one shape, one graph)")
@@ -83,7 +85,18 @@ class DataSection:
     labels: list = option(["negative", "neutral", "positive"],
                           "the label words (the label column's values), scored for accuracy")
     template: str = option("{text} sentiment: {label}", "how an example becomes one training text")
-    objective: str = option("all", '"all": loss on every real token (as Trainer); "completion": label only')
+    format: str = option("text", '"text": `template` strings; "chat": conversations rendered by the '
+                                 'chat template (a `messages` column, `prompt`/`completion` columns, or text '
+                                 '+ label)')
+    chat_template: str = option("", 'format "chat": "" = the tokenizer\'s own; "chatml"; a .jinja file; or '
+                                    'the Jinja text')
+    system_prompt: str = option("", 'format "chat", text + label rows: a system turn before each user turn')
+    messages_column: str = option("messages", 'format "chat": column of {"role", "content"} turns (TRL\'s '
+                                              'conversational format)')
+    prompt_column: str = option("prompt", 'format "chat": prompt column (a string or turns)')
+    completion_column: str = option("completion", 'format "chat": completion column (a string or turns)')
+    objective: str = option("all", '"all": loss on every real token (as Trainer); "completion": label only; '
+                                   '"assistant": the assistant turns of chat data')
     max_length: int = option(128, "truncate longer examples to this many tokens (<= the model's n_positions)")
     append_eos: str = yes_no_auto("auto", 'end every example with EOS: "auto" (when the tokenizer has one), '
                                           '"yes", "no"')
@@ -190,6 +203,10 @@ class RunConfig:
              "train.log_every and keep_checkpoints must be positive, eval_every/checkpoint_every >= 0"),
             (d.max_length > 0, "data.max_length must be positive"),
             (d.objective in OBJECTIVES, f"data.objective {d.objective!r}: one of {list(OBJECTIVES)}"),
+            (d.format in DATA_FORMATS, f"data.format {d.format!r}: one of {list(DATA_FORMATS)}"),
+            (d.objective != "assistant" or d.format == "chat",
+             "data.objective = \"assistant\" trains on the assistant turns of chat data: set "
+             "data.format = \"chat\""),
             (d.sampler in SAMPLERS, f"data.sampler {d.sampler!r}: one of {list(SAMPLERS)}"),
             (d.padding in PADDINGS, f"data.padding {d.padding!r}: one of {list(PADDINGS)}"),
             (d.append_eos in YES_NO_AUTO, f"data.append_eos must be one of {list(YES_NO_AUTO)}"),

@@ -361,27 +361,35 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, template: str, labels: tuple
 
 
 class TokenizedExamples:
-    """A map-style dataset of python lists (fast to index, cheap to send to workers)."""
+    """A map-style dataset of python lists (fast to index, cheap to send to workers). Chat examples
+    also carry ``assistant_mask`` (1 on the tokens that get loss under ``objective = "assistant"``)."""
 
     def __init__(self, tokenized: datasets.Dataset):
         # to_dict(): plain lists (datasets >= 4 returns lazy Column objects for ds["name"])
-        columns = tokenized.select_columns(["input_ids", "prompt_length", "length", "label_index", "row"]).to_dict()
+        names = ["input_ids", "prompt_length", "length", "label_index", "row"]
+        columns = tokenized.select_columns(names + [c for c in ("assistant_mask",)
+                                                    if c in tokenized.column_names]).to_dict()
         self.input_ids: list[list[int]] = columns["input_ids"]
         self.prompt_length: list[int] = columns["prompt_length"]
         self.lengths: list[int] = columns["length"]
         self.label_index: list[int] = columns["label_index"]
         self.rows: list[int] = columns["row"]
+        self.assistant_mask: list[list[int]] | None = columns.get("assistant_mask")
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` examples (quick runs)."""
-        for name in ("input_ids", "prompt_length", "lengths", "label_index", "rows"):
-            setattr(self, name, getattr(self, name)[:n])
+        for name in ("input_ids", "prompt_length", "lengths", "label_index", "rows", "assistant_mask"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[:n])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[i], "prompt_length": self.prompt_length[i]}
+        example = {"input_ids": self.input_ids[i], "prompt_length": self.prompt_length[i]}
+        if self.assistant_mask is not None:
+            example["assistant_mask"] = self.assistant_mask[i]
+        return example
 
 
 def check_something_to_learn(examples: TokenizedExamples, objective: str, max_length: int) -> None:
@@ -410,3 +418,22 @@ def prepare_split(dsd: datasets.DatasetDict, split: str, tokenizer, template: st
     tokenized = tokenize_split(cleaned, tokenizer, template, labels, max_length, text_column, label_column,
                                append_eos=append_eos, report=report)
     return TokenizedExamples(tokenized), report
+
+
+def example_preparer(data: DataSection, splits: datasets.DatasetDict, tokenizer):
+    """``(prepare, label_ids)`` for ``data.format``: ``prepare(split)`` gives a split's examples and
+    report; ``label_ids`` are the tokens each label adds after a prompt (for accuracy; empty when
+    the rows have no labels). "text": ``data.template`` strings; "chat": ``minift.chat_data``."""
+    labels = tuple(data.labels)
+    if data.format == "chat":
+        from .chat_data import chat_example_preparer
+
+        return chat_example_preparer(data, splits, tokenizer)
+    append_eos = {"auto": None, "yes": True, "no": False}[data.append_eos]
+
+    def prepare(split: str) -> tuple[TokenizedExamples, SplitReport]:
+        return prepare_split(splits, split, tokenizer=tokenizer, template=data.template, labels=labels,
+                             max_length=data.max_length, text_column=data.text_column,
+                             label_column=data.label_column, append_eos=append_eos)
+
+    return prepare, label_token_ids(tokenizer, data.template, labels)

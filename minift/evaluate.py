@@ -186,6 +186,7 @@ def evaluate(model, data: EvalData, precision=None, dist: Distributed = SINGLE_P
     was_training = model.training
     model.eval()
     per_batch = per_batch_loss_sums(model, shard.batches, device, precision.autocast() if precision else None)
+    accuracy = accuracy and bool(data.label_ids)  # rows without labels (chat conversations): loss only
     predicted = None
     if accuracy:
         scores = label_log_probs(model, shard.prompts, data.label_ids, data.pad_id, device, data.batch_size)

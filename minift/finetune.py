@@ -21,7 +21,7 @@ import torch
 from minift import checkpoint as ckpt
 from minift.collate import Collator, PackingCollator, padding_efficiency
 from minift.config import RunConfig, RunConfigError
-from minift.data import SplitReport, TokenizedExamples, label_token_ids, prepare_split
+from minift.data import SplitReport, TokenizedExamples, example_preparer
 from minift.evaluate import EvalData, EvalResult, eval_data_from_examples, evaluate
 from minift.loop import NextTokenLoss
 from minift.orchestration import RunContext, Stage, run_stage
@@ -50,17 +50,15 @@ class Datasets:
 def build_datasets(cfg: RunConfig, tokenizer, with_train: bool = True) -> Datasets:
     d = cfg.data
     splits = load_dataset_splits(cfg)
-    prepare = partial(prepare_split, splits, tokenizer=tokenizer, template=d.template, labels=tuple(d.labels),
-                      max_length=d.max_length, text_column=d.text_column, label_column=d.label_column,
-                      append_eos={"auto": None, "yes": True, "no": False}[d.append_eos])
+    prepare, label_ids = example_preparer(d, splits, tokenizer)  # data.format: template strings or chats
     eval_examples, eval_report = prepare("validation" if d.validation_fraction else d.eval_split)
     n_eval = min(cfg.eval.max_examples or len(eval_examples), len(eval_examples))
     eval_batches = None  # in dataset order; train.compat = "trainer": the batches Trainer's eval loader makes
     if cfg.train.compat == "trainer":
         eval_batches = trainer_eval_batches(eval_examples.lengths[:n_eval], cfg.eval.batch_size, cfg.train.seed,
                                             group_by_length=d.sampler == "length_grouped")
-    eval_data = eval_data_from_examples(eval_examples, label_token_ids(tokenizer, d.template, tuple(d.labels)),
-                                        tokenizer.pad_id, d.objective, cfg.eval.batch_size, n_eval, eval_batches)
+    eval_data = eval_data_from_examples(eval_examples, label_ids, tokenizer.pad_id, d.objective,
+                                        cfg.eval.batch_size, n_eval, eval_batches)
     if not with_train:
         return Datasets(None, eval_data, eval_examples, [eval_report])
     train_examples, train_report = prepare(d.train_split)

@@ -25,7 +25,7 @@ BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "chat_template.jinja")
 
 # Hub names that were renamed: the old name redirects online, but a cache made under one
 # name is not found under the other, so offline we try both.
@@ -40,8 +40,10 @@ HUB_ALIASES = {
 _REVERSE_ALIASES = {v: k for k, v in HUB_ALIASES.items()}
 
 # Non-parameter buffers that older checkpoints carry: GPT-1/GPT-2 causal-mask ``attn.bias``
-# (not to be confused with ``attn.c_attn.bias``) and GPT-2's ``attn.masked_bias``.
-_LEGACY_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$|^position_ids$")
+# (not to be confused with ``attn.c_attn.bias``), GPT-2's ``attn.masked_bias``, and the rotary
+# frequencies Llama checkpoints saved before transformers 4.31 (recomputed from the config).
+_LEGACY_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$|^position_ids$"
+                            r"|^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
 class CheckpointError(MiniftError, RuntimeError):
@@ -140,7 +142,16 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    return resolve(name_or_path, want=(CONFIG_NAME,) + WEIGHT_FILES, required=(CONFIG_NAME,))
+    """The checkpoint's directory; from the hub, a sharded checkpoint's shards (named by its index) too."""
+    directory = resolve(name_or_path, want=(CONFIG_NAME,) + WEIGHT_FILES, required=(CONFIG_NAME,))
+    try:
+        files = weights_files(directory)
+    except CheckpointError:
+        return directory  # load_weights says what is missing
+    missing = tuple(file.name for file in files if not file.exists())
+    if missing and not Path(name_or_path).expanduser().is_dir():
+        directory = resolve(name_or_path, want=missing, required=missing)
+    return directory
 
 
 # -- reading weights ------------------------------------------------------------------------------
@@ -192,14 +203,15 @@ def read_state_dict(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def normalize_keys(model: CausalLM, tensors: dict[str, torch.Tensor], origin: dict[str, Path]):
-    """Map checkpoint keys onto the model's: add the ``transformer.`` prefix where the file
-    was saved from the base model, drop legacy mask buffers, and drop ``lm_head.weight`` when
-    the head is tied (it is the token embedding)."""
+    """Map checkpoint keys onto the model's: add the base model's prefix (``transformer.`` or
+    ``model.``) where the file was saved from the base model, drop legacy buffers, and drop
+    ``lm_head.weight`` when the head is tied (it is the token embedding)."""
     out: dict[str, torch.Tensor] = {}
     out_origin: dict[str, Path] = {}
     tied = model.lm_head is None
+    prefix = model.base_model_prefix + "."
     for key, value in tensors.items():
-        bare = key[len("transformer."):] if key.startswith("transformer.") else key
+        bare = key.removeprefix(prefix)
         if _LEGACY_BUFFER.match(bare):
             continue
         if key == "lm_head.weight":
@@ -207,7 +219,7 @@ def normalize_keys(model: CausalLM, tensors: dict[str, torch.Tensor], origin: di
                 continue
             new_key = key
         else:
-            new_key = "transformer." + bare
+            new_key = prefix + bare
         out[new_key] = value
         out_origin[new_key] = origin[key]
     return out, out_origin
@@ -250,9 +262,11 @@ def check_finite(model: CausalLM, directory: Path) -> None:
 
 def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None, **config_overrides) -> CausalLM:
-    """Load a GPT-1 or GPT-2 checkpoint (local directory or hub name) in eval mode.
+    """Load a checkpoint of any supported ``model_type`` (local directory or hub name) in eval mode.
 
-    ``config_overrides`` replace config.json fields (e.g. ``resid_pdrop=0.0``).
+    ``dtype``: the weights' dtype (default float32). Each tensor is converted once, from the file's
+    dtype straight to this one: a bf16 checkpoint loaded with ``dtype=torch.bfloat16`` never has a
+    float32 copy in memory. ``config_overrides`` replace config.json fields (e.g. ``resid_pdrop=0.0``).
     """
     directory = resolve_checkpoint(name_or_path)
     config = config_from_json_file(directory / CONFIG_NAME)
@@ -265,9 +279,11 @@ def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype | None =
         config = config.replace(**config_overrides)
     with torch.device("meta"):
         model = build_model(config)
+    if dtype is not None:
+        model.to(dtype=dtype)  # on the meta device: only what load_weights converts to
     load_weights(model, directory)
     check_finite(model, directory)
     model.eval()
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
+    if device is not None:
+        model.to(device=device)
     return model

@@ -1,7 +1,14 @@
-"""The openai-gpt and GPT-2 BPE tokenizers, built with the ``tokenizers`` library.
+"""Tokenizers, built with the ``tokenizers`` library: any ``tokenizer.json`` (Llama 3, SmolLM2,
+Qwen, Mistral, GPT-2, ...), or the openai-gpt and GPT-2 BPEs from their vocabulary files.
 
-From ``tokenizer.json`` when a directory has one; otherwise from ``vocab.json`` +
-``merges.txt`` with the same pipeline transformers' fast tokenizers use:
+Special tokens (BOS, EOS, pad, unk) come from ``tokenizer_config.json`` / ``special_tokens_map.json``
+(a string, or a serialized ``AddedToken`` with its ``content``); the chat template from
+``chat_template.jinja`` (transformers 5's file) or ``tokenizer_config.json``'s ``chat_template``
+(a string, or a list of named templates whose ``default`` is taken), rendered by
+``minift.chat_template`` as transformers' ``apply_chat_template`` renders it.
+
+Without ``tokenizer.json``, from ``vocab.json`` + ``merges.txt`` with the same pipeline
+transformers' fast tokenizers use:
 
 * openai-gpt: BertNormalizer(lowercase, strip accents) → BertPreTokenizer →
   BPE(unk ``<unk>``, end-of-word suffix ``</w>``) → BPEDecoder(``</w>``);
@@ -32,13 +39,18 @@ class Tokenizer:
     """A thin, explicit wrapper: ``encode`` adds no special tokens and never truncates."""
 
     def __init__(self, backend: BackendTokenizer, pad_token: str | None = None, eos_token: str | None = None,
-                 source: str = "tokenizer"):
+                 source: str = "tokenizer", bos_token: str | None = None, unk_token: str | None = None,
+                 chat_template: str | None = None):
         self.backend = backend
         self.source = source
         self.backend.no_padding()
         self.backend.no_truncation()
-        self.pad_token = pad_token if pad_token is not None and backend.token_to_id(pad_token) is not None else None
-        self.eos_token = eos_token if eos_token is not None and backend.token_to_id(eos_token) is not None else None
+        def known(token: str | None) -> str | None:  # a named token the vocabulary does not hold is dropped
+            return token if token is not None and backend.token_to_id(token) is not None else None
+
+        self.pad_token, self.eos_token = known(pad_token), known(eos_token)
+        self.bos_token, self.unk_token = known(bos_token), known(unk_token)
+        self.chat_template = chat_template
 
     # -- ids --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -46,6 +58,34 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's (start, end) characters in ``text``."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    # -- chat -------------------------------------------------------------------------------------
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The named special tokens a chat template sees (``bos_token``, ``eos_token``, ...)."""
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
+                 "pad_token": self.pad_token}
+        return {k: v for k, v in named.items() if v is not None}
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,
+                            chat_template: str | None = None, **variables) -> str | list[int]:
+        """The conversation rendered by the chat template (this tokenizer's, or ``chat_template``)
+        as transformers renders it, then encoded without added special tokens (the template writes
+        them); ``tokenize=False`` returns the text. ``variables`` reach the template
+        (``enable_thinking=False``, ``date_string=...``)."""
+        from .chat_template import ChatTemplateError, render
+
+        template = chat_template or self.chat_template
+        if not template:
+            raise ChatTemplateError(f"tokenizer {self.source} has no chat template: pass chat_template= "
+                                    f"(minift.chat_template.CHATML is ChatML)")
+        text = render(template, messages, add_generation_prompt, **{**self.special_tokens_map, **variables})
+        return self.encode(text) if tokenize else text
 
     def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool = False,
                  max_length: int | None = None, return_tensors: str | None = None) -> dict:
@@ -105,26 +145,38 @@ class Tokenizer:
     def eos_id(self) -> int | None:
         return None if self.eos_token is None else self.backend.token_to_id(self.eos_token)
 
-    pad_token_id, eos_token_id = pad_id, eos_id  # the names transformers users know
+    @property
+    def bos_id(self) -> int | None:
+        return None if self.bos_token is None else self.backend.token_to_id(self.bos_token)
+
+    pad_token_id, eos_token_id, bos_token_id = pad_id, eos_id, bos_id  # the names transformers users know
 
     # -- special tokens --------------------------------------------------------------------------
     def add_pad_token(self, token: str = PAD_TOKEN) -> int:
         """Add ``token`` as a special padding token (id = current vocab size) and return its id.
         Call ``resize_model_embeddings`` afterwards so the model has a row for it."""
+        self.pad_token = token
+        return self.add_special_token(token)
+
+    def add_special_token(self, token: str) -> int:
+        """``token`` as one special token (added at the end of the vocabulary when missing); its id."""
         if self.backend.token_to_id(token) is None:
             self.backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
-        self.pad_token = token
         return self.backend.token_to_id(token)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``tokenizer.json`` + ``tokenizer_config.json`` (pad and EOS tokens) into
-        ``directory``; ``load_tokenizer(directory)`` reads them back. Written beside
-        ``model.save_pretrained(directory)``, the folder holds the whole model."""
+        """Write ``tokenizer.json`` + ``tokenizer_config.json`` (pad, EOS, BOS, unk tokens) and the
+        chat template (``chat_template.jinja``, transformers 5's file) into ``directory``;
+        ``load_tokenizer(directory)`` reads them back. Written beside ``model.save_pretrained(directory)``,
+        the folder holds the whole model."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {"pad_token": self.pad_token, "eos_token": self.eos_token}
+        config.update({k: v for k, v in (("bos_token", self.bos_token), ("unk_token", self.unk_token)) if v})
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if self.chat_template:
+            (directory / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
         return directory
 
     save = save_pretrained
@@ -223,7 +275,13 @@ def build_gpt2_tokenizer(vocab_file: Path, merges_file: Path) -> BackendTokenize
     return tok
 
 
+SPECIAL_TOKEN_KEYS = ("pad_token", "eos_token", "bos_token", "unk_token")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
 def _special_tokens(directory: Path) -> dict:
+    """The named special tokens and the chat template a tokenizer directory declares
+    (``tokenizer_config.json`` over ``special_tokens_map.json``, ``chat_template.jinja`` over both)."""
     out = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         file = directory / name
@@ -232,12 +290,21 @@ def _special_tokens(directory: Path) -> dict:
                 raw = json.loads(file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise TokenizerError(f"{file}: not valid JSON ({err})") from None
-            for key in ("pad_token", "eos_token"):
+            if not isinstance(raw, dict):
+                raise TokenizerError(f"{file}: expected a JSON object")
+            for key in SPECIAL_TOKEN_KEYS:
                 value = raw.get(key)
                 if isinstance(value, dict):  # serialized AddedToken
                     value = value.get("content")
                 if value is not None:
                     out[key] = value
+            template = raw.get("chat_template")
+            if isinstance(template, list):  # named templates: transformers uses "default"
+                template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            if isinstance(template, str):
+                out["chat_template"] = template
+    if (directory / CHAT_TEMPLATE_FILE).exists():
+        out["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     return out
 
 
@@ -271,4 +338,6 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     eos = special.get("eos_token")
     if eos is None and backend.token_to_id(GPT2_EOS) is not None:
         eos = GPT2_EOS
-    return Tokenizer(backend, pad_token=special.get("pad_token"), eos_token=eos, source=str(directory))
+    return Tokenizer(backend, pad_token=special.get("pad_token"), eos_token=eos, source=str(directory),
+                     bos_token=special.get("bos_token"), unk_token=special.get("unk_token"),
+                     chat_template=special.get("chat_template"))

@@ -31,6 +31,13 @@ def test_row_summary_arithmetic():
     assert gemm_peak_flops(torch.device("cpu"), n=256, repeats=2) > 1e8
 
 
+def test_summary_takes_the_model_s_flops_per_token():
+    row = Row("x", "x", _steps([1.0, 3.0], [100, 300], [200, 400], [90, 290], [4, 4]))
+    s = row.summary(n_params=1000, peak_flops=6e6, flops_per_token=9000)
+    assert s["mfu_real"] == pytest.approx(9000 * 100 / 6e6)
+    assert s["mfu_padded"] == pytest.approx(9000 * 150 / 6e6)
+
+
 def test_rounds_pool_their_steps():
     first = Row("a", "a", _steps([1.0], [100], [100], [100], [4]), local_peaks=[1e6, 1e6])
     first.add(Row("a", "a", _steps([3.0], [300], [300], [300], [4]), local_peaks=[3e6, 3e6]))

@@ -1,13 +1,27 @@
-"""Causal LM architectures, chosen by the ``model_type`` of a transformers ``config.json``."""
+"""Causal LM architectures, chosen by the ``model_type`` of a transformers ``config.json``:
+GPT-1 (``openai-gpt``), GPT-2 (``gpt2``) and the Llama-shaped decoders (``llama``, ``qwen2``,
+``qwen3``, ``mistral``)."""
 from .base import CausalLM
 from .config import CONFIG_CLASSES, ConfigError, GPT2Config, GPTConfig, ModelConfig, config_from_json_file
+from .decoder_config import (
+    DECODER_CONFIGS,
+    DecoderConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 from .gpt1 import GPT1LMHeadModel
 from .gpt2 import GPT2LMHeadModel
+from .llama import DECODER_CLASSES, DecoderLM
 from .lm_loss import IGNORE_INDEX, LossOutput
+
+CONFIG_CLASSES.update(DECODER_CONFIGS)  # config_from_json_file reads model_type through this table
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     GPTConfig.model_type: GPT1LMHeadModel,
     GPT2Config.model_type: GPT2LMHeadModel,
+    **DECODER_CLASSES,
 }
 
 
@@ -31,6 +45,24 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-__all__ = ["CausalLM", "GPTConfig", "GPT2Config", "ConfigError", "GPT1LMHeadModel", "GPT2LMHeadModel",
-           "MODEL_CLASSES", "CONFIG_CLASSES", "ModelConfig", "build_model", "config_from_json_file", "IGNORE_INDEX",
-           "LossOutput"]
+__all__ = [
+    "CONFIG_CLASSES",
+    "IGNORE_INDEX",
+    "MODEL_CLASSES",
+    "CausalLM",
+    "ConfigError",
+    "DecoderConfig",
+    "DecoderLM",
+    "GPT1LMHeadModel",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "GPTConfig",
+    "LlamaConfig",
+    "LossOutput",
+    "MistralConfig",
+    "ModelConfig",
+    "Qwen2Config",
+    "Qwen3Config",
+    "build_model",
+    "config_from_json_file",
+]

@@ -1,4 +1,4 @@
-"""What GPT-1 and GPT-2 share as causal language models: the forward contract
+"""What every architecture shares as a causal language model: the forward contract
 (logits, or summed loss + target count), the tied head, init, resize and save.
 
 The token embedding (= the tied head) may hold more rows than the vocabulary (``pad_vocab``):
@@ -6,9 +6,10 @@ the head's GEMM then has a width the GPU's kernels like (40,478 -> 40,512). The 
 are zero, never looked up, masked to -inf before every softmax of the loss, and left out of
 the logits returned to users and of ``save_pretrained``.
 
-Each architecture subclasses ``CausalLM`` and supplies ``self.transformer`` (a module
-whose ``forward(input_ids, position_ids, attn_bias)`` returns hidden states) and the name
-of its token embedding.
+Each architecture subclasses ``CausalLM`` and supplies its base model under the attribute
+``base_model_prefix`` names (``transformer`` for GPT-1/GPT-2, ``model`` for the Llama-shaped
+decoders: the checkpoint's key prefix), a module whose ``forward(input_ids, position_ids,
+attn_bias, kv_cache)`` returns hidden states, and the name of its token embedding.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from torch import nn
 
 from .config import ModelConfig
 from ..errors import InputError
-from .layers import (CausalSelfAttention, Conv1D, LayerKV, attention_bias, cached_attention_bias,
-                     is_right_padded, positions_from_mask)
+from .layers import (Conv1D, LayerKV, RMSNorm, attention_bias, cached_attention_bias, is_right_padded,
+                     positions_from_mask)
 from .lm_loss import LOSS_ROWS, LossOutput, fused_lm_loss_sum, lm_loss_sum, lm_loss_sum_all_positions
 
 WEIGHTS_NAME = "model.safetensors"
@@ -32,7 +33,8 @@ CONFIG_NAME = "config.json"
 
 class CausalLM(nn.Module):
     config_class: type[ModelConfig]
-    token_embedding_name: str  # attribute of self.transformer holding the token embedding
+    base_model_prefix: str = "transformer"  # attribute (and checkpoint key prefix) of the base model
+    token_embedding_name: str  # attribute of the base model holding the token embedding
     scaled_init_suffixes: tuple[str, ...] = ()  # weights GPT-2 inits with std / sqrt(2 n_layer)
 
     def __init__(self, config: ModelConfig):
@@ -69,14 +71,19 @@ class CausalLM(nn.Module):
         self.attention = attention or self.attention
         self.fused_head = self.fused_head if fused_head is None else bool(fused_head)
         for module in self.modules():
-            if isinstance(module, CausalSelfAttention):
+            if hasattr(module, "impl"):  # every architecture's attention layer
                 module.impl = self.attention
         return self
 
     # -- the forward contract ---------------------------------------------------------------
     @property
+    def base_model(self) -> nn.Module:
+        """The model without its LM head (transformers' ``base_model``)."""
+        return getattr(self, self.base_model_prefix)
+
+    @property
     def token_embedding(self) -> nn.Embedding:
-        return getattr(self.transformer, self.token_embedding_name)
+        return getattr(self.base_model, self.token_embedding_name)
 
     @property
     def padded_head_weight(self) -> torch.Tensor:
@@ -150,7 +157,7 @@ class CausalLM(nn.Module):
             bias = attention_bias(attention_mask, document_ids, time, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(seen, seen + time, device=input_ids.device)[None, :]
-        return self.transformer(input_ids, position_ids, bias, kv_cache)
+        return self.base_model(input_ids, position_ids, bias, kv_cache)
 
     def new_kv_cache(self) -> list[LayerKV]:
         """An empty key/value cache, one entry per layer, for ``hidden_states(..., kv_cache=)``."""
@@ -244,7 +251,7 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """transformers' random init: N(0, initializer_range) for embeddings and projections,
-        zero biases, LayerNorm 1/0; GPT-2 scales its residual projections by 1/sqrt(2 n_layer)."""
+        zero biases, LayerNorm 1/0, RMSNorm 1; GPT-2 scales its residual projections by 1/sqrt(2 n_layer)."""
         std = self.config.initializer_range
         for name, module in self.named_modules():
             if isinstance(module, (Conv1D, nn.Linear)):
@@ -259,6 +266,8 @@ class CausalLM(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
 
     @torch.no_grad()
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
@@ -295,7 +304,7 @@ class CausalLM(nn.Module):
             return
         # built from their weights: no random init, so the global RNG (dropout) stream is untouched
         embedding = nn.Embedding(n_rows, self.config.n_embd, _weight=rebuilt(self.token_embedding.weight))
-        setattr(self.transformer, self.token_embedding_name, embedding)
+        setattr(self.base_model, self.token_embedding_name, embedding)
         if self.lm_head is not None:
             head = nn.utils.skip_init(nn.Linear, self.config.n_embd, n_rows, bias=False,
                                       device=embedding.weight.device, dtype=embedding.weight.dtype)
@@ -306,12 +315,12 @@ class CausalLM(nn.Module):
     # -- saving ---------------------------------------------------------------------------------
     def vocab_weight_keys(self) -> tuple[str, ...]:
         """State-dict keys with one row per vocabulary entry (padded by ``pad_vocab``)."""
-        keys = (f"transformer.{self.token_embedding_name}.weight",)
+        keys = (f"{self.base_model_prefix}.{self.token_embedding_name}.weight",)
         return keys + (("lm_head.weight",) if self.lm_head is not None else ())
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict under transformers' key names (``transformer.`` prefix, no tied head),
-        vocabulary rows only (no padding)."""
+        """The state dict under transformers' key names (``transformer.`` or ``model.`` prefix, no
+        tied head), vocabulary rows only (no padding)."""
         vocab_keys, vocab_size = self.vocab_weight_keys(), self.config.vocab_size
         return {k: (v[:vocab_size] if k in vocab_keys else v).detach().contiguous()
                 for k, v in self.state_dict().items()}
@@ -330,7 +339,8 @@ class CausalLM(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.config.save_json(directory / CONFIG_NAME)
+        weights_dtype = str(self.padded_head_weight.dtype).removeprefix("torch.")
+        self.config.save_json(directory / CONFIG_NAME, weights_dtype)
         save_file(self.checkpoint_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         return directory
 

@@ -58,8 +58,14 @@ class ModelConfig:
         out["architectures"] = [self.architecture]
         return dict(sorted(out.items()))
 
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    def save_json(self, path: str | Path, weights_dtype: str | None = None) -> None:
+        """Write ``config.json``; ``weights_dtype`` (e.g. "float32") replaces a recorded ``dtype`` /
+        ``torch_dtype``, which transformers 5 loads the weights in by default."""
+        out = self.to_dict()
+        for key in ("dtype", "torch_dtype"):
+            if weights_dtype is not None and key in out:
+                out[key] = weights_dtype
+        Path(path).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
     def refuse_unknown(cls, key: str, source: str) -> None:

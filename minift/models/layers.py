@@ -1,5 +1,6 @@
-"""Layers shared by GPT-1 and GPT-2: Conv1D-layout projections, SDPA attention, the MLP and
-the attention-mask builder (the loss is in ``lm_loss``).
+"""Layers shared by the architectures: Conv1D-layout projections, SDPA attention, the MLP and the
+attention-mask builder of GPT-1 and GPT-2, and the RMSNorm of the Llama-shaped decoders (the loss is
+in ``lm_loss``).
 
 Parameter names match transformers (``c_attn``, ``c_proj``, ``c_fc``) so a state dict
 maps onto the checkpoint key for key.
@@ -117,6 +118,20 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) computed in float32, cast back, then scaled (transformers' order)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class LayerKV:
