@@ -5,7 +5,7 @@
         count the loss targets of all K            (before any backward; summed over ranks)
         for each micro-batch: autocast forward -> summed loss -> backward of (sum / total count)
         unscale (fp16) -> clip -> optimizer step -> scheduler step -> zero grads   (optim.guarded_step)
-        hooks: log; maybe evaluate; maybe checkpoint; at an epoch's end, on_epoch_end
+        hooks: log; maybe evaluate; at an epoch's end, on_epoch_end; maybe checkpoint
 
 Dividing every micro-batch's summed loss by the window's total count makes K micro-batches of
 b sequences give the gradient of one batch of K*b, whatever their lengths. Under DDP the count is
@@ -117,7 +117,7 @@ class Hooks:
     change the step's maths. ``log`` gets one record per optimizer step; ``evaluate`` and
     ``checkpoint`` run every ``eval_every`` / ``checkpoint_every`` steps (0 = never here) and,
     with ``eval_per_epoch`` / ``checkpoint_per_epoch``, after each epoch's last step (``due``);
-    ``on_epoch_end`` runs after an epoch's last step, after them; ``should_stop`` is asked before
+    ``on_epoch_end`` runs after an epoch's last step, between them; ``should_stop`` is asked before
     each step; ``on_nonfinite`` is called when a step's loss is NaN/inf: raise to stop, return
     to go on (the step's update was dropped). The loop reads its device values every
     ``log_every`` steps and before each evaluation and checkpoint."""
@@ -148,14 +148,14 @@ class Hooks:
         return bool(evaluate), bool(checkpoint)
 
     def after_step(self, state: TrainState, evaluate: bool, checkpoint: bool, epoch_end: bool) -> None:
-        """Evaluate, then checkpoint (so a checkpoint holds what its step's evaluation decided), then
-        ``on_epoch_end``."""
+        """Evaluate, ``on_epoch_end``, then checkpoint: a checkpoint holds what its step's evaluation
+        and epoch end decided."""
         if evaluate:
             self.evaluate(state)
-        if checkpoint:
-            self.checkpoint(state)
         if epoch_end and self.on_epoch_end is not None:
             self.on_epoch_end(state)
+        if checkpoint:
+            self.checkpoint(state)
 
 
 class LoaderSteps:

@@ -57,7 +57,8 @@ class TrainerRNG:
         self._loader_draw(generator)
         self.state.copy_(generator.get_state())
 
-    def epoch_ended(self) -> None:
+    def epoch_ended(self, state=None) -> None:
+        """The next training forward starts an epoch (``Hooks.on_epoch_end``)."""
         self.epoch_pending.fill_(1)
 
     def uniform_(self, tensor: torch.Tensor, low: float, high: float) -> torch.Tensor:
