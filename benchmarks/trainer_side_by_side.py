@@ -171,7 +171,8 @@ def run_trainer(args, sampling: str, settings: dict, output_dir: str, extra: dic
         trainer.remove_callback(transformers.PrinterCallback)  # its log dicts would split the tables
     output = trainer.train()
     history = trainer.state.log_history
-    cols = Columns(logged=[(h["step"], h["loss"], h["learning_rate"], h["grad_norm"]) for h in history if "loss" in h],
+    cols = Columns(logged=[(h["step"], h["loss"], h["learning_rate"], h["grad_norm"])
+                           for h in history if "loss" in h],
                    evals=[(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
                    train_loss=output.training_loss, steps=trainer.state.global_step)
     best = trainer.state.best_model_checkpoint
@@ -293,7 +294,8 @@ class Feature:
 
 def features(args) -> dict[str, Feature]:
     """The rows, from the command line's values (--label-smoothing, --epochs, --patience, ...)."""
-    epochs_t, epochs_m = {"max_steps": -1, "num_train_epochs": args.epochs}, {"max_steps": 0, "epochs": args.epochs}
+    epochs_t = {"max_steps": -1, "num_train_epochs": args.epochs}
+    epochs_m = {"max_steps": 0, "epochs": args.epochs}
     steps_t = {"eval_strategy": "steps", "eval_steps": args.eval_every, "save_strategy": "steps",
                "save_steps": args.eval_every, "save_total_limit": 2}
     steps_m = {"eval_strategy": "steps", "eval_every": args.eval_every, "save_strategy": "steps",
@@ -331,11 +333,14 @@ def compare_feature(args, feature: Feature) -> dict:
     """Run Trainer and minift with one feature's settings; their largest differences."""
     import transformers
 
-    callbacks = [transformers.EarlyStoppingCallback(feature.patience, feature.threshold)] if feature.patience else None
+    callbacks = None
+    if feature.patience:
+        callbacks = [transformers.EarlyStoppingCallback(feature.patience, feature.threshold)]
     with tempfile.TemporaryDirectory() as tmp:
         settings = minift_settings(args, feature.sampling, str(Path(tmp) / "minift"))
         settings["train"].update(feature.minift)
-        theirs = run_trainer(args, feature.sampling, settings, str(Path(tmp) / "trainer"), feature.trainer, callbacks)
+        theirs = run_trainer(args, feature.sampling, settings, str(Path(tmp) / "trainer"), feature.trainer,
+                             callbacks)
         mine = run_minift(settings)
     largest = lambda pairs: max((abs(a - b) for a, b in pairs), default=0.0)  # noqa: E731
     shared = sorted(set(theirs.weights) & set(mine.weights))
@@ -356,7 +361,7 @@ def compare_feature(args, feature: Feature) -> dict:
 
 
 def print_features(args, results: dict[str, dict]) -> None:
-    print(f"\n== Trainer's features, {args.model}, seed {args.seed} (Trainer | minift where they may differ) ==")
+    print(f"\n== Trainer's features, {args.model}, seed {args.seed} (Trainer|minift where they differ) ==")
     print(f"{'feature':<30} {'steps':>7} {'logged':>6} {'loss':>8} {'lr':>7} {'evals':>5} {'eval loss':>9} "
           f"{'train_loss':>10} {'weights':>8} {'best':>7} {'ckpts':>5}")
     for name, r in results.items():
@@ -364,8 +369,8 @@ def print_features(args, results: dict[str, dict]) -> None:
         steps = f"{r['steps'][0]}" if r["steps"][0] == r["steps"][1] else f"{r['steps'][0]}|{r['steps'][1]}"
         best = "-" if r["best_step"] == (None, None) else "|".join(map(str, r["best_step"]))
         print(f"{name:<30} {steps:>7} {same(r['logged_steps']):>6} {r['loss']:>8.1e} {r['lr']:>7.1e} "
-              f"{len(r['eval_steps'][0]):>5} {r['eval_loss']:>9.1e} {r['train_loss']:>10.1e} {r['weights']:>8.1e} "
-              f"{best:>7} {same(r['checkpoints']) if r['checkpoints'][0] else '-':>5}")
+              f"{len(r['eval_steps'][0]):>5} {r['eval_loss']:>9.1e} {r['train_loss']:>10.1e} "
+              f"{r['weights']:>8.1e} {best:>7} {same(r['checkpoints']) if r['checkpoints'][0] else '-':>5}")
 
 
 def parse_args(argv=None):

@@ -191,9 +191,10 @@ class LoaderSteps:
                 self.sampler.set_epoch(epoch)
 
     def step_done(self, window: list[dict]) -> dict[str, Any]:
+        epoch, position = self.ends.popleft()
         if not hasattr(self.sampler, "consumed"):
             return {"epoch": None}
-        self.sampler.epoch, self.sampler.consumed = self.ends.popleft()
+        self.sampler.epoch, self.sampler.consumed = epoch, position
         epoch_length = max(1, len(self.sampler))
         return {"epoch": self.sampler.epoch + self.sampler.consumed / epoch_length,
                 "epoch_end": self.sampler.consumed >= epoch_length}

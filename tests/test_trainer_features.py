@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_config
 from safetensors.torch import load_file
 
 from minift.config import RunConfigError, from_dict, load_config
@@ -23,7 +24,6 @@ from minift.sampling import SequentialSampler, make_sampler, trainer_eval_batche
 from minift.selection import ModelSelection
 
 from conftest import shared_path
-from helpers import tiny_config
 
 
 # -- label smoothing ------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_neftune_hook_adds_transformers_noise_from_the_same_rng():
     clean = embedding(ids)
     assert torch.equal(outputs[0], outputs[1])
     bound = 4.0 / math.sqrt(9 * 12)
-    assert 0.5 * bound < float((outputs[1] - clean).abs().max()) <= bound * (1 + 1e-6)
+    assert 0.5 * bound < float((outputs[1] - clean).detach().abs().max()) <= bound * (1 + 1e-6)
     embedding.eval()
     handle = embedding.register_forward_hook(NEFTune(4.0))
     assert torch.equal(embedding(ids), clean)  # no noise outside training
@@ -143,7 +143,8 @@ def test_trainer_rng_replays_the_global_stream_of_a_trainer_run():
         for key, value in rng.checkpoint_entries().items():
             resumed.checkpoint_entries()[key].copy_(value)
         got.append(resumed.uniform_(torch.zeros(1, 4, 3), -0.1, 0.1))
-        assert all(torch.equal(a, b) for a, b in zip(got, expected)) and torch.equal(torch.get_rng_state(), state)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert torch.equal(torch.get_rng_state(), state)
 
 
 # -- evaluation and checkpoint cadence -----------------------------------------------------------------
@@ -176,9 +177,9 @@ def test_evaluation_and_checkpoint_cadence_equal_default_flow_callback():
         strategy = cases.choice(["steps", "epoch"])
         every, per_epoch, total = cases.randint(1, 5), cases.randint(1, 6), cases.randint(1, 20)
         theirs_eval, theirs_save = _trainer_flow(strategy, strategy, every, every, per_epoch, total)
-        hooks = Hooks(evaluate=print, checkpoint=print, eval_every=every if strategy == "steps" else 0,
-                      checkpoint_every=every if strategy == "steps" else 0, eval_per_epoch=strategy == "epoch",
-                      checkpoint_per_epoch=strategy == "epoch")
+        steps = every if strategy == "steps" else 0
+        hooks = Hooks(evaluate=print, checkpoint=print, eval_every=steps, checkpoint_every=steps,
+                      eval_per_epoch=strategy == "epoch", checkpoint_per_epoch=strategy == "epoch")
         due = [hooks.due(s, total, s % per_epoch == 0) for s in range(1, total + 1)]
         assert [s for s, (e, _) in enumerate(due, 1) if e] == theirs_eval, (strategy, every, per_epoch, total)
         # the last step's checkpoint is the one the orchestration writes after the loop
@@ -226,7 +227,8 @@ def test_best_model_and_early_stopping_equal_trainer(greater):
             callback.on_evaluate(args, trainer.state, trainer.control, {"eval_loss": value})
             Trainer._determine_best_metric(trainer, {"eval_loss": value}, None)
             selection.after_evaluation(mine, {"loss": value})
-            assert (mine.best_metric, mine.best_step) == (trainer.state.best_metric, trainer.state.best_global_step)
+            theirs = trainer.state
+            assert (mine.best_metric, mine.best_step) == (theirs.best_metric, theirs.best_global_step)
             assert mine.evals_without_improvement == callback.early_stopping_patience_counter
             assert selection.should_stop(mine) == trainer.control.should_training_stop
             if selection.should_stop(mine):
@@ -257,9 +259,11 @@ def test_pruning_keeps_the_best_checkpoint_as_rotate_checkpoints(tmp_path):
         ours, theirs = tmp_path / f"m{case}", tmp_path / f"t{case}"
         make(ours, steps)
         make(theirs, steps)
-        prune_checkpoints(ours, keep, log=lambda *_: None, protect=None if best is None else ours / f"checkpoint-{best}")
-        rotate_checkpoints(str(theirs), keep, None if best is None else str(theirs / f"checkpoint-{best}"))
-        assert sorted(p.name for p in ours.glob("checkpoint-*")) == sorted(p.name for p in theirs.glob("checkpoint-*"))
+        name = None if best is None else f"checkpoint-{best}"
+        prune_checkpoints(ours, keep, log=lambda *_: None, protect=None if name is None else ours / name)
+        rotate_checkpoints(str(theirs), keep, None if name is None else str(theirs / name))
+        left = [sorted(p.name for p in root.glob("checkpoint-*")) for root in (ours, theirs)]
+        assert left[0] == left[1], (steps, keep, best)
 
 
 # -- settings ----------------------------------------------------------------------------------------
@@ -302,9 +306,10 @@ def test_feature_settings_are_checked():
     with pytest.raises(RunConfigError, match="Trainer's names"):
         from_dict({"train": {"compat": "trainer", "schedule": "polynomial"}})
     compat = from_dict({"train": {"compat": "trainer", "eval_strategy": "steps", "log_every": 7}})
-    assert (compat.train.eval_every, compat.train.save_strategy, compat.train.checkpoint_every) == (7, "steps", 500)
-    selection = ModelSelection.from_config(from_dict({"train": {"load_best_model_at_end": True, "eval_every": 2,
-                                                                "checkpoint_every": 4}}))
+    t = compat.train
+    assert (t.eval_every, t.save_strategy, t.checkpoint_every) == (7, "steps", 500)
+    best = {"load_best_model_at_end": True, "eval_every": 2, "checkpoint_every": 4}
+    selection = ModelSelection.from_config(from_dict({"train": best}))
     assert (selection.metric, selection.greater_is_better) == ("loss", False)
     with pytest.raises(RunConfigError, match="the evaluation gives"):
         selection.value({"accuracy": 0.5})
@@ -319,9 +324,11 @@ def test_data_seed_orders_the_data_and_trainers_eval_batches():
     assert order == torch.randperm(50, generator=torch.Generator().manual_seed(77 + 1)).tolist()
     own = load_config(None, ["train.data_seed=77", "data.sampler=random"])
     other = load_config(None, ["train.data_seed=78", "data.sampler=random"])
-    assert build_sampler(own, examples).batches(0) == make_sampler("random", examples.lengths, 8, 77).batches(0)
-    assert build_sampler(own, examples).batches(0) != build_sampler(other, examples).batches(0)
-    assert trainer_eval_batches(examples.lengths, 8, 77, True) != trainer_eval_batches(examples.lengths, 8, 42, True)
+    ours = build_sampler(own, examples).batches(0)
+    assert ours == make_sampler("random", examples.lengths, 8, 77).batches(0)
+    assert ours != build_sampler(other, examples).batches(0)
+    lengths = examples.lengths
+    assert trainer_eval_batches(lengths, 8, 77, True) != trainer_eval_batches(lengths, 8, 42, True)
 
 
 def test_logging_first_step_writes_step_one_and_its_window(tmp_path):
@@ -381,11 +388,13 @@ def test_features_side_by_side_on_settings_drawn_at_random():
     shared_path("fixtures", "tiny-openai-gpt")
     sbs = _side_by_side()
     draw = random.Random(os.urandom(8))
-    argv = ["--sampling", "--seed", str(draw.randint(0, 10_000)), "--epochs", str(draw.choice([2, 3])),
-            "--eval-every", str(draw.randint(1, 3)), "--label-smoothing", str(round(draw.uniform(0.01, 0.4), 3)),
-            "--patience", str(draw.randint(1, 3)), "--threshold", str(draw.choice([0.0, 0.02, 0.08])),
-            "--data-seed", str(draw.randint(0, 10_000)), "--neftune-alpha", str(round(draw.uniform(0.5, 15), 2)),
-            "--log-every", str(draw.randint(1, 3)), "--warmup", str(draw.randint(0, 3))]
+    drawn = {"--seed": draw.randint(0, 10_000), "--epochs": draw.choice([2, 3]),
+             "--eval-every": draw.randint(1, 3),
+             "--label-smoothing": round(draw.uniform(0.01, 0.4), 3), "--patience": draw.randint(1, 3),
+             "--threshold": draw.choice([0.0, 0.02, 0.08]), "--data-seed": draw.randint(0, 10_000),
+             "--neftune-alpha": round(draw.uniform(0.5, 15), 2), "--log-every": draw.randint(1, 3),
+             "--warmup": draw.randint(0, 3)}
+    argv = ["--sampling", *(str(x) for pair in drawn.items() for x in pair)]
     args = sbs.parse_args(argv)
     for name, feature in sbs.features(args).items():
         _assert_row_matches(f"{name} {argv}", sbs.compare_feature(args, feature))
@@ -404,8 +413,9 @@ def test_resume_with_best_model_early_stopping_and_neftune_is_bit_identical(tmp_
 
     from minift.finetune import run
 
-    overrides = ["train.eval_strategy=epoch", "train.save_strategy=epoch", "train.load_best_model_at_end=true",
-                 "train.metric_for_best_model=loss", "train.greater_is_better=yes",
+    overrides = ["train.eval_strategy=epoch", "train.save_strategy=epoch",
+                 "train.load_best_model_at_end=true", "train.metric_for_best_model=loss",
+                 "train.greater_is_better=yes",
                  "train.early_stopping_patience=2", "train.neftune_noise_alpha=5.0", "train.max_steps=0",
                  "train.epochs=5", "data.max_train_examples=64", "train.keep_checkpoints=1",
                  *(["train.compat=trainer", "train.seed=0", "train.grad_accum=2", "train.log_every=1",
@@ -413,10 +423,25 @@ def test_resume_with_best_model_early_stopping_and_neftune_is_bit_identical(tmp_
     full = run(tiny_config(tmp_path / "full", *overrides), log=lambda *_: None)
     _run_until_crash(tiny_config(tmp_path / "resumed", *overrides), 6, monkeypatch)  # 4 steps per epoch
     resumed = run(tiny_config(tmp_path / "resumed", *overrides), resume=True, log=lambda *_: None)
-    assert full["steps"] == resumed["steps"] == 12 and full.get("early_stopped") and resumed.get("early_stopped")
+    assert full["steps"] == resumed["steps"] == 12
+    assert full.get("early_stopped") and resumed.get("early_stopped")
     assert full["best_model"] == resumed["best_model"] and full["best_model"]["checkpoint_step"] == 4
     for name in ("model", "checkpoint-4", "checkpoint-12"):
         a, b = _weights(tmp_path / "full" / name), _weights(tmp_path / "resumed" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert all(torch.equal(a, b) for a, b in zip(_weights(tmp_path / "full" / "model").values(),
                                                  _weights(tmp_path / "full" / "checkpoint-4").values()))
+
+
+def test_label_smoothing_run_logs_the_plain_cross_entropy_beside_it(tmp_path):
+    """minift's own mode: the step's loss is smoothed, ``nll`` is the plain CE over the same count, and
+    the eval loss stays the plain CE (exp of it the perplexity)."""
+    from minift.finetune import run
+
+    run(tiny_config(tmp_path, "train.label_smoothing=0.2", "train.max_steps=2", "data.max_train_examples=32",
+                    "eval.max_examples=16", "eval.accuracy=false"), log=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step_time" in r]
+    assert len(steps) == 2 and all(r["loss"] > 0.8 * r["nll"] and r["loss"] != r["nll"] for r in steps)
+    evaluation = [r["eval"] for r in records if "eval" in r][-1]
+    assert evaluation["loss"] == pytest.approx(math.log(evaluation["perplexity"]), rel=1e-9)
