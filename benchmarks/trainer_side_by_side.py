@@ -367,7 +367,7 @@ def print_features(args, results: dict[str, dict]) -> None:
     for name, r in results.items():
         same = lambda pair: "same" if pair[0] == pair[1] else "DIFF"  # noqa: E731
         steps = f"{r['steps'][0]}" if r["steps"][0] == r["steps"][1] else f"{r['steps'][0]}|{r['steps'][1]}"
-        best = "-" if r["best_step"] == (None, None) else "|".join(map(str, r["best_step"]))
+        best = "-" if r["best_step"] == (None, None) else "|".join(map(str, dict.fromkeys(r["best_step"])))
         print(f"{name:<30} {steps:>7} {same(r['logged_steps']):>6} {r['loss']:>8.1e} {r['lr']:>7.1e} "
               f"{len(r['eval_steps'][0]):>5} {r['eval_loss']:>9.1e} {r['train_loss']:>10.1e} "
               f"{r['weights']:>8.1e} {best:>7} {same(r['checkpoints']) if r['checkpoints'][0] else '-':>5}")
