@@ -6,6 +6,14 @@ largest difference between the two sets of final weights.
     python3 benchmarks/trainer_side_by_side.py --model tiny-gpt2 --seed 7 --steps 9 --log-every 3
     python3 benchmarks/trainer_side_by_side.py --sampling random --stages   # + step 2, stage by stage
     python3 benchmarks/trainer_side_by_side.py --verbose   # with the libraries' progress bars and logs
+    python3 benchmarks/trainer_side_by_side.py --sampling --features neftune early_stopping --seed 3
+
+After the two samplings, one row per Trainer feature (``FEATURES``: label smoothing, evaluation and
+checkpoints per steps or per epoch, the best model loaded at the end, early stopping, ``train_loss``,
+``logging_first_step``, ``data_seed``, NEFTune, the schedule names), each the same settings given to
+both as ``TrainingArguments`` and ``[train]`` keys: its largest differences in logged losses, eval
+losses during and after training, ``train_loss`` and final weights, and whether both ran the same
+steps, picked the same best checkpoint and kept the same checkpoint folders.
 
 Both start from the same checkpoint of the shared fixtures (dropout 0) and the same token ids:
 minift tokenizes the tweets and Trainer receives those ids with its own
@@ -55,6 +63,11 @@ class Columns:
     eval_loss_per_target: float = float("nan")  # minift's own eval loss, for contrast
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     micro_steps: list[tuple[int, tuple, int, float]] = field(default_factory=list)  # Trainer: per training_step
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss) during training
+    train_loss: float = float("nan")
+    steps: int = 0  # optimizer steps run
+    best_step: int | None = None  # the step of the best checkpoint
+    checkpoints: list[str] = field(default_factory=list)  # checkpoint folders left at the end
 
 
 def minift_settings(args, sampling: str, output_dir: str) -> dict:
@@ -80,14 +93,20 @@ def run_minift(settings: dict) -> Columns:
     from minift.config import from_dict
 
     cfg = from_dict(settings, source="side-by-side")
-    finetune.run(cfg, log=lambda *_: None)
+    summary = finetune.run(cfg, log=lambda *_: None)
     out = Path(cfg.train.output_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     cols = Columns(logged=[(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in records if "step_time" in r])
-    last_eval = [r["eval"] for r in records if "eval" in r][-1]
+    evals = [r for r in records if "eval" in r]
+    last_eval = evals[-1]["eval"]
     cols.eval_loss = last_eval["loss"]
     cols.eval_loss_per_target = math.log(last_eval["perplexity"])  # perplexity stays exp(mean CE per target)
     cols.weights = load_file(str(out / "model" / "model.safetensors"))
+    during = cfg.train.eval_strategy != "no"  # else the one evaluation is the one after training
+    cols.evals = [(r["step"], r["eval"]["loss"]) for r in evals if during and "best_model_step" not in r]
+    cols.train_loss, cols.steps = summary["train_loss"], summary["steps"]
+    cols.best_step = summary.get("best_model", {}).get("checkpoint_step")
+    cols.checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
     return cols
 
 
@@ -115,7 +134,9 @@ def trainer_examples(settings: dict):
     return dataset(train.input_ids), dataset(evaluation.input_ids[:n_eval])
 
 
-def run_trainer(args, sampling: str, settings: dict, output_dir: str) -> Columns:
+def run_trainer(args, sampling: str, settings: dict, output_dir: str, extra: dict | None = None,
+                callbacks: list | None = None) -> Columns:
+    """Trainer on the same ids; ``extra``: more (or other) ``TrainingArguments``, ``callbacks``: Trainer's."""
     import transformers
 
     fixture = shared_dir() / "fixtures" / args.model
@@ -125,11 +146,13 @@ def run_trainer(args, sampling: str, settings: dict, output_dir: str) -> Columns
     model = transformers.AutoModelForCausalLM.from_pretrained(str(fixture), resid_pdrop=0.0, embd_pdrop=0.0,
                                                               attn_pdrop=0.0)
     train, evaluation = trainer_examples(settings)
-    training_args = transformers.TrainingArguments(
-        output_dir=output_dir, seed=args.seed, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, warmup_steps=args.warmup,
-        weight_decay=args.weight_decay, logging_steps=args.log_every, per_device_eval_batch_size=args.eval_batch_size,
-        train_sampling_strategy=sampling, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
+    training_args = transformers.TrainingArguments(**{
+        "output_dir": output_dir, "seed": args.seed, "max_steps": args.steps,
+        "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": args.grad_accum,
+        "learning_rate": args.lr, "warmup_steps": args.warmup, "weight_decay": args.weight_decay,
+        "logging_steps": args.log_every, "per_device_eval_batch_size": args.eval_batch_size,
+        "train_sampling_strategy": sampling, "report_to": "none", "save_strategy": "no", "disable_tqdm": True,
+        "use_cpu": True, **(extra or {})})
     micro_steps = []
 
     class RecordingTrainer(transformers.Trainer):
@@ -142,12 +165,19 @@ def run_trainer(args, sampling: str, settings: dict, output_dir: str) -> Columns
             return loss
 
     trainer = RecordingTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                                   data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False))
+                               data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False),
+                               callbacks=callbacks)
     if not args.verbose:
         trainer.remove_callback(transformers.PrinterCallback)  # its log dicts would split the tables
-    trainer.train()
+    output = trainer.train()
+    history = trainer.state.log_history
     cols = Columns(logged=[(h["step"], h["loss"], h["learning_rate"], h["grad_norm"])
-                           for h in trainer.state.log_history if "loss" in h])
+                           for h in history if "loss" in h],
+                   evals=[(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
+                   train_loss=output.training_loss, steps=trainer.state.global_step)
+    best = trainer.state.best_model_checkpoint
+    cols.best_step = int(Path(best).name.split("-")[-1]) if best else None
+    cols.checkpoints = sorted(p.name for p in Path(output_dir).glob("checkpoint-*"))
     cols.eval_loss = trainer.evaluate()["eval_loss"]
     cols.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cols.micro_steps = micro_steps
@@ -250,10 +280,103 @@ def compare(args, sampling: str) -> dict:
     return result
 
 
+# -- Trainer's features, one row each -------------------------------------------------------------------
+@dataclass
+class Feature:
+    """One feature's settings: ``trainer`` as ``TrainingArguments``, ``minift`` as ``[train]`` keys."""
+
+    trainer: dict
+    minift: dict
+    sampling: str = "random"
+    patience: int = 0  # > 0: Trainer gets an EarlyStoppingCallback(patience, threshold)
+    threshold: float = 0.0
+
+
+def features(args) -> dict[str, Feature]:
+    """The rows, from the command line's values (--label-smoothing, --epochs, --patience, ...)."""
+    epochs_t = {"max_steps": -1, "num_train_epochs": args.epochs}
+    epochs_m = {"max_steps": 0, "epochs": args.epochs}
+    steps_t = {"eval_strategy": "steps", "eval_steps": args.eval_every, "save_strategy": "steps",
+               "save_steps": args.eval_every, "save_total_limit": 2}
+    steps_m = {"eval_strategy": "steps", "eval_every": args.eval_every, "save_strategy": "steps",
+               "checkpoint_every": args.eval_every, "keep_checkpoints": 2}
+    best_t = {"load_best_model_at_end": True, "metric_for_best_model": "loss"}
+    best_m = {"load_best_model_at_end": True, "metric_for_best_model": "loss"}
+    return {
+        "label_smoothing": Feature({"label_smoothing_factor": args.label_smoothing},
+                                   {"label_smoothing": args.label_smoothing}),
+        "eval+save per steps": Feature(steps_t, steps_m),
+        "best model, per epoch": Feature(  # the greatest loss is the best: an early checkpoint is loaded
+            {**epochs_t, "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 2, **best_t,
+             "greater_is_better": True},
+            {**epochs_m, "eval_strategy": "epoch", "save_strategy": "epoch", "keep_checkpoints": 2, **best_m,
+             "greater_is_better": "yes"}),
+        "early stopping": Feature({**epochs_t, **steps_t, **best_t},
+                                  {**epochs_m, **steps_m, **best_m, "early_stopping_patience": args.patience,
+                                   "early_stopping_threshold": args.threshold},
+                                  patience=args.patience, threshold=args.threshold),
+        "train_loss": Feature({"logging_steps": args.log_every + 1}, {"log_every": args.log_every + 1}),
+        "logging_first_step": Feature({"logging_first_step": True, "logging_steps": args.log_every + 1},
+                                      {"logging_first_step": True, "log_every": args.log_every + 1}),
+        "data_seed": Feature({"data_seed": args.data_seed}, {"data_seed": args.data_seed}),
+        "data_seed, group_by_length": Feature({"data_seed": args.data_seed}, {"data_seed": args.data_seed},
+                                              sampling="group_by_length"),
+        "neftune": Feature({"neftune_noise_alpha": args.neftune_alpha, **steps_t},
+                           {"neftune_noise_alpha": args.neftune_alpha, **steps_m}),
+        "schedule constant": Feature({"lr_scheduler_type": "constant"}, {"schedule": "constant"}),
+        "schedule constant_with_warmup": Feature({"lr_scheduler_type": "constant_with_warmup"},
+                                                 {"schedule": "constant_with_warmup"}),
+    }
+
+
+def compare_feature(args, feature: Feature) -> dict:
+    """Run Trainer and minift with one feature's settings; their largest differences."""
+    import transformers
+
+    callbacks = None
+    if feature.patience:
+        callbacks = [transformers.EarlyStoppingCallback(feature.patience, feature.threshold)]
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = minift_settings(args, feature.sampling, str(Path(tmp) / "minift"))
+        settings["train"].update(feature.minift)
+        theirs = run_trainer(args, feature.sampling, settings, str(Path(tmp) / "trainer"), feature.trainer,
+                             callbacks)
+        mine = run_minift(settings)
+    largest = lambda pairs: max((abs(a - b) for a, b in pairs), default=0.0)  # noqa: E731
+    shared = sorted(set(theirs.weights) & set(mine.weights))
+    return {
+        "steps": (theirs.steps, mine.steps),
+        "logged_steps": ([r[0] for r in theirs.logged], [r[0] for r in mine.logged]),
+        "loss": largest((a[1], b[1]) for a, b in zip(theirs.logged, mine.logged)),
+        "lr": largest((a[2], b[2]) for a, b in zip(theirs.logged, mine.logged)),
+        "eval_steps": ([s for s, _ in theirs.evals], [s for s, _ in mine.evals]),
+        "eval_loss": largest([(a[1], b[1]) for a, b in zip(theirs.evals, mine.evals)]
+                             + [(theirs.eval_loss, mine.eval_loss)]),
+        "train_loss": abs(theirs.train_loss - mine.train_loss),
+        "weights": max(float((theirs.weights[k] - mine.weights[k]).abs().max()) for k in shared),
+        "weight_tensors": len(shared),
+        "best_step": (theirs.best_step, mine.best_step),
+        "checkpoints": (theirs.checkpoints, mine.checkpoints),
+    }
+
+
+def print_features(args, results: dict[str, dict]) -> None:
+    print(f"\n== Trainer's features, {args.model}, seed {args.seed} (Trainer|minift where they differ) ==")
+    print(f"{'feature':<30} {'steps':>7} {'logged':>6} {'loss':>8} {'lr':>7} {'evals':>5} {'eval loss':>9} "
+          f"{'train_loss':>10} {'weights':>8} {'best':>7} {'ckpts':>5}")
+    for name, r in results.items():
+        same = lambda pair: "same" if pair[0] == pair[1] else "DIFF"  # noqa: E731
+        steps = f"{r['steps'][0]}" if r["steps"][0] == r["steps"][1] else f"{r['steps'][0]}|{r['steps'][1]}"
+        best = "-" if r["best_step"] == (None, None) else "|".join(map(str, dict.fromkeys(r["best_step"])))
+        print(f"{name:<30} {steps:>7} {same(r['logged_steps']):>6} {r['loss']:>8.1e} {r['lr']:>7.1e} "
+              f"{len(r['eval_steps'][0]):>5} {r['eval_loss']:>9.1e} {r['train_loss']:>10.1e} "
+              f"{r['weights']:>8.1e} {best:>7} {same(r['checkpoints']) if r['checkpoints'][0] else '-':>5}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-openai-gpt", choices=["tiny-openai-gpt", "tiny-gpt2"])
-    parser.add_argument("--sampling", nargs="+", default=list(SAMPLINGS), choices=list(SAMPLINGS))
+    parser.add_argument("--sampling", nargs="*", default=list(SAMPLINGS), choices=list(SAMPLINGS))
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--rows", type=int, default=40, help="train rows (file order)")
     parser.add_argument("--eval-rows", type=int, default=37, help="eval rows; not a multiple of the eval batch")
@@ -266,16 +389,35 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--stages", action="store_true", help="also show step 2 stage by stage (needs --warmup 2)")
+    parser.add_argument("--features", nargs="*", default=None,
+                        help="the feature rows to run (default: all; none with an empty list)")
+    parser.add_argument("--epochs", type=float, default=3.0, help="the per-epoch rows' num_train_epochs")
+    parser.add_argument("--eval-every", type=int, default=2, help="eval_steps = save_steps of the steps rows")
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--threshold", type=float, default=0.05, help="early_stopping_threshold")
+    parser.add_argument("--data-seed", type=int, default=77)
+    parser.add_argument("--neftune-alpha", type=float, default=5.0)
     parser.add_argument("--verbose", action="store_true",
                         help="keep the libraries' progress bars, warnings and Trainer's printed log dicts")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, dict]:
+    """``{sampling: differences}`` for each --sampling, and ``{"features": {row: differences}}``."""
     args = parse_args(argv)
     if not args.verbose:
         quiet_libraries()
-    return {sampling: compare(args, sampling) for sampling in args.sampling}
+    results = {sampling: compare(args, sampling) for sampling in args.sampling}
+    rows = features(args)
+    chosen = list(rows) if args.features is None else args.features
+    unknown = sorted(set(chosen) - set(rows))
+    if unknown:
+        raise SystemExit(f"--features: unknown {unknown}; rows are {list(rows)}")
+    if chosen:
+        results["features"] = {name: compare_feature(args, rows[name]) for name in chosen}
+        print_features(args, results["features"])
+    return results
 
 
 if __name__ == "__main__":

@@ -129,9 +129,11 @@ def _disk_full(err: BaseException | None) -> BaseException | None:
 
 def save_checkpoint(output_dir: str | Path, step: int, model, training_state: dict[str, Any],
                     run_config: dict[str, Any], keep: int = 2, tokenizer=None,
-                    fingerprints: dict[str, str] | None = None, log: Callable[[str], None] = print) -> Path:
+                    fingerprints: dict[str, str] | None = None, log: Callable[[str], None] = print,
+                    protect: Path | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically (with the tokenizer's files when given, and the
-    run's ``fingerprints`` in the manifest); then keep only the newest ``keep`` verified ones."""
+    run's ``fingerprints`` in the manifest); then keep only the newest ``keep`` verified ones
+    (and ``protect``, the best checkpoint: ``prune_checkpoints``)."""
     output_dir = Path(output_dir)
 
     def write(tmp: Path) -> None:
@@ -149,7 +151,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, training_state: di
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
     final = write_dir_atomically(output_dir / f"checkpoint-{step}", write)
-    prune_checkpoints(output_dir, keep, log=log)
+    prune_checkpoints(output_dir, keep, log=log, protect=protect)
     return final
 
 
@@ -230,11 +232,14 @@ def load_training_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def prune_checkpoints(output_dir: Path, keep: int, log: Callable[[str], None] = print) -> None:
-    """Keep the newest ``keep`` *verified* checkpoints (so never the last good one). A
-    ``checkpoint-*`` without a manifest is what a killed deletion leaves (writes appear only
-    complete): it is finished off. One whose files fail verification is moved to
-    ``corrupt-<name>-<n>``, kept for inspection and no longer counted."""
+def prune_checkpoints(output_dir: Path, keep: int, log: Callable[[str], None] = print,
+                      protect: Path | None = None) -> None:
+    """Keep the newest ``keep`` *verified* checkpoints (so never the last good one), and
+    ``protect`` (the best checkpoint) besides the newest, as Trainer's ``rotate_checkpoints``: the
+    oldest others go until ``max(keep, protected)`` remain. A ``checkpoint-*`` without a manifest
+    is what a killed deletion leaves (writes appear only complete): it is finished off. One whose
+    files fail verification is moved to ``corrupt-<name>-<n>``, kept for inspection and no longer
+    counted."""
     for leftover in output_dir.glob(".deleting-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     good = []
@@ -249,8 +254,15 @@ def prune_checkpoints(output_dir: Path, keep: int, log: Callable[[str], None] = 
             n = 1 + sum(1 for _ in output_dir.glob(f"corrupt-{path.name}-*"))
             os.replace(path, output_dir / f"corrupt-{path.name}-{n}")
             log(f"moved aside: {err} -> {output_dir / f'corrupt-{path.name}-{n}'}")
-    for old in good[keep:]:
-        _delete(old)
+    names = [path.name for path in good]
+    protected = set(names[:1]) | ({protect.name} & set(names) if protect is not None else set())
+    remaining = len(good)
+    for old in reversed(good):  # oldest first
+        if remaining <= max(keep, len(protected)):
+            break
+        if old.name not in protected:
+            _delete(old)
+            remaining -= 1
     for leftover in output_dir.glob(".tmp-checkpoint-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
@@ -295,10 +307,11 @@ class TrainingParts:
 
 def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dist, run_config: dict[str, Any],
                         total_steps: int, keep: int = 2, fingerprints: dict[str, str] | None = None,
-                        log: Callable[[str], None] = print) -> Path | None:
+                        log: Callable[[str], None] = print, protect: Path | None = None) -> Path | None:
     """Checkpoint step ``state.step``: weights, optimizer, scheduler, scaler, every rank's RNG and
     sampler position, the loop's counters. Every rank must call it (the states are gathered);
-    rank 0 writes. Returns the checkpoint directory (None on other ranks)."""
+    rank 0 writes (and prunes, keeping ``protect``). Returns the checkpoint directory (None on other
+    ranks)."""
     rng = dist.gather(rng_state())
     samplers = dist.gather(parts.sampler.state_dict())
     if not dist.is_main:
@@ -308,7 +321,7 @@ def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dis
                       "train_state": state.state_dict(), "total_steps": total_steps, "world_size": dist.world_size,
                       **(parts.extra_state or {})}
     return save_checkpoint(output_dir, state.step, parts.model, training_state, run_config, keep=keep,
-                           tokenizer=parts.tokenizer, fingerprints=fingerprints, log=log)
+                           tokenizer=parts.tokenizer, fingerprints=fingerprints, log=log, protect=protect)
 
 
 def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_new_hyperparameters: bool = False
@@ -370,7 +383,8 @@ def checkpoint_to_resume(resume: str | Path | bool, output_dir: str | Path,
 # and how the same maths is run. Every other setting changes the training and is compared.
 FREE_ON_RESUME = {"train.output_dir", "train.device", "train.threads", "train.keep_large_allocations",
                   "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.on_nonfinite", "train.progress", "train.plot", "data.num_workers", "data.eval_split",
+                  "train.on_nonfinite", "train.progress", "train.plot", "train.logging_first_step",
+                  "data.num_workers", "data.eval_split",
                   "model.compile"}
 
 

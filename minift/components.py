@@ -142,16 +142,25 @@ def is_local(name: str) -> bool:
             or Path(name).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"))
 
 
+def data_seed(cfg: RunConfig) -> int:
+    """The data order's seed: ``train.data_seed``, or ``train.seed`` when it is -1 (Trainer's
+    ``data_seed``)."""
+    return cfg.train.seed if cfg.train.data_seed < 0 else cfg.train.data_seed
+
+
 def build_sampler(cfg: RunConfig, examples, dist: Distributed = SINGLE_PROCESS) -> BatchSampler:
-    """minift's samplers over ``examples`` (anything with ``lengths``: sequences, pairs); under ``train.compat = "trainer"``
-    Trainer's (its seeded order, its group_by_length megabatches of batch x accumulation), in one
-    process only."""
+    """minift's samplers over ``examples`` (anything with ``lengths``: sequences, pairs), seeded
+    ``data_seed``; under ``train.compat = "trainer"`` Trainer's (its seeded order, its
+    group_by_length megabatches of batch x accumulation, whose permutations come from Trainer's
+    global RNG, seeded ``train.seed`` even when ``data_seed`` is given), in one process only."""
     t = cfg.train
     if hasattr(examples, "prompt_length"):  # sequences (pairs always keep a completion token)
         check_something_to_learn(examples, cfg.data.objective, cfg.data.max_length)
     if t.compat == "trainer" and dist.enabled:
         raise DataError("train.compat = \"trainer\" reproduces one-process Trainer runs; run it without torchrun")
-    return make_sampler(cfg.data.sampler, examples.lengths, t.batch_size, t.seed, rank=dist.rank,
+    global_rng = t.compat == "trainer" and cfg.data.sampler == "length_grouped"
+    seed = t.seed if global_rng else data_seed(cfg)
+    return make_sampler(cfg.data.sampler, examples.lengths, t.batch_size, seed, rank=dist.rank,
                         world_size=dist.world_size, order="trainer" if t.compat == "trainer" else "minift",
                         grad_accum=t.grad_accum, row_length=cfg.data.max_length)
 
@@ -214,13 +223,19 @@ def build_scheduler(cfg: RunConfig, optimizer, total_steps: int):
                                                                               t.warmup_ratio))
 
 
-def build_hooks(cfg: RunConfig, log: Callable[[dict], None], evaluate_at: Callable[[int], Any],
-                save: Callable[[TrainState], Any], stop: Callable[[], bool]) -> Hooks:
-    """What the loop calls between steps, with ``[train]``'s cadences and its non-finite policy."""
+def build_hooks(cfg: RunConfig, log: Callable[[dict], None], evaluate: Callable[[TrainState], Any],
+                save: Callable[[TrainState], Any], stop: Callable[[], bool],
+                on_epoch_end: Callable[[TrainState], Any] | None = None) -> Hooks:
+    """What the loop calls between steps, with ``[train]``'s cadences (``eval_strategy`` and
+    ``save_strategy``: every ``eval_every`` / ``checkpoint_every`` steps, or per epoch, or neither)
+    and its non-finite policy."""
     t = cfg.train
-    return Hooks(log=log, evaluate=lambda s: evaluate_at(s.step), eval_every=t.eval_every, checkpoint=save,
-                 checkpoint_every=t.checkpoint_every, should_stop=stop, log_every=t.log_every,
-                 on_nonfinite=skip_nonfinite if t.on_nonfinite == "skip" else stop_on_nonfinite)
+    return Hooks(log=log, evaluate=evaluate, eval_every=t.eval_every if t.eval_strategy == "steps" else 0,
+                 eval_per_epoch=t.eval_strategy == "epoch", checkpoint=save,
+                 checkpoint_every=t.checkpoint_every if t.save_strategy == "steps" else 0,
+                 checkpoint_per_epoch=t.save_strategy == "epoch", should_stop=stop, log_every=t.log_every,
+                 on_nonfinite=skip_nonfinite if t.on_nonfinite == "skip" else stop_on_nonfinite,
+                 on_epoch_end=on_epoch_end)
 
 
 def wrap_for_training(cfg: RunConfig, model, dist: Distributed):

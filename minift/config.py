@@ -119,7 +119,8 @@ class TrainSection:
     batch_size: int = option(8, "sequences per micro-batch (per process)")
     grad_accum: int = option(4, "micro-batches per optimizer step")
     lr: float = option(5e-5, "peak learning rate (AdamW)")
-    schedule: str = option("linear", 'learning-rate decay after warm-up: "constant", "linear", "cosine"')
+    schedule: str = option("linear", 'lr after warm-up: "linear", "cosine" or "constant" (Trainer\'s '
+                                     '"constant_with_warmup"); compat = "trainer" takes Trainer\'s names')
     warmup_steps: int = option(0, "steps of linear warm-up from 0 to lr")
     warmup_ratio: float = option(0.0, "warm-up as a fraction of all steps (when warmup_steps = 0)")
     weight_decay: float = option(0.0, "AdamW weight decay (not on biases and LayerNorm weights, as Trainer)")
@@ -142,6 +143,28 @@ class TrainSection:
     progress: bool = option(True, "show a progress bar (only on a terminal; plain lines otherwise)")
     plot: bool = option(True, "write curves.png at the end (needs matplotlib)")
     report_to: list = option([], 'also log the metrics to: ["tensorboard"] (pip install "minift[tensorboard]")')
+    # Trainer's features, each as Trainer does it (docs/trainer-map.md)
+    label_smoothing: float = option(0.0, "smooth the next-token targets: (1 - e) NLL + e mean_vocab(-log p) "
+                                         "(Trainer's label_smoothing_factor; minift train only)")
+    eval_strategy: str = option("steps", '"steps": every eval_every steps and after the last one; '
+                                         '"epoch": after every epoch; "no": none during training')
+    save_strategy: str = option("steps", '"steps": every checkpoint_every steps; "epoch": after every '
+                                         'epoch; "no": none during training (the final one is written)')
+    metric_for_best_model: str = option("", 'eval metric of the best checkpoint, e.g. "loss", "accuracy" '
+                                            '("" = none; "loss" with load_best_model_at_end or '
+                                            'early stopping)')
+    greater_is_better: str = option("auto", '"auto": lower is better for a metric ending in "loss", higher '
+                                            'otherwise; "yes"; "no"')
+    load_best_model_at_end: bool = option(False, "after training, load the best checkpoint's weights "
+                                                 "(kept from pruning), evaluate and export them")
+    early_stopping_patience: int = option(0, "stop after this many evaluations without improvement "
+                                             "(0 = never)")
+    early_stopping_threshold: float = option(0.0, "an improvement must beat the best metric by more "
+                                                  "than this")
+    logging_first_step: bool = option(False, "also write step 1's record when log_every > 1")
+    data_seed: int = option(-1, "seed of the data order (shuffling, batches); -1 = train.seed")
+    neftune_noise_alpha: float = option(0.0, "NEFTune: uniform noise of +-alpha/sqrt(length x width) on "
+                                             "the input embeddings in training (0 = off)")
 
 
 @dataclass
@@ -228,13 +251,41 @@ class RunConfig:
             (self.model.pad_token in ("auto", "eos") or self.model.pad_token.strip() != "",
              "model.pad_token must be auto, eos or a token"),
         ]
-        for ok, message in checks:
+        for ok, message in checks + trainer_feature_checks(t):
             if not ok:
                 raise RunConfigError(message)
         check_template(d.template)
         check_device(t.device)
         check_reporters(t.report_to)
         return self
+
+
+STRATEGIES = ("no", "steps", "epoch")  # eval_strategy and save_strategy, as Trainer's
+
+
+def trainer_feature_checks(t: TrainSection) -> list[tuple[bool, str]]:
+    """(ok, message) for the ``[train]`` keys of Trainer's features."""
+    evaluates = t.eval_strategy == "epoch" or (t.eval_strategy == "steps" and t.eval_every > 0)
+    return [
+        (0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}"),
+        (t.eval_strategy in STRATEGIES and t.save_strategy in STRATEGIES,
+         f"train.eval_strategy and save_strategy: one of {list(STRATEGIES)}"),
+        (t.greater_is_better in YES_NO_AUTO, f"train.greater_is_better must be one of {list(YES_NO_AUTO)}"),
+        (t.early_stopping_patience >= 0 and t.early_stopping_threshold >= 0,
+         "train.early_stopping_patience and early_stopping_threshold must be >= 0"),
+        (t.data_seed >= -1, "train.data_seed: a seed >= 0, or -1 for train.seed"),
+        (t.neftune_noise_alpha >= 0, "train.neftune_noise_alpha must be >= 0"),
+        (not t.early_stopping_patience or evaluates,
+         "train.early_stopping_patience needs evaluations during training: set train.eval_every > 0 or "
+         "train.eval_strategy = \"epoch\""),
+        (not t.load_best_model_at_end or (evaluates and t.save_strategy == t.eval_strategy),
+         "train.load_best_model_at_end needs evaluations during training and checkpoints on the same "
+         "cadence: train.eval_strategy and save_strategy both \"epoch\", or both \"steps\""),
+        (not (t.load_best_model_at_end and t.eval_strategy == "steps") or
+         (t.checkpoint_every > 0 and t.checkpoint_every % max(t.eval_every, 1) == 0),
+         f"train.load_best_model_at_end: checkpoint_every ({t.checkpoint_every}) must be a multiple of "
+         f"eval_every ({t.eval_every}), so the best evaluation has a checkpoint"),
+    ]
 
 
 TEMPLATE_FIELDS = {"text", "label"}
@@ -316,7 +367,16 @@ TRAINER_DEFAULTS = {
     ("train", "loss_denominator"): "trainer",
     ("data", "sampler"): "random",
     ("eval", "batch_size"): 8,
+    ("train", "eval_strategy"): "no",  # training_args.py: eval_strategy 1106, save_strategy 1177,
+    # save_steps 1183
+    ("train", "save_strategy"): "steps",
+    ("train", "checkpoint_every"): 500,
 }
+
+# Trainer's lr_scheduler_type names (optimization.py) -> minift's: Trainer's "constant" ignores any warmup,
+# its "constant_with_warmup" is minift's "constant".
+TRAINER_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant",
+                     "constant_with_warmup": "constant"}
 
 
 def resolve_compat(raw: dict[str, Any]) -> dict[str, Any]:
@@ -343,6 +403,22 @@ def resolve_compat(raw: dict[str, Any]) -> dict[str, Any]:
         resolved["train"]["warmup_ratio"] = resolved["train"].pop("warmup_steps")
     elif isinstance(warmup, float) and warmup.is_integer():
         resolved["train"]["warmup_steps"] = int(warmup)  # Trainer's int(warmup_steps)
+    return _trainer_names(resolved, train)
+
+
+def _trainer_names(resolved: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
+    """Trainer's meaning of the schedule names, and ``eval_steps`` defaulting to ``logging_steps``
+    (training_args.py:1575) when the user wrote no ``eval_every``."""
+    t = resolved["train"]
+    schedule = t.get("schedule", "linear")
+    if not isinstance(schedule, str) or schedule not in TRAINER_SCHEDULES:
+        raise RunConfigError(f"[train] schedule {schedule!r}: under compat = \"trainer\" one of Trainer's "
+                             f"names {list(TRAINER_SCHEDULES)}")
+    if schedule == "constant":  # get_scheduler returns before reading num_warmup_steps (optimization.py:1014)
+        t["warmup_steps"], t["warmup_ratio"] = 0, 0.0
+    t["schedule"] = TRAINER_SCHEDULES[schedule]
+    if t.get("eval_strategy") == "steps" and "eval_every" not in written:
+        t["eval_every"] = t["log_every"]
     return resolved
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .collate import Collator, model_inputs
 from .distributed import SINGLE_PROCESS, Distributed
+from .models.lm_loss import label_smoothed_sums
 
 
 @dataclass
@@ -102,15 +103,27 @@ def trainer_eval_loss(per_batch: Sequence[tuple[float, int, int]]) -> float:
     return sum(total / max(1, count) * n for total, count, n in per_batch) / max(1, sequences)
 
 
-def per_batch_loss_sums(model, batches: Iterable[dict], device, autocast=None, count_key: str = "n_label_tokens"
-                        ) -> list[tuple[float, int, int, int]]:
-    """``(summed CE, batch[count_key], sequences, next-token targets)`` for every batch."""
+def per_batch_loss_sums(model, batches: Iterable[dict], device, autocast=None,
+                        count_key: str = "n_label_tokens", label_smoothing: float = 0.0
+                        ) -> list[tuple[float, int, int, int, float]]:
+    """``(summed loss, batch[count_key], sequences, next-token targets, summed CE)`` for every batch;
+    the summed loss is the CE, or with ``label_smoothing`` > 0 the smoothed loss (logits, then
+    ``models.lm_loss.label_smoothed_sums``)."""
     out = []
     with torch.no_grad():
         for batch in batches:
+            inputs = model_inputs(batch, device)
             with autocast if autocast is not None else contextlib.nullcontext():
-                result = model(**model_inputs(batch, device))
-            out.append((float(result.loss_sum), batch[count_key], batch["input_ids"].shape[0], int(result.n_loss_targets)))  # 0-d on the sync-free paths
+                if label_smoothing:
+                    labels = inputs.pop("labels")
+                    logits = model(**inputs)
+                    loss_sum, ce_sum, n_targets = label_smoothed_sums(logits, labels, label_smoothing)
+                else:
+                    result = model(**inputs)
+                    loss_sum = ce_sum = result.loss_sum
+                    n_targets = result.n_loss_targets  # 0-d on the sync-free paths
+            out.append((float(loss_sum), batch[count_key], batch["input_ids"].shape[0], int(n_targets),
+                        float(ce_sum)))
     return out
 
 
@@ -176,16 +189,18 @@ def accuracy_and_macro_f1(predicted: Sequence[int], gold: Sequence[int], n_class
 
 
 def evaluate(model, data: EvalData, precision=None, dist: Distributed = SINGLE_PROCESS,
-             accuracy: bool = True, loss_formula: str = "tokens") -> EvalResult:
+             accuracy: bool = True, loss_formula: str = "tokens", label_smoothing: float = 0.0) -> EvalResult:
     """The loss over ``data.batches`` and, with ``accuracy``, label-scoring accuracy and macro-F1.
-    ``loss_formula``: "tokens" (minift's token-weighted loss) or "trainer" (``trainer_eval_loss``;
-    ``perplexity`` stays exp of the mean CE per next-token target). Under torchrun each rank scores
-    its shard and the sums are gathered: equal to one process."""
+    ``loss_formula``: "tokens" (minift's token-weighted loss) or "trainer" (``trainer_eval_loss``,
+    of the smoothed loss when ``label_smoothing`` > 0, as Trainer's eval_loss; ``perplexity`` stays
+    exp of the mean CE per next-token target). Under torchrun each rank scores its shard and the
+    sums are gathered: equal to one process."""
     device = next(model.parameters()).device
     shard = data.shard(dist)
     was_training = model.training
     model.eval()
-    per_batch = per_batch_loss_sums(model, shard.batches, device, precision.autocast() if precision else None)
+    per_batch = per_batch_loss_sums(model, shard.batches, device, precision.autocast() if precision else None,
+                                    label_smoothing=label_smoothing if loss_formula == "trainer" else 0.0)
     accuracy = accuracy and bool(data.label_ids)  # rows without labels (chat conversations): loss only
     predicted = None
     if accuracy:
@@ -198,7 +213,7 @@ def evaluate(model, data: EvalData, precision=None, dist: Distributed = SINGLE_P
         per_batch = [b for p in parts for b in p[0]]
         predicted = [x for p in parts for x in p[1]] if accuracy else None
         gold = [x for p in parts for x in p[2]]
-    result = finish_eval(sum(p[0] for p in per_batch), sum(p[3] for p in per_batch), predicted,
+    result = finish_eval(sum(p[4] for p in per_batch), sum(p[3] for p in per_batch), predicted,
                          gold if accuracy else None, len(data.label_ids))
     if loss_formula == "trainer":
         result.loss = trainer_eval_loss([p[:3] for p in per_batch])

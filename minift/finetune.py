@@ -26,7 +26,8 @@ from minift.evaluate import EvalData, EvalResult, eval_data_from_examples, evalu
 from minift.loop import NextTokenLoss
 from minift.orchestration import RunContext, Stage, run_stage
 from minift.components import (SYNTHETIC, build_loader, build_model, build_sampler, build_tokenizer, count_steps,
-                          load_dataset_splits)
+                          data_seed, load_dataset_splits)
+from minift.label_smoothing import LabelSmoothedLoss
 from minift.precision import Precision
 from minift.runtime import pick_device
 from minift.sampling import trainer_eval_batches
@@ -55,7 +56,8 @@ def build_datasets(cfg: RunConfig, tokenizer, with_train: bool = True) -> Datase
     n_eval = min(cfg.eval.max_examples or len(eval_examples), len(eval_examples))
     eval_batches = None  # in dataset order; train.compat = "trainer": the batches Trainer's eval loader makes
     if cfg.train.compat == "trainer":
-        eval_batches = trainer_eval_batches(eval_examples.lengths[:n_eval], cfg.eval.batch_size, cfg.train.seed,
+        eval_batches = trainer_eval_batches(eval_examples.lengths[:n_eval], cfg.eval.batch_size,
+                                            data_seed(cfg),
                                             group_by_length=d.sampler == "length_grouped")
     eval_data = eval_data_from_examples(eval_examples, label_ids, tokenizer.pad_id, d.objective,
                                         cfg.eval.batch_size, n_eval, eval_batches)
@@ -77,7 +79,12 @@ def build_collator(cfg: RunConfig, pad_id: int) -> Collator:
 
 
 def build_loss(cfg: RunConfig) -> NextTokenLoss:
-    return NextTokenLoss("n_label_tokens" if cfg.train.loss_denominator == "trainer" else "n_loss_targets")
+    """Next-token cross-entropy, label-smoothed when ``train.label_smoothing`` > 0
+    (``label_smoothing.py``)."""
+    count_key = "n_label_tokens" if cfg.train.loss_denominator == "trainer" else "n_loss_targets"
+    if cfg.train.label_smoothing:
+        return LabelSmoothedLoss(count_key, epsilon=cfg.train.label_smoothing)
+    return NextTokenLoss(count_key)
 
 
 def eval_loss_formula(cfg: RunConfig) -> str:
@@ -86,9 +93,10 @@ def eval_loss_formula(cfg: RunConfig) -> str:
 
 
 def evaluate_held_out(model, data: EvalData, precision: Precision, dist, cfg: RunConfig) -> dict[str, Any]:
-    """Eval loss, perplexity and (``eval.accuracy``) label accuracy and macro-F1 on the eval split."""
+    """Eval loss, perplexity and (``eval.accuracy``) label accuracy and macro-F1 on the eval split
+    (under ``compat = "trainer"`` the loss is Trainer's eval_loss, label-smoothed as its training loss)."""
     return evaluate(model, data, precision, dist, accuracy=cfg.eval.accuracy,
-                    loss_formula=eval_loss_formula(cfg)).as_dict()
+                    loss_formula=eval_loss_formula(cfg), label_smoothing=cfg.train.label_smoothing).as_dict()
 
 
 def eval_line(step: int, result: dict[str, Any]) -> str:

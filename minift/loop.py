@@ -5,7 +5,7 @@
         count the loss targets of all K            (before any backward; summed over ranks)
         for each micro-batch: autocast forward -> summed loss -> backward of (sum / total count)
         unscale (fp16) -> clip -> optimizer step -> scheduler step -> zero grads   (optim.guarded_step)
-        hooks: log; maybe evaluate; maybe checkpoint
+        hooks: log; maybe evaluate; at an epoch's end, on_epoch_end; maybe checkpoint
 
 Dividing every micro-batch's summed loss by the window's total count makes K micro-batches of
 b sequences give the gradient of one batch of K*b, whatever their lengths. Under DDP the count is
@@ -27,6 +27,7 @@ Trainer's ``_inner_training_loop`` does the same; docs/trainer-map.md maps each 
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -58,6 +59,12 @@ class TrainState:
     first_loss: float | None = None  # the loss of the run's first step
     last_loss: float | None = None  # the loss of the latest step
     timed: dict[str, float] = field(default_factory=dict)  # sums over the timed steps (metrics.add_timed)
+    # the best model and early stopping (selection.ModelSelection): the best eval metric, its step, the
+    # checkpoint written at that step, and the evaluations since the last improvement
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_checkpoint: int | None = None
+    evals_without_improvement: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,10 +115,12 @@ def fail_if_mostly_skipped(state: TrainState) -> None:
 class Hooks:
     """What the recipe does at fixed points of the loop. Each is a plain function; none can
     change the step's maths. ``log`` gets one record per optimizer step; ``evaluate`` and
-    ``checkpoint`` run every ``eval_every`` / ``checkpoint_every`` steps (0 = never here);
-    ``should_stop`` is asked before each step; ``on_nonfinite`` is called when a step's loss is
-    NaN/inf: raise to stop, return to go on (the step's update was dropped). The loop reads its
-    device values every ``log_every`` steps and before each evaluation and checkpoint."""
+    ``checkpoint`` run every ``eval_every`` / ``checkpoint_every`` steps (0 = never here) and,
+    with ``eval_per_epoch`` / ``checkpoint_per_epoch``, after each epoch's last step (``due``);
+    ``on_epoch_end`` runs after an epoch's last step, between them; ``should_stop`` is asked before
+    each step; ``on_nonfinite`` is called when a step's loss is NaN/inf: raise to stop, return
+    to go on (the step's update was dropped). The loop reads its device values every
+    ``log_every`` steps and before each evaluation and checkpoint."""
 
     log: Callable[[dict], None] = lambda record: None
     evaluate: Callable[[TrainState], Any] | None = None
@@ -121,38 +130,74 @@ class Hooks:
     should_stop: Callable[[], bool] = lambda: False
     on_nonfinite: Callable[[TrainState, float], None] = stop_on_nonfinite
     log_every: int = 1  # steps between reads of the device (the steps between are logged then, all of them)
+    eval_per_epoch: bool = False
+    checkpoint_per_epoch: bool = False
+    on_epoch_end: Callable[[TrainState], Any] | None = None
+
+    def due(self, step: int, total_steps: int, epoch_end: bool) -> tuple[bool, bool]:
+        """(evaluate, checkpoint) after optimizer step ``step``, as Trainer's DefaultFlowCallback:
+        every ``eval_every`` / ``checkpoint_every`` steps or at an epoch's end; an evaluating run also
+        evaluates after its last step (Trainer's "epoch" strategy reaches it as a partial epoch's end)."""
+        evaluates = bool(self.eval_every or self.eval_per_epoch)
+        evaluate = self.evaluate is not None and evaluates and (
+            step == total_steps or (self.eval_every and step % self.eval_every == 0)
+            or (self.eval_per_epoch and epoch_end))
+        checkpoint = self.checkpoint is not None and (
+            (self.checkpoint_every and step % self.checkpoint_every == 0)
+            or (self.checkpoint_per_epoch and epoch_end))
+        return bool(evaluate), bool(checkpoint)
+
+    def after_step(self, state: TrainState, evaluate: bool, checkpoint: bool, epoch_end: bool) -> None:
+        """Evaluate, ``on_epoch_end``, then checkpoint: a checkpoint holds what its step's evaluation
+        and epoch end decided."""
+        if evaluate:
+            self.evaluate(state)
+        if epoch_end and self.on_epoch_end is not None:
+            self.on_epoch_end(state)
+        if checkpoint:
+            self.checkpoint(state)
 
 
 class LoaderSteps:
     """What one optimizer step consumes, from a DataLoader: windows of up to ``grad_accum``
     micro-batches. A window never spans two epochs (the last step of an epoch may have fewer
-    micro-batches, as in Trainer). minift's samplers start at their ``consumed`` position and
-    move it in ``step_done``, once a step is complete, so a resumed run continues on the next
-    unseen batch. Any other step source (the RL stage's generation phase) has the same two
-    methods: iterate windows, and ``step_done(window)`` returning numbers to log with the step."""
+    micro-batches, as in Trainer). minift's samplers start at their ``consumed`` position; each
+    window remembers where it ends, and ``step_done`` moves the sampler there once its step is
+    complete, so a resumed run continues on the next unseen batch (also when the next window was
+    fetched ahead, into the next epoch). ``step_done`` says whether the step ended an epoch. Any
+    other step source (the RL stage's generation phase) has the same two methods: iterate windows,
+    and ``step_done(window)`` returning numbers to log with the step (and ``epoch_end``)."""
 
     def __init__(self, loader, grad_accum: int):
         self.loader, self.grad_accum = loader, grad_accum
         self.sampler = loader.batch_sampler
+        self.ends: deque[tuple[int, int]] = deque()  # (epoch, batches consumed) after each window fetched
 
     def __iter__(self) -> Iterator[list[dict]]:
+        epoch, position = getattr(self.sampler, "epoch", 0), getattr(self.sampler, "consumed", 0)
         while True:
             window: list[dict] = []
             for batch in self.loader:
                 window.append(batch)
                 if len(window) == self.grad_accum:
+                    self.ends.append((epoch, position := position + len(window)))
                     yield window
                     window = []
             if window:
+                self.ends.append((epoch, position := position + len(window)))
                 yield window
+            epoch, position = epoch + 1, 0
             if hasattr(self.sampler, "set_epoch"):
-                self.sampler.set_epoch(self.sampler.epoch + 1)
+                self.sampler.set_epoch(epoch)
 
     def step_done(self, window: list[dict]) -> dict[str, Any]:
+        epoch, position = self.ends.popleft()
         if not hasattr(self.sampler, "consumed"):
             return {"epoch": None}
-        self.sampler.consumed += len(window)
-        return {"epoch": self.sampler.epoch + self.sampler.consumed / max(1, len(self.sampler))}
+        self.sampler.epoch, self.sampler.consumed = epoch, position
+        epoch_length = max(1, len(self.sampler))
+        return {"epoch": self.sampler.epoch + self.sampler.consumed / epoch_length,
+                "epoch_end": self.sampler.consumed >= epoch_length}
 
 
 def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: int = 1,
@@ -198,21 +243,18 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
                                                    nonfinite=~torch.isfinite(sums[0]))
         state.step += 1
         state.skipped_overflow += overflow
-        host = {"lr": lr, "overflow": overflow, **steps.step_done(window),  # the data position moves now
+        position = steps.step_done(window)  # the data position moves now
+        epoch_end = position.pop("epoch_end", False)
+        host = {"lr": lr, "overflow": overflow, **position,
                 "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window)}
         records.add(state.step, torch.cat([sums, grad_norm.double().reshape(1)]), list(metric_sums), counts, host,
                     timer.take())
 
-        # 4. hooks: read the pending steps back (one transfer) and log; maybe evaluate; maybe checkpoint
-        evaluate_now = hooks.evaluate and hooks.eval_every and state.step % hooks.eval_every == 0 \
-            and state.step < total_steps
-        checkpoint_now = hooks.checkpoint and hooks.checkpoint_every and state.step % hooks.checkpoint_every == 0
+        # 4. hooks: read the pending steps back (one transfer) and log; maybe evaluate, checkpoint; epoch end
+        evaluate_now, checkpoint_now = hooks.due(state.step, total_steps, epoch_end)
         if state.step % hooks.log_every == 0 or evaluate_now or checkpoint_now or state.step == total_steps:
             records.flush(state)
-        if evaluate_now:
-            hooks.evaluate(state)
-        if checkpoint_now:
-            hooks.checkpoint(state)
+        hooks.after_step(state, evaluate_now, checkpoint_now, epoch_end)
     records.flush(state)
     return state
 

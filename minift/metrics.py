@@ -68,12 +68,15 @@ class MetricsLogger:
     its ``loss`` is the mean of the steps since the last written record, as Trainer logs
     ``logging_steps`` (trainer.py:2257-2263), and the step's own loss goes to ``step_loss``;
     lr and grad-norm stay the step's own, as in Trainer. Steps after the last full window
-    are not written (Trainer leaves them out of ``log_history`` too)."""
+    are not written (Trainer leaves them out of ``log_history`` too). ``first_step``: step 1 is
+    written too (Trainer's ``logging_first_step``), its window that one step."""
 
     def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int = 0, enabled: bool = True,
                  progress: bool = True, log_every: int = 1, echo: Callable[[str], None] = print,
-                 report_to: list[str] = (), on_terminal: bool | None = None, window_mean: bool = False):
+                 report_to: list[str] = (), on_terminal: bool | None = None, window_mean: bool = False,
+                 first_step: bool = False):
         self.enabled = enabled
+        self.first_step = first_step
         self.log_every = log_every
         self.window_mean = window_mean
         self.window_losses: list[float] = []  # losses of the steps since the last written record
@@ -109,7 +112,8 @@ class MetricsLogger:
             return
         if "loss" in record:
             self.window_losses.append(record["loss"])
-        if record.get("step", 0) % self.log_every == 0 or "eval" in record:
+        first = self.first_step and record.get("step") == 1
+        if record.get("step", 0) % self.log_every == 0 or "eval" in record or first:
             self._write(self._windowed(record))
         if "loss" not in record:
             return
@@ -367,7 +371,12 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append(f"  skipped: {s['skipped_nonfinite']} of {s['steps']} steps had a NaN/inf loss "
                      f"(their gradients were dropped)")
     if s.get("first_loss") is not None:
-        lines.append(f"  train loss: step 1 {s['first_loss']:.4f} -> step {s['steps']} {s['last_loss']:.4f}")
+        lines.append(f"  train loss: step 1 {s['first_loss']:.4f} -> step {s['steps']} {s['last_loss']:.4f}"
+                     + (f", mean {s['train_loss']:.4f}" if s.get("train_loss") is not None else ""))
+    if "best_model" in s:
+        best = s["best_model"]
+        lines.append(f"  best model: {best['metric']} {best['value']:.4f} at step {best['step']}"
+                     + (", stopped early" if s.get("early_stopped") else ""))
     for key in ("eval_before", "eval_after"):
         if key in s:
             lines.append(f"  {key}: " + ", ".join(f"{name} {value:.4f}" for name, value in s[key].items()

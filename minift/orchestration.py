@@ -6,8 +6,10 @@ exported model folder holds. ``run_stage`` runs any stage the same way:
 
     check the local inputs, claim the output folder -> set up the process (device, seeds, threads, precision)
     -> the stage builds its parts -> AdamW + schedule -> resume (refusing changed settings or data)
-    -> metrics -> evaluation before -> loop.train (under DDP and torch.compile when asked)
-    -> final checkpoint -> evaluation after -> model/ written atomically -> summary of the whole run
+    -> metrics -> evaluation before -> loop.train (under DDP and torch.compile when asked; NEFTune's
+       noise hook on; evaluations and checkpoints per steps or epochs, each evaluation tracking the
+       best model and early stopping: selection.py) -> final checkpoint -> the best checkpoint's
+    weights when asked -> evaluation after -> model/ written atomically -> summary of the whole run
     -> exit 1 if most steps were skipped for a NaN/inf loss
 
 So everything around the loop — resume, checkpoints, compile, atomic export, summaries, failure on
@@ -16,6 +18,7 @@ a mostly-NaN run — is written once and holds for every stage.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,18 +28,35 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import RunConfig
+from .components import (
+    build_hooks,
+    build_optimizer,
+    build_scheduler,
+    local_inputs,
+    machine_notes,
+    schedule_notes,
+    wrap_for_training,
+)
+from .config import RunConfig, RunConfigError
 from .distributed import Distributed
 from .errors import ResumeRefused
 from .hub import load_weights
 from .loop import TrainState, fail_if_mostly_skipped, train
-from .metrics import (MetricsLogger, eval_at, eval_line, plot_curves, read_records, run_summary, summary_text,
-                      trim_metrics)
-from .components import (build_hooks, build_optimizer, build_scheduler, local_inputs, machine_notes,
-                         schedule_notes, wrap_for_training)
+from .metrics import (
+    MetricsLogger,
+    eval_at,
+    eval_line,
+    plot_curves,
+    read_records,
+    run_summary,
+    summary_text,
+    trim_metrics,
+)
+from .neftune import build_neftune
 from .precision import Precision
 from .run_dir import claim_output_dir
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
+from .selection import ModelSelection
 
 MODEL_DIR = "model"
 SUMMARY_FILE = "summary.json"
@@ -110,13 +130,20 @@ def run_stage(cfg: RunConfig, build_stage: Callable[[RunContext], Stage], resume
 
 def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> dict[str, Any]:
     cfg, dist, say, out_dir = ctx.cfg, ctx.dist, ctx.say, ctx.out_dir
+    if cfg.train.label_smoothing and stage.name != "train":
+        raise RunConfigError(f"train.label_smoothing smooths minift train's next-token targets; the "
+                             f"{stage.name} stage has its own loss (DPO: dpo.label_smoothing) — set it to 0")
     optimizer = build_optimizer(cfg, stage.model)
     scheduler = build_scheduler(cfg, optimizer, stage.total_steps)
     for line in schedule_notes(cfg, len(stage.sampler) if hasattr(stage.sampler, "__len__") else None,
                                stage.total_steps):
         say(line)
+    selection = ModelSelection.from_config(cfg)
+    neftune = build_neftune(cfg, stage.saved_model, stage.sampler, ctx.device)
+    rng = neftune.rng if neftune is not None else None  # Trainer's global RNG replayed (compat = "trainer")
+    extra_state = {**(stage.extra_state or {}), **(rng.checkpoint_entries() if rng is not None else {})}
     parts = ckpt.TrainingParts(stage.saved_model, optimizer, scheduler, ctx.precision, stage.sampler,
-                               stage.tokenizer, stage.extra_state, stage.load_model_weights)
+                               stage.tokenizer, extra_state or None, stage.load_model_weights)
     state, run_config = TrainState(), cfg.to_dict()
     resumed = None
     if resume:  # metrics.jsonl cut back to the resumed step (all of it when starting from scratch)
@@ -129,7 +156,8 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
 
     metrics = MetricsLogger(out_dir, stage.total_steps, initial_step=state.step, enabled=dist.is_main,
                             progress=cfg.train.progress, log_every=cfg.train.log_every, echo=say,
-                            report_to=cfg.train.report_to, window_mean=cfg.train.compat == "trainer")
+                            report_to=cfg.train.report_to, window_mean=cfg.train.compat == "trainer",
+                            first_step=cfg.train.logging_first_step)
     say = metrics.say  # from here on, lines go around the progress bar instead of onto it
     if resumed:
         metrics.write({"step": state.step, "resume": str(resumed)})
@@ -137,22 +165,47 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist, run_config=run_config,
                    total_steps=stage.total_steps, keep=cfg.train.keep_checkpoints, fingerprints=stage.fingerprints,
                    log=say)
+    saved, evaluated = {}, set()  # checkpoints written and evaluations run in this process, by step
+
+    def checkpoint_at(state: TrainState):
+        """A checkpoint, keeping the best one from pruning (written once per step)."""
+        selection.before_checkpoint(state)
+        best = state.best_checkpoint
+        saved[state.step] = save(state, protect=None if best is None else out_dir / f"checkpoint-{best}")
+        return saved[state.step]
+
+    def evaluate_in_training(state: TrainState) -> None:
+        result = evaluate_at(state.step)
+        evaluated.add(state.step)
+        selection.after_evaluation(state, result)
+        if rng is not None and result is not None:
+            rng.evaluation()
+
+    hook = neftune.attach(stage.saved_model) if neftune is not None else None
     try:
         with StopRequest() as stop:
             if cfg.eval.before_training and state.step == 0 and not _evaluated_before(out_dir, dist, resumed):
                 evaluate_at(0)
+            hooks = build_hooks(cfg, metrics, evaluate_in_training, checkpoint_at,
+                                lambda: stop() or selection.should_stop(state),
+                                on_epoch_end=rng.epoch_ended if rng is not None else None)
             state = train(wrap_for_training(cfg, stage.model, dist), optimizer, scheduler, stage.batches,
                           total_steps=stage.total_steps, grad_accum=cfg.train.grad_accum,
                           max_grad_norm=cfg.train.max_grad_norm, precision=ctx.precision, loss=stage.loss,
-                          dist=dist, state=state, hooks=build_hooks(cfg, metrics, evaluate_at, save, stop))
-        checkpoint = save(state)
+                          dist=dist, state=state, hooks=hooks)
+        if hook is not None:
+            hook.remove()
+        checkpoint = saved[state.step] if state.step in saved else checkpoint_at(state)
         if stop():
             say(f"stopped by {stop.signal_name} at step {state.step}; checkpoint {checkpoint}; resume with --resume")
             return {"stopped_by": stop.signal_name, "step": state.step, "checkpoint": str(checkpoint)}
-        evaluate_at(state.step)
+        best = _load_best_model(stage, state, ctx, selection) if cfg.train.load_best_model_at_end else None
+        if best is not None or state.step not in evaluated:
+            evaluate_at(state.step, **({"best_model_step": best} if best is not None else {}))
         records = read_records(out_dir) if dist.is_main else metrics.records
         summary = run_summary(stage.name, records, state, stage.total_steps, peak_memory_bytes(ctx.device),
-                              stage.summary)
+                              {**stage.summary, "train_loss": mean_step_loss(metrics.records),
+                               **selection.summary(state)})
         if dist.is_main:
             model_dir = export_model(out_dir, stage, cfg)
             write_json_atomically(out_dir / SUMMARY_FILE, summary)
@@ -167,13 +220,37 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         metrics.close()
 
 
-def _evaluate_and_log(stage: Stage, metrics: MetricsLogger, step: int) -> dict[str, Any] | None:
+def _evaluate_and_log(stage: Stage, metrics: MetricsLogger, step: int, **extra) -> dict[str, Any] | None:
     if stage.evaluate is None:
         return None
     result = stage.evaluate()
-    metrics.write({"step": step, "eval": result})
+    metrics.write({"step": step, "eval": result, **extra})
     metrics.say(stage.eval_line(step, result))
     return result
+
+
+def _load_best_model(stage: Stage, state: TrainState, ctx: RunContext, selection: ModelSelection
+                     ) -> int | None:
+    """``load_best_model_at_end``: the best checkpoint's weights into the model (Trainer's
+    ``_load_best_model``); its step, or None when the model in memory already is the best one or
+    no checkpoint was written at the best evaluation."""
+    best = state.best_checkpoint
+    if best is None or best == state.step:
+        if best is None:
+            ctx.say(f"load_best_model_at_end: no checkpoint holds a best {selection.metric}; keeping the "
+                    f"last weights")
+        return None
+    stage.load_model_weights(stage.saved_model, ctx.out_dir / f"checkpoint-{best}")
+    stage.saved_model.to(ctx.device)
+    ctx.say(f"best model: checkpoint-{best} ({selection.metric} {state.best_metric:.4f}) loaded")
+    return best
+
+
+def mean_step_loss(records: list[dict[str, Any]]) -> float | None:
+    """Trainer's ``train_loss``: the mean of every step's loss in this process (since a resume, as
+    each ``train()`` call of Trainer), logged or not; steps with a NaN/inf loss left out."""
+    losses = [r["loss"] for r in records if "step_time" in r and math.isfinite(r["loss"])]
+    return sum(losses) / len(losses) if losses else None
 
 
 def _evaluated_before(out_dir: Path, dist: Distributed, resumed) -> bool:

@@ -189,7 +189,8 @@ def test_side_by_side_with_trainer(model, extra):
         import trainer_side_by_side
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
-    results = trainer_side_by_side.main(["--model", model, *extra])
+    # the feature rows have their own tests (test_trainer_features.py)
+    results = trainer_side_by_side.main(["--model", model, "--features", *extra])
     assert set(results) == {"random", "group_by_length"}
     for sampling, r in results.items():
         trainer_steps, minift_steps = r["logged_steps"]

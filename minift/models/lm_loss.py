@@ -153,3 +153,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
+
+
+def label_smoothed_sums(logits: torch.Tensor, labels: torch.Tensor, epsilon: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Label-smoothed next-token loss as sums over the positions whose shifted label is not -100:
+    ``(1 - epsilon) * sum(-log p[target]) + epsilon * sum(mean over the vocabulary of -log p)``,
+    the plain summed CE, and the number of those positions. ``logits`` [B, T, V] cover the true
+    vocabulary only (``CausalLM.forward`` without labels), so V is the mean's width. Divided by a
+    count, this is transformers' ``LabelSmoother`` with ``shift_labels=True``."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    log_probs = F.log_softmax(logits[:, :-1][keep].to(loss_dtype_for(logits.dtype)), dim=-1)
+    nll_sum = -log_probs.gather(1, targets[keep][:, None]).sum()
+    uniform_sum = -log_probs.sum() / log_probs.shape[-1]
+    return (1 - epsilon) * nll_sum + epsilon * uniform_sum, nll_sum, int(keep.sum())
