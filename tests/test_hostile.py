@@ -394,7 +394,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
     (["CONFIG", "--set", "train.output_dir="], 'train.output_dir is empty — name a folder ("." for this'),
     (["CONFIG", "--set", "data.source="], "data.source is empty"),
     (["CONFIG", "--set", "model.name="], "model.name is empty"),
-    (["CONFIG", "--set", "model.model_type=bert"], "model.model_type 'bert': one of ['gpt2', 'openai-gpt']"),
+    (["CONFIG", "--set", "model.model_type=bert"], "model.model_type 'bert': one of ['gpt2', 'llama', 'mistral', 'openai-gpt', 'qwen2', 'qwen3']"),
     (["CONFIG", "--set", "data.template={text:d} sentiment: {label}"],
      "{text:d} — a template field takes no format spec or conversion; write {text}"),
     (["CONFIG", "--set", "data.template={text!r} sentiment: {label}"], "{text!r} — a template field takes "
