@@ -248,7 +248,9 @@ def test_against_trl_live(tmp_path, stage):
     records, my_params = run_minift(stage, score)
     _compare_steps(stage, records, logs)
     for name, mine in my_params.items():
-        torch.testing.assert_close(mine, their_params[name], rtol=0, atol=5e-5)
+        noise_only = _weight_sum_tolerance(stage, name, my_params) > 2e-4  # a zero exact gradient
+        atol = SETUP["lr"] * SETUP["steps"] if noise_only else 5e-5
+        torch.testing.assert_close(mine, their_params[name], rtol=0, atol=atol)
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------
