@@ -1,5 +1,5 @@
-"""Layers shared by GPT-1 and GPT-2: Conv1D-layout projections, SDPA attention, the MLP and
-the attention-mask builder (the loss is in ``lm_loss``).
+"""Layers shared by GPT-1 and GPT-2: Conv1D-layout projections, SDPA attention, the MLP, the
+attention-mask builder and the (optionally checkpointed) block call (the loss is in ``lm_loss``).
 
 Parameter names match transformers (``c_attn``, ``c_proj``, ``c_fc``) so a state dict
 maps onto the checkpoint key for key.
@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .lm_loss import IGNORE_INDEX, LossOutput  # noqa: F401  (re-exported: collators import them here)
 
@@ -117,6 +118,18 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def run_block(block: nn.Module, x: torch.Tensor, attn_bias: torch.Tensor | None, layer_cache: LayerKV | None,
+              checkpointed: bool) -> torch.Tensor:
+    """One transformer block. ``checkpointed`` (activation checkpointing; applied only when a
+    gradient is being recorded and no KV cache is in use): the block's inner activations are not
+    kept for backward but recomputed from its input there, ``torch.utils.checkpoint`` with
+    ``use_reentrant=False``; the RNG state is restored for the recomputation, so dropout draws the
+    same masks and the gradients equal those of the plain call."""
+    if checkpointed and layer_cache is None and torch.is_grad_enabled():
+        return checkpoint(block, x, attn_bias, use_reentrant=False)
+    return block(x, attn_bias, layer_cache)
 
 
 class LayerKV:
