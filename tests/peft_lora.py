@@ -156,18 +156,18 @@ def record_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 # -- minift ----------------------------------------------------------------------------------------------
 def minift_model(case: str):
+    """The model minift adapts: its own GPT-1/GPT-2, or the toy (llama-hf: ``llama_model()``, which
+    needs transformers)."""
     import minift
 
-    if case == "llama-hf":
-        return llama_model()
     if CASES[case]["fixture"] is None:
         return toy_model()
     return minift.from_pretrained(FIXTURES / CASES[case]["fixture"], **NO_DROPOUT)
 
 
-def run_minift(case: str, initial: dict[str, torch.Tensor] | None = None) -> dict[str, object]:
-    """minift's side. ``initial``: the starting adapter (default: ``initial_adapter`` of minift's own
-    model, which gives the same tensors peft's side starts from)."""
+def run_minift(case: str, model: nn.Module | None = None) -> dict[str, object]:
+    """minift's side, on ``model`` (default: ``minift_model(case)``), from ``initial_adapter`` of
+    minift's own adapter: the same tensors peft's side starts from when the key names agree."""
     from minift.lora import (
         LoraSettings,
         apply_lora,
@@ -178,9 +178,9 @@ def run_minift(case: str, initial: dict[str, torch.Tensor] | None = None) -> dic
     from minift.lora.peft_format import PEFT_PREFIX, peft_key
     from minift.optim import make_adamw
 
-    model = minift_model(case)
+    model = minift_model(case) if model is None else model
     apply_lora(model, LoraSettings(**CASES[case]["lora"]))
-    load_peft_state_dict(model, initial if initial is not None else initial_adapter(peft_state_dict(model)))
+    load_peft_state_dict(model, initial_adapter(peft_state_dict(model)))
     ids, mask, labels = batch(case)
     out: dict[str, object] = {}
     model.eval()

@@ -64,7 +64,7 @@ def test_against_peft_live(case):
     the stored trace is checked to be what peft computes here."""
     _needs_fixture(case)
     theirs = run_peft(case)
-    mine = run_minift(case)
+    mine = run_minift(case, peft_lora.llama_model() if case == "llama-hf" else None)
     _assert_runs_match(mine, theirs, f"{case} vs peft")
     if case in TRACED:
         theirs.pop("initial")
