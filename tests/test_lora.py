@@ -15,6 +15,7 @@ from peft_lora import CASES, TRACED, batch, initial_adapter, read_trace, run_min
 from torch import nn
 
 import minift
+from minift.errors import InputError
 from minift.lora import (
     LoraLinear,
     LoraSettings,
@@ -298,6 +299,21 @@ def test_merged_model_computes_what_the_adapted_one_did(case):
     torch.testing.assert_close(_logits(merged, case), expected, rtol=0, atol=TOLERANCE)
 
 
+def test_merging_nn_linear_layers():
+    """The [out, in] layout: the toy's regex-targeted nn.Linear layers and its trained head copy."""
+    model = apply_lora(peft_lora.toy_model(), LoraSettings(**CASES["toy"]["lora"]))
+    load_peft_state_dict(model, initial_adapter(peft_state_dict(model)))
+    with torch.no_grad():
+        model.lm_head.modules_to_save.weight.mul_(1.5)
+    ids = batch("toy")[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids)
+        merged = merge_adapters(model)
+        assert isinstance(merged.lm_head, nn.Linear) and isinstance(merged.layers[0].q_proj, nn.Linear)
+        torch.testing.assert_close(merged(ids), expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.requires("transformers")
 @pytest.mark.parametrize("case", ["gpt2", "gpt1"])
 def test_merged_weights_load_in_transformers(tmp_path, case):
@@ -356,6 +372,8 @@ def test_unsupported_peft_adapters_are_refused(tmp_path):
         load_adapter(_gpt2(), tmp_path)
     with pytest.raises(LoraSettingsError, match="already holds an adapter"):
         apply_lora(model, LoraSettings())
+    with pytest.raises(InputError, match="holds a LoRA adapter, whose wrapped layers transformers"):
+        model.save_pretrained(tmp_path / "full")
 
 
 # -- with the hot path's levers ------------------------------------------------------------------------------

@@ -290,6 +290,11 @@ class CausalLM(nn.Module):
         """Write ``config.json`` + ``model.safetensors`` in the transformers layout."""
         from safetensors.torch import save_file
 
+        if getattr(self, "lora_settings", None) is not None:  # set by minift.lora.apply_lora
+            raise InputError("save_pretrained: the model holds a LoRA adapter, whose wrapped layers transformers "
+                             "cannot read; save the adapter (minift.lora.save_adapter) or merge it first "
+                             "(minift.lora.merge_adapters)")
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_json(directory / CONFIG_NAME)
