@@ -123,3 +123,29 @@ def test_composes_with_compile_in_one_graph():
     compiled = _loss_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True), params)
     assert sum(counters["graph_break"].values()) == 0
     _assert_same(eager, compiled, 1e-6)
+
+
+@pytest.mark.slow
+def test_the_memory_benchmark_counts_what_each_setting_keeps(tmp_path):
+    """benchmarks/memory.py on a small shape: exact counts that follow from the settings (AdamW's two
+    moments per trained weight, no gradient for a frozen one, fewer saved tensors with checkpointing)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--n-layer", "3", "--n-embd", "64",
+                    "--batch", "2", "--seq", "32", "--steps", "1", "--json", str(out)],
+                   env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, capture_output=True, timeout=600)
+    rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
+    full, lora = rows["full"], rows["lora"]
+    assert full["grads"] == full["params"] and full["n_trained"] == full["n_params"]
+    assert 2 * full["params"] <= full["adam"] < 2 * full["params"] + 4096  # exp_avg, exp_avg_sq (+ step counters)
+    # r = 8 on each layer's c_attn (64 -> 192), attn.c_proj (64 -> 64), c_fc (64 -> 256), mlp.c_proj (256 -> 64)
+    assert lora["n_trained"] == 3 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
+    assert lora["grads"] == 4 * lora["n_trained"] and full["tensor_peak"] >= full["params"] + full["grads"] + full["adam"]
+    for row in ("full", "lora"):
+        assert rows[row + "+ac"]["kept"] < 0.5 * rows[row]["kept"]
