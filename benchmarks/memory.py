@@ -136,19 +136,23 @@ def measure_row(args, row: str) -> dict:
         kept += tensor.numel() * tensor.element_size()
         return tensor
 
-    def step():
-        out = model(ids, labels=ids)
+    def step(saved_tensors_hook=None):
+        if saved_tensors_hook is None:
+            out = model(ids, labels=ids)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(saved_tensors_hook, lambda t: t):
+                out = model(ids, labels=ids)
         (out.loss_sum / out.n_loss_targets).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
 
-    # the warm-up step, counted: saved tensors (hooks) and live tensors (the dispatch mode)
+    # the warm-up step, counted: tensors the forward saves (hooks) and live tensors (the dispatch mode)
     tensors = LiveTensorBytes()
     for tensor in [*model.parameters(), ids]:
         tensors.track(tensor)
-    with tensors, torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-        step()
+    with tensors:
+        step(count)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()

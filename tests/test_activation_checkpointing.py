@@ -147,5 +147,7 @@ def test_the_memory_benchmark_counts_what_each_setting_keeps(tmp_path):
     # r = 8 on each layer's c_attn (64 -> 192), attn.c_proj (64 -> 64), c_fc (64 -> 256), mlp.c_proj (256 -> 64)
     assert lora["n_trained"] == 3 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
     assert lora["grads"] == 4 * lora["n_trained"] and full["tensor_peak"] >= full["params"] + full["grads"] + full["adam"]
-    for row in ("full", "lora"):
-        assert rows[row + "+ac"]["kept"] < 0.5 * rows[row]["kept"]
+    # under full fine-tuning the fused head keeps its weight's gradient [50,304 x 64] from the forward
+    head_gradient = {"full": 50304 * 64 * 4, "lora": 0}
+    for row, head in head_gradient.items():
+        assert rows[row + "+ac"]["kept"] - head < 0.2 * (rows[row]["kept"] - head), row
