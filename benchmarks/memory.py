@@ -102,7 +102,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def build(args, row: str):
-    config = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64, n_positions=args.seq,
+    config = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_embd // 64,
+                        n_positions=args.seq,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     model = build_model(config).pad_vocab(64).set_hot_path(loss_rows="labelled", fused_head=True)
@@ -163,7 +164,8 @@ def measure_row(args, row: str) -> dict:
     return {"row": row, "n_params": sum(p.numel() for p in model.parameters()),
             "n_trained": sum(p.numel() for p in trained.values()),
             "params": tensor_bytes(model.parameters()), "grads": tensor_bytes(trained.values()),
-            "adam": tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)),
+            "adam": tensor_bytes(t for state in optimizer.state.values() for t in state.values()
+                                 if torch.is_tensor(t)),
             "kept": kept, "tensor_peak": tensors.peak, "base": base, "peak": peak,
             "s_per_step": statistics.median(times),
             "threads": torch.get_num_threads(), "device": str(device)}
@@ -180,16 +182,18 @@ def median_of_rounds(runs: list[dict]) -> dict:
 
 def table(results: list[dict], args) -> str:
     first = results[0]
-    title = (f"GPT-2 shape n_layer={args.n_layer} n_embd={args.n_embd}, batch {args.batch} x {args.seq} tokens, "
-             f"fp32, {first['device']}, {first['threads']} threads, median of {first['rounds']} round(s); MiB")
+    title = (f"GPT-2 shape n_layer={args.n_layer} n_embd={args.n_embd}, batch {args.batch} x {args.seq} "
+             f"tokens, fp32, {first['device']}, {first['threads']} threads, median of {first['rounds']} "
+             f"round(s); MiB")
     columns = ("row", "trained params", "params", "grads", "adam", "kept for backward", "tensor peak", "peak",
                "peak - base", "s/step")
     lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         mib = {k: f"{r[k] / MB:.0f}" for k in ("params", "grads", "adam", "kept", "tensor_peak", "peak")}
-        lines.append(f"| {r['row']} | {r['n_trained'] / 1e6:.2f} M of {r['n_params'] / 1e6:.1f} M | {mib['params']} "
-                     f"| {mib['grads']} | {mib['adam']} | {mib['kept']} | {mib['tensor_peak']} | {mib['peak']} | "
-                     f"{(r['peak'] - r['base']) / MB:.0f} | {r['s_per_step']:.2f} |")
+        cells = [r["row"], f"{r['n_trained'] / 1e6:.2f} M of {r['n_params'] / 1e6:.1f} M",
+                 *(mib[k] for k in ("params", "grads", "adam", "kept", "tensor_peak", "peak")),
+                 f"{(r['peak'] - r['base']) / MB:.0f}", f"{r['s_per_step']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -220,10 +224,11 @@ def main() -> None:
             child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one-row", row],
                                    capture_output=True, text=True, check=False)
             if child.returncode:
-                sys.exit(f"row {row} failed (exit status {child.returncode}; -9: killed, e.g. out of memory):\n"
-                         f"{child.stderr}")
+                sys.exit(f"row {row} failed (exit status {child.returncode}; -9: killed, e.g. out of "
+                         f"memory):\n{child.stderr}")
             runs[row].append(json.loads(child.stdout.strip().splitlines()[-1]))
-            print(f"round {round_index + 1}, {row}: {runs[row][-1]['s_per_step']:.2f} s/step", file=sys.stderr)
+            seconds = runs[row][-1]["s_per_step"]
+            print(f"round {round_index + 1}, {row}: {seconds:.2f} s/step", file=sys.stderr)
     results = [median_of_rounds(runs[row]) for row in rows]
     print(table(results, args))
     if args.json:

@@ -41,7 +41,8 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.
     decay = set(decay_parameter_names(model))
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
-        raise InputError(f"{type(model).__name__} has no parameter that requires a gradient: nothing to train")
+        raise InputError(f"{type(model).__name__} has no parameter that requires a gradient: "
+                         f"nothing to train")
     groups = [
         {"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
         {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},

@@ -47,15 +47,18 @@ CASES = {
                                                "target_modules": ["c_attn", "c_proj", "c_fc"],
                                                "bias": "lora_only", "modules_to_save": ["ln_f"]}},
     # GPT-1, a dotted suffix, rsLoRA scaling, every bias trained
-    "gpt1": {"fixture": "tiny-openai-gpt", "lora": {"r": 2, "alpha": 4, "use_rslora": True,
-                                                     "target_modules": ["c_attn", "mlp.c_proj"], "bias": "all"}},
+    "gpt1": {"fixture": "tiny-openai-gpt",
+             "lora": {"r": 2, "alpha": 4, "use_rslora": True, "target_modules": ["c_attn", "mlp.c_proj"],
+                      "bias": "all"}},
     # plain nn.Linear layers: a regex target, a Linear head as a trained copy
-    "toy": {"fixture": None, "lora": {"r": 3, "alpha": 6, "dropout": 0.2, "target_modules": r".*\.(q_proj|up_proj)",
-                                      "bias": "lora_only", "modules_to_save": ["lm_head"]}},
+    "toy": {"fixture": None,
+            "lora": {"r": 3, "alpha": 6, "dropout": 0.2, "target_modules": r".*\.(q_proj|up_proj)",
+                     "bias": "lora_only", "modules_to_save": ["lm_head"]}},
     # a Llama-shaped transformers model (q/k/v/o, gate/up/down nn.Linear, untied head) under minift's
     # adapter: "all-linear" leaves the head out; not in the stored trace (it needs transformers)
-    "llama-hf": {"fixture": None, "lora": {"r": 4, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear",
-                                           "modules_to_save": ["model.norm"]}},
+    "llama-hf": {"fixture": None,
+                 "lora": {"r": 4, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear",
+                          "modules_to_save": ["model.norm"]}},
 }
 TRACED = ("gpt2", "gpt1", "toy")
 
@@ -71,7 +74,8 @@ class ToyBlock(nn.Module):
 
     def forward(self, h):
         x = self.norm(h)
-        return h + self.v_proj(x) * torch.sigmoid(self.q_proj(x)) + self.down_proj(nn.functional.gelu(self.up_proj(x)))
+        gated = self.v_proj(x) * torch.sigmoid(self.q_proj(x))
+        return h + gated + self.down_proj(nn.functional.gelu(self.up_proj(x)))
 
 
 class ToyLM(nn.Module):
@@ -125,7 +129,8 @@ def batch(case: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
 
 
 def toy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                       labels[:, 1:].reshape(-1))
 
 
 def plain_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -185,7 +190,8 @@ def run_minift(case: str, model: nn.Module | None = None) -> dict[str, object]:
     out: dict[str, object] = {}
     model.eval()
     with torch.no_grad():
-        out.update(record_logits(plain_logits(model, ids) if mask is None else model(ids, attention_mask=mask)))
+        logits = plain_logits(model, ids) if mask is None else model(ids, attention_mask=mask)
+        out.update(record_logits(logits))
     model.train()
     optimizer = make_adamw(model, lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
     losses = []
@@ -198,7 +204,8 @@ def run_minift(case: str, model: nn.Module | None = None) -> dict[str, object]:
             loss = result.loss_sum / result.n_loss_targets
         loss.backward()
         if step == 0:
-            out["grads"] = {PEFT_PREFIX + peft_key(n): p.grad.clone() for n, p in trainable_parameters(model).items()}
+            out["grads"] = {PEFT_PREFIX + peft_key(n): p.grad.clone()
+                            for n, p in trainable_parameters(model).items()}
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
@@ -246,16 +253,19 @@ def run_peft(case: str) -> dict[str, object]:
     out: dict[str, object] = {}
     model.eval()
     with torch.no_grad():
-        logits = plain_logits(model, ids) if mask is None else model(input_ids=ids, attention_mask=mask).logits
+        if mask is None:
+            logits = plain_logits(model, ids)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits
         out.update(record_logits(logits))
     model.train()
     # Trainer.get_decay_parameter_names
     no_decay = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
     decay = set(get_parameter_names(model, [nn.LayerNorm], no_decay))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in params if n in decay], "weight_decay": WEIGHT_DECAY},
-                                   {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}],
-                                  lr=LR, eps=EPS, fused=True)
+    groups = [{"params": [p for n, p in params if n in decay], "weight_decay": WEIGHT_DECAY},
+              {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=LR, eps=EPS, fused=True)
     losses = []
     for step in range(STEPS):
         torch.manual_seed(100 + step)

@@ -86,8 +86,8 @@ def test_fewer_tensors_are_kept_for_backward():
 
 
 def test_composes_with_lora():
-    model = apply_lora(_model("gpt2"), LoraSettings(r=4, dropout=0.1, target_modules=["c_attn", "c_fc"],
-                                                    bias="lora_only"), generator=torch.Generator().manual_seed(0))
+    settings = LoraSettings(r=4, dropout=0.1, target_modules=["c_attn", "c_fc"], bias="lora_only")
+    model = apply_lora(_model("gpt2"), settings, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # a non-zero B, so every adapter parameter gets a gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -115,7 +115,8 @@ def test_composes_with_compile_in_one_graph():
     from torch._dynamo.utils import counters
 
     model = _model("gpt2", torch.float32).set_hot_path(loss_rows="all", fused_head=True)
-    apply_lora(model, LoraSettings(r=4, target_modules=["c_attn", "c_proj"]), generator=torch.Generator().manual_seed(0))
+    apply_lora(model, LoraSettings(r=4, target_modules=["c_attn", "c_proj"]),
+               generator=torch.Generator().manual_seed(0))
     model.set_activation_checkpointing(True)
     params = trainable_parameters(model)
     eager = _loss_and_grads(model, params)
@@ -137,16 +138,19 @@ def test_the_memory_benchmark_counts_what_each_setting_keeps(tmp_path):
     from conftest import REPO
 
     out = tmp_path / "memory.json"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--n-layer", "3", "--n-embd", "64",
-                    "--batch", "2", "--seq", "32", "--steps", "1", "--json", str(out)],
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--n-layer", "3",
+                    "--n-embd", "64", "--batch", "2", "--seq", "32", "--steps", "1", "--json", str(out)],
                    env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, capture_output=True, timeout=600)
     rows = {r["row"]: r for r in json.loads(out.read_text())["results"]}
     full, lora = rows["full"], rows["lora"]
     assert full["grads"] == full["params"] and full["n_trained"] == full["n_params"]
-    assert 2 * full["params"] <= full["adam"] < 2 * full["params"] + 4096  # exp_avg, exp_avg_sq (+ step counters)
-    # r = 8 on each layer's c_attn (64 -> 192), attn.c_proj (64 -> 64), c_fc (64 -> 256), mlp.c_proj (256 -> 64)
+    # exp_avg and exp_avg_sq (and step counters)
+    assert 2 * full["params"] <= full["adam"] < 2 * full["params"] + 4096
+    # r = 8 on each layer's c_attn (64 -> 192), attn.c_proj (64 -> 64), c_fc (64 -> 256),
+    # mlp.c_proj (256 -> 64)
     assert lora["n_trained"] == 3 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
-    assert lora["grads"] == 4 * lora["n_trained"] and full["tensor_peak"] >= full["params"] + full["grads"] + full["adam"]
+    assert lora["grads"] == 4 * lora["n_trained"]
+    assert full["tensor_peak"] >= full["params"] + full["grads"] + full["adam"]
     # under full fine-tuning the fused head keeps its weight's gradient [50,304 x 64] from the forward
     head_gradient = {"full": 50304 * 64 * 4, "lora": 0}
     for row, head in head_gradient.items():

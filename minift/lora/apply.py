@@ -32,11 +32,12 @@ from .settings import ALL_LINEAR, LoraSettings, LoraSettingsError
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a ``torch.compile`` or DDP wrapper."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
-                                                      if isinstance(model, nn.parallel.DistributedDataParallel) else None)
-        if inner is None:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif getattr(model, "_orig_mod", None) is not None:
+            model = model._orig_mod
+        else:
             return model
-        model = inner
 
 
 def lora_settings(model: nn.Module) -> LoraSettings | None:
@@ -61,8 +62,8 @@ def saved_module_names(model: nn.Module, settings: LoraSettings) -> list[str]:
         found = [n for n in names if n.endswith(key)]
         if not found:
             short = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
-            raise LoraSettingsError(f"[lora] modules_to_save: {key!r} matches no module of {type(model).__name__}; "
-                                    f"its modules are named {', '.join(short)}")
+            raise LoraSettingsError(f"[lora] modules_to_save: {key!r} matches no module of "
+                                    f"{type(model).__name__}; its modules are named {', '.join(short)}")
         chosen += [n for n in found if n not in chosen]
     return [n for n in chosen if not any(n.startswith(outer + ".") for outer in chosen)]
 
@@ -92,8 +93,9 @@ def target_module_names(model: nn.Module, settings: LoraSettings) -> list[str]:
     modules = dict(named)
     for name in found:
         if linear_features(modules[name]) is None:
-            raise LoraSettingsError(f"[lora] target_modules: {name} ({type(modules[name]).__name__}) is not a linear "
-                                    f"layer; LoRA wraps linear layers ({_short_names(linear)})")
+            kind = type(modules[name]).__name__
+            raise LoraSettingsError(f"[lora] target_modules: {name} ({kind}) is not a linear layer; LoRA "
+                                    f"wraps linear layers ({_short_names(linear)})")
     return found
 
 
@@ -102,9 +104,10 @@ def _short_names(names: list[str]) -> str:
 
 
 def _refuse_unmatched(model: nn.Module, what: str, linear: list[str]) -> None:
-    raise LoraSettingsError(f"[lora] target_modules: {what} matches no module of {type(model).__name__}; its linear "
-                            f"layers are named {_short_names(linear)} (an entry matches a module whose dotted name "
-                            f"ends with it, e.g. {linear[-1] if linear else 'attn.c_proj'!r})")
+    example = linear[-1] if linear else "attn.c_proj"
+    raise LoraSettingsError(f"[lora] target_modules: {what} matches no module of {type(model).__name__}; "
+                            f"its linear layers are named {_short_names(linear)} (an entry matches a module "
+                            f"whose dotted name ends with it, e.g. {example!r})")
 
 
 def _check_causal_lm(model: nn.Module, targets: list[str], saved: list[str]) -> None:
@@ -112,17 +115,19 @@ def _check_causal_lm(model: nn.Module, targets: list[str], saved: list[str]) -> 
     if not isinstance(model, CausalLM):
         return
     if model.lm_head is not None and "lm_head" in targets:
-        raise LoraSettingsError("[lora] target_modules: lm_head — minift's LM head runs inside the loss (chunked or "
-                                "fused with the cross-entropy) from its weight, so a LoRA update there would never "
-                                "run; put lm_head in modules_to_save instead")
+        raise LoraSettingsError("[lora] target_modules: lm_head — minift's LM head runs inside the loss "
+                                "(chunked or fused with the cross-entropy) from its weight, so a LoRA update "
+                                "there would never run; put lm_head in modules_to_save instead")
     embedding = f"transformer.{model.token_embedding_name}"
     if model.lm_head is None and embedding in saved:
-        raise LoraSettingsError(f"[lora] modules_to_save: {embedding} is the token embedding the tied LM head "
-                                f"reads; training a copy would untie them (peft keeps the head on the original)")
+        raise LoraSettingsError(f"[lora] modules_to_save: {embedding} is the token embedding the tied LM "
+                                f"head reads; training a copy would untie them (peft keeps the head on the "
+                                f"original)")
 
 
 # -- putting it in --------------------------------------------------------------------------------------
-def apply_lora(model: nn.Module, settings: LoraSettings, generator: torch.Generator | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, settings: LoraSettings,
+               generator: torch.Generator | None = None) -> nn.Module:
     """Freeze ``model`` and add the adapter ``settings`` describe (in place; the model is returned).
     ``generator`` draws the initial A matrices (default: torch's global RNG)."""
     model = unwrap(model)
@@ -225,7 +230,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
+                            source: str = "adapter") -> None:
     """Copy tensors saved by ``adapter_state_dict`` into the model's adapter (strict: the same
     names and shapes on both sides, or an error listing the differences)."""
     params = trainable_parameters(model)
@@ -234,7 +240,8 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
     problems += [f"{k}: shape {tuple(tensors[k].shape)}, the model's is {tuple(params[k].shape)}"
                  for k in params.keys() & tensors.keys() if tensors[k].shape != params[k].shape]
     if problems:
-        raise LoraSettingsError(f"{source} does not match the model's adapter: " + "; ".join(sorted(problems)[:6])
-                                + (f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""))
+        more = f" (and {len(problems) - 6} more)" if len(problems) > 6 else ""
+        raise LoraSettingsError(f"{source} does not match the model's adapter: "
+                                + "; ".join(sorted(problems)[:6]) + more)
     for name, param in params.items():
         param.copy_(tensors[name])

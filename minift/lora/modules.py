@@ -51,8 +51,9 @@ class LoraLinear(nn.Module):
         weight = base_layer.weight
         dtype = torch.float32 if weight.dtype in HALF_DTYPES else weight.dtype
         # skip_init: no draw from the global RNG here; init_adapter decides the values
-        self.lora_A = nn.utils.skip_init(nn.Linear, in_features, r, bias=False, device=weight.device, dtype=dtype)
-        self.lora_B = nn.utils.skip_init(nn.Linear, r, out_features, bias=False, device=weight.device, dtype=dtype)
+        place = {"bias": False, "device": weight.device, "dtype": dtype}
+        self.lora_A = nn.utils.skip_init(nn.Linear, in_features, r, **place)
+        self.lora_B = nn.utils.skip_init(nn.Linear, r, out_features, **place)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r = r
         self.scaling = scaling
@@ -86,7 +87,8 @@ class LoraLinear(nn.Module):
     def merged_layer(self) -> nn.Module:
         """The base layer with the update added into its weight (the layer itself, changed in place)."""
         weight = self.base_layer.weight
-        weight.copy_((weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight()).to(weight.dtype))
+        wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        weight.copy_((wide + self.delta_weight()).to(weight.dtype))
         return self.base_layer
 
     # peft's tuner layers answer .weight / .bias with the base layer's: code that reads a
@@ -100,7 +102,8 @@ class LoraLinear(nn.Module):
         return self.base_layer.bias
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, layout={'[in, out]' if self.fan_in_fan_out else '[out, in]'}"
+        layout = "[in, out]" if self.fan_in_fan_out else "[out, in]"
+        return f"r={self.r}, scaling={self.scaling:g}, layout={layout}"
 
 
 class TrainedCopy(nn.Module):

@@ -55,7 +55,8 @@ def _vocab_row_names(model: nn.Module) -> set[str]:
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's checkpoint keys, vocabulary rows without padding."""
     model = unwrap(model)
-    vocab_rows, vocab_size = _vocab_row_names(model), getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab_rows = _vocab_row_names(model)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     return {PEFT_PREFIX + peft_key(name): (p[:vocab_size] if name in vocab_rows else p).detach().contiguous()
             for name, p in trainable_parameters(model).items()}
 
@@ -81,7 +82,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, settings: LoraS
 
 def read_adapter(name_or_path: str | os.PathLike) -> tuple[LoraSettings, dict[str, torch.Tensor], Path]:
     """Settings and tensors of a peft adapter folder (or hub name), tensors under peft's keys."""
-    directory = resolve(name_or_path, want=(ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN), required=(ADAPTER_CONFIG,))
+    directory = resolve(name_or_path, want=(ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN),
+                        required=(ADAPTER_CONFIG,))
     if not (directory / ADAPTER_CONFIG).exists():
         raise MissingFile(f"{directory}: no {ADAPTER_CONFIG} (not a peft adapter folder)")
     settings = LoraSettings.from_peft_config(read_json_object(directory / ADAPTER_CONFIG),
@@ -98,7 +100,8 @@ def read_adapter(name_or_path: str | os.PathLike) -> tuple[LoraSettings, dict[st
     except (MissingFile, OSError):
         raise
     except Exception as err:
-        raise CheckpointError(f"{directory}: cannot read the adapter weights ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{directory}: cannot read the adapter weights "
+                              f"({type(err).__name__}: {err})") from err
     return settings, tensors, directory
 
 
@@ -128,6 +131,7 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     for name in vocab_rows & mapped.keys():
         missing_rows = params[name].shape[0] - mapped[name].shape[0]
         if missing_rows > 0:
-            mapped[name] = torch.cat([mapped[name], mapped[name].new_zeros(missing_rows, *mapped[name].shape[1:])])
-    load_adapter_state_dict(model, {k: v.to(params[k].dtype) if k in params else v for k, v in mapped.items()},
-                            source=source)
+            padding = mapped[name].new_zeros(missing_rows, *mapped[name].shape[1:])
+            mapped[name] = torch.cat([mapped[name], padding])
+    mapped = {k: v.to(params[k].dtype) if k in params else v for k, v in mapped.items()}
+    load_adapter_state_dict(model, mapped, source=source)

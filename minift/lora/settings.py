@@ -34,8 +34,8 @@ DEFAULT_TARGET_MODULES = {"gpt2": ("c_attn",), "openai-gpt": ("c_attn",), "llama
 # adapter_config.json fields minift writes and reads; any other peft feature set to a non-default
 # value (DoRA, rank_pattern, layers_to_transform, ...) is refused on load
 PEFT_FIELDS = ("peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias",
-               "modules_to_save", "use_rslora", "fan_in_fan_out", "init_lora_weights", "base_model_name_or_path",
-               "inference_mode", "revision")
+               "modules_to_save", "use_rslora", "fan_in_fan_out", "init_lora_weights",
+               "base_model_name_or_path", "inference_mode", "revision")
 PEFT_DEFAULTS = {"use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
                  "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
                  "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
@@ -137,17 +137,19 @@ class LoraSettings:
         """Settings from a peft ``adapter_config.json``; a peft feature minift does not implement
         (DoRA, per-layer ranks, ...) is refused naming the field."""
         if config.get("peft_type") != "LORA":
-            raise LoraSettingsError(f"{source}: peft_type {config.get('peft_type')!r}; minift loads LoRA adapters only")
+            raise LoraSettingsError(f"{source}: peft_type {config.get('peft_type')!r}; minift loads LoRA "
+                                    f"adapters only")
         for key, default in PEFT_DEFAULTS.items():
             if config.get(key, default) not in (default, None, {}, [], False):
-                raise LoraSettingsError(f"{source}: {key} = {config[key]!r} is a peft feature minift does not "
-                                        f"implement; only plain LoRA adapters load")
+                raise LoraSettingsError(f"{source}: {key} = {config[key]!r} is a peft feature minift does "
+                                        f"not implement; only plain LoRA adapters load")
         init = config.get("init_lora_weights", True)
         if init not in (True, False, "gaussian"):
             init = True  # pissa, olora, ... only change the starting point: the saved A, B are what count
         targets = config.get("target_modules")
         try:
-            return cls(r=config.get("r", 8), alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
+            return cls(r=config.get("r", 8), alpha=config.get("lora_alpha", 8),
+                       dropout=config.get("lora_dropout", 0.0),
                        target_modules=list(targets) if isinstance(targets, (list, tuple, set)) else targets,
                        use_rslora=bool(config.get("use_rslora", False)), bias=config.get("bias", "none"),
                        modules_to_save=list(config.get("modules_to_save") or ()),

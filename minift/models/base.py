@@ -77,7 +77,8 @@ class CausalLM(nn.Module):
         """Per-block activation checkpointing (``layers.run_block``): in training each block keeps
         only its input for backward and recomputes the rest there, about one more forward of
         the blocks per step for activation memory that no longer grows with the block's inner
-        tensors (attention, the 4x-wide MLP). Same loss and gradients (tests/test_activation_checkpointing.py).
+        tensors (attention, the 4x-wide MLP). Same loss and gradients
+        (tests/test_activation_checkpointing.py).
         Generation and no-grad evaluation are unaffected."""
         if not hasattr(self.transformer, "activation_checkpointing"):
             raise NotImplementedError(f"{type(self.transformer).__name__} does not run its blocks through "
@@ -291,9 +292,9 @@ class CausalLM(nn.Module):
         from safetensors.torch import save_file
 
         if getattr(self, "lora_settings", None) is not None:  # set by minift.lora.apply_lora
-            raise InputError("save_pretrained: the model holds a LoRA adapter, whose wrapped layers transformers "
-                             "cannot read; save the adapter (minift.lora.save_adapter) or merge it first "
-                             "(minift.lora.merge_adapters)")
+            raise InputError("save_pretrained: the model holds a LoRA adapter, whose wrapped layers "
+                             "transformers cannot read; save the adapter (minift.lora.save_adapter) or merge "
+                             "it first (minift.lora.merge_adapters)")
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

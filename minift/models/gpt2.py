@@ -46,7 +46,8 @@ class GPT2Transformer(nn.Module):
     def forward(self, input_ids, position_ids, attn_bias, kv_cache=None):
         h = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
-            h = run_block(block, h, attn_bias, None if kv_cache is None else kv_cache[i], self.activation_checkpointing)
+            layer_cache = None if kv_cache is None else kv_cache[i]
+            h = run_block(block, h, attn_bias, layer_cache, self.activation_checkpointing)
         return self.ln_f(h)
 
 
