@@ -37,13 +37,19 @@ def fused_adamw_supported(device: torch.device) -> bool:
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                fused: str = "auto") -> torch.optim.AdamW:
+    """AdamW over the parameters that require a gradient (all of them, or a LoRA adapter's
+    with the base frozen: Trainer's ``create_optimizer`` filters the same way), in a weight-decay
+    group and a no-decay group split as ``decay_parameter_names``."""
     decay = set(decay_parameter_names(model))
-    params = dict(model.named_parameters())
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise InputError(f"{type(model).__name__} has no parameter that requires a gradient: "
+                         f"nothing to train")
     groups = [
         {"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
         {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0},
     ]
-    device = next(model.parameters()).device
+    device = next(iter(params.values())).device
     use_fused = fused == "yes" or (fused == "auto" and fused_adamw_supported(device))
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=use_fused or None,
                              foreach=None if use_fused else False)

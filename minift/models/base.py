@@ -75,6 +75,24 @@ class CausalLM(nn.Module):
                 module.impl = self.attention
         return self
 
+    # -- memory ---------------------------------------------------------------------------------
+    def set_activation_checkpointing(self, enabled: bool = True) -> CausalLM:
+        """Per-block activation checkpointing (``layers.run_block``): in training each block keeps
+        only its input for backward and recomputes the rest there, about one more forward of
+        the blocks per step for activation memory that no longer grows with the block's inner
+        tensors (attention, the 4x-wide MLP). Same loss and gradients
+        (tests/test_activation_checkpointing.py).
+        Generation and no-grad evaluation are unaffected."""
+        if not hasattr(self.transformer, "activation_checkpointing"):
+            raise NotImplementedError(f"{type(self.transformer).__name__} does not run its blocks through "
+                                      f"layers.run_block: activation checkpointing is not available")
+        self.transformer.activation_checkpointing = bool(enabled)
+        return self
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return bool(getattr(self.transformer, "activation_checkpointing", False))
+
     # -- the forward contract ---------------------------------------------------------------
     @property
     def base_model(self) -> nn.Module:
@@ -336,6 +354,11 @@ class CausalLM(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` in the transformers layout."""
         from safetensors.torch import save_file
+
+        if getattr(self, "lora_settings", None) is not None:  # set by minift.lora.apply_lora
+            raise InputError("save_pretrained: the model holds a LoRA adapter, whose wrapped layers "
+                             "transformers cannot read; save the adapter (minift.lora.save_adapter) or merge "
+                             "it first (minift.lora.merge_adapters)")
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .base import CausalLM
 from .config import GPTConfig
-from .layers import MLP, CausalSelfAttention
+from .layers import MLP, CausalSelfAttention, run_block
 
 # openai-gpt's ``afn`` names; its "gelu" is the tanh approximation (transformers' gelu_new).
 GPT1_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -39,11 +39,13 @@ class GPT1Transformer(nn.Module):
         self.positions_embed = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(GPT1Block(config) for _ in range(config.n_layer))
+        self.activation_checkpointing = False  # see CausalLM.set_activation_checkpointing
 
     def forward(self, input_ids, position_ids, attn_bias, kv_cache=None):
         h = self.drop(self.tokens_embed(input_ids) + self.positions_embed(position_ids))
         for i, block in enumerate(self.h):
-            h = block(h, attn_bias, None if kv_cache is None else kv_cache[i])
+            layer_cache = None if kv_cache is None else kv_cache[i]
+            h = run_block(block, h, attn_bias, layer_cache=layer_cache, checkpointed=self.activation_checkpointing)
         return h
 
 

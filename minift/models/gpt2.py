@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import CausalLM
 from .config import GPT2Config
-from .layers import MLP, CausalSelfAttention
+from .layers import MLP, CausalSelfAttention, run_block
 
 
 class GPT2Block(nn.Module):
@@ -41,11 +41,13 @@ class GPT2Transformer(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.activation_checkpointing = False  # see CausalLM.set_activation_checkpointing
 
     def forward(self, input_ids, position_ids, attn_bias, kv_cache=None):
         h = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
-            h = block(h, attn_bias, None if kv_cache is None else kv_cache[i])
+            layer_cache = None if kv_cache is None else kv_cache[i]
+            h = run_block(block, h, attn_bias, layer_cache=layer_cache, checkpointed=self.activation_checkpointing)
         return self.ln_f(h)
 
 

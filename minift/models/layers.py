@@ -1,6 +1,6 @@
 """Layers shared by the architectures: Conv1D-layout projections, SDPA attention, the MLP and the
-attention-mask builder of GPT-1 and GPT-2, and the RMSNorm of the Llama-shaped decoders (the loss is
-in ``lm_loss``).
+attention-mask builder of GPT-1 and GPT-2, the RMSNorm of the Llama-shaped decoders, and the
+(optionally checkpointed) block call (the loss is in ``lm_loss``).
 
 Parameter names match transformers (``c_attn``, ``c_proj``, ``c_fc``) so a state dict
 maps onto the checkpoint key for key.
@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .lm_loss import IGNORE_INDEX, LossOutput  # noqa: F401  (re-exported: collators import them here)
 
@@ -132,6 +133,18 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+def run_block(block: nn.Module, *inputs, layer_cache: LayerKV | None = None, checkpointed: bool = False
+              ) -> torch.Tensor:
+    """One transformer block, ``block(*inputs, layer_cache)``. ``checkpointed`` (activation
+    checkpointing; applied only when a gradient is being recorded and no KV cache is in use): the
+    block's inner activations are not kept for backward but recomputed from its inputs there,
+    ``torch.utils.checkpoint`` with ``use_reentrant=False``; the RNG state is restored for the
+    recomputation, so dropout draws the same masks and the gradients equal those of the plain call."""
+    if checkpointed and layer_cache is None and torch.is_grad_enabled():
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs, layer_cache)
 
 
 class LayerKV:

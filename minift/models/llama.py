@@ -25,7 +25,7 @@ from torch import nn
 
 from .base import CausalLM
 from .decoder_config import DecoderConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-from .layers import LayerKV, RMSNorm, activation_fn, causal_bias, causal_visible, eager_attention
+from .layers import LayerKV, RMSNorm, activation_fn, causal_bias, causal_visible, eager_attention, run_block
 
 SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
@@ -178,6 +178,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, window) for window in config.layer_windows())
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.activation_checkpointing = False  # see CausalLM.set_activation_checkpointing
 
     def forward(self, input_ids, position_ids, attn_bias, kv_cache=None):
         h = self.embed_tokens(input_ids)
@@ -188,7 +189,9 @@ class DecoderModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if layer.window not in biases:
                 biases[layer.window] = windowed_bias(attn_bias, layer.window, queries, keys, h.device)
-            h = layer(h, cos, sin, biases[layer.window], None if kv_cache is None else kv_cache[i])
+            layer_cache = None if kv_cache is None else kv_cache[i]
+            h = run_block(layer, h, cos, sin, biases[layer.window], layer_cache=layer_cache,
+                          checkpointed=self.activation_checkpointing)
         return self.norm(h)
 
 

@@ -128,7 +128,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(compute_dtype)
             loss_sum = torch.zeros((), dtype=loss_dtype, device=x.device)
             grad_x = torch.empty_like(x) if needs_grad else None
-            grad_w = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if needs_grad else None
+            # a frozen head (LoRA) needs no [vocab x width] gradient: one GEMM per chunk less
+            weight_grad = needs_grad and weight.requires_grad
+            grad_w = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if weight_grad else None
             for start in range(0, x.shape[0], chunk_rows):
                 xc = x[start:start + chunk_rows].to(compute_dtype)
                 tc = targets[start:start + chunk_rows]
@@ -144,15 +146,18 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_logits.mul_(valid[:, None])
                     grad_logits = grad_logits.to(compute_dtype)
                     grad_x[start:start + chunk_rows] = (grad_logits @ w).to(x.dtype)
-                    grad_w += grad_logits.T @ xc
+                    if weight_grad:
+                        grad_w += grad_logits.T @ xc
         if needs_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+            ctx.weight_grad = weight_grad
+            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if weight_grad else None)
         return loss_sum
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None, None
+        grad_w = grad_w * grad_loss.to(grad_w.dtype) if ctx.weight_grad else None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w, None, None, None, None, None
 
 
 def label_smoothed_sums(logits: torch.Tensor, labels: torch.Tensor, epsilon: float
