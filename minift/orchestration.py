@@ -96,6 +96,9 @@ class Stage:
     extra_state: dict[str, Any] | None = None  # a stage's own checkpoint entries (tensors, restored in place)
     load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
     summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary entries (data reports)
+    # the optimizer and its schedule, built once the parts are (swap one: examples/optimizer_sgd_cosine.py)
+    build_optimizer: Callable[[RunConfig, nn.Module], torch.optim.Optimizer] = build_optimizer
+    build_scheduler: Callable[[RunConfig, torch.optim.Optimizer, int], Any] = build_scheduler
 
 
 def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> RunContext:
@@ -133,8 +136,8 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     if cfg.train.label_smoothing and stage.name != "train":
         raise RunConfigError(f"train.label_smoothing smooths minift train's next-token targets; the "
                              f"{stage.name} stage has its own loss (DPO: dpo.label_smoothing) — set it to 0")
-    optimizer = build_optimizer(cfg, stage.model)
-    scheduler = build_scheduler(cfg, optimizer, stage.total_steps)
+    optimizer = stage.build_optimizer(cfg, stage.model)
+    scheduler = stage.build_scheduler(cfg, optimizer, stage.total_steps)
     for line in schedule_notes(cfg, len(stage.sampler) if hasattr(stage.sampler, "__len__") else None,
                                stage.total_steps):
         say(line)
