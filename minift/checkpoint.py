@@ -448,9 +448,9 @@ def resume_training(resume: str | Path | bool, output_dir: str | Path, state, pa
     rows = resume_differences(path, run_config, run_fingerprints)
     changes = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in rows)  # checkpoint -> this run
     if rows and not allow_changes:
-        raise ResumeRefused(f"{path} was written with other settings (checkpoint -> this run: {changes}); resume "
-                            "with the checkpoint's settings, or pass --resume-with-changes to continue with the "
-                            "new ones (they are recorded in the next checkpoint's run_config.json)")
+        raise ResumeRefused(f"{path} was written with other settings (checkpoint -> this run: {changes}); "
+                            "resume with the checkpoint's settings, or pass --resume-with-changes to go on "
+                            "with the new ones (they are recorded in the next checkpoint's run_config.json)")
     if rows:
         log(f"resume with changes (checkpoint -> this run): {changes}")
     restore_training_state(path, state, parts, dist, keep_new_hyperparameters=bool(rows))

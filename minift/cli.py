@@ -299,7 +299,8 @@ def run_script(build_stage, argv: list[str] | None = None, after=None) -> int:
     parser = argparse.ArgumentParser(description=(build_stage.__doc__ or "").strip().split("\n")[0] or None)
     parser.add_argument("config", nargs="?", help="TOML config (configs/*.toml); defaults when omitted")
     add_run_arguments(parser)
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also MINIFT_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also MINIFT_DEBUG=1)")
 
     def train_with_build_stage(args) -> int:
         from .orchestration import run_stage

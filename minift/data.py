@@ -407,8 +407,8 @@ def check_something_to_learn(examples: TokenizedExamples, objective: str, max_le
 
 def missing_split(split: str, found: list[str]) -> str:
     """The error for a split the data does not have, naming the settings that pick or make one."""
-    return (f"no {split!r} split (found {found}) — data.train_split and data.eval_split name the splits to use, "
-            f"and data.validation_fraction (e.g. 0.1) holds out part of the train split for evaluation")
+    return (f"no {split!r} split (found {found}) — data.train_split and data.eval_split name the splits to "
+            f"use, and data.validation_fraction (e.g. 0.1) holds out part of the train split for evaluation")
 
 
 def prepare_split(dsd: datasets.DatasetDict, split: str, tokenizer, template: str = DEFAULT_TEMPLATE,

@@ -161,7 +161,7 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
                     loss_formula=eval_loss_formula(cfg))
 
 
-if __name__ == "__main__":  # a copy of this file is a script: python3 my_recipe.py CONFIG [--set ...] [--resume]
+if __name__ == "__main__":  # a copy of this file runs: python3 my_recipe.py CONFIG [--set ...] [--resume]
     import sys
 
     from minift.cli import run_script
