@@ -73,8 +73,8 @@ class LabelSmoothedLoss:
         nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         uniform = -log_probs.mean(dim=-1)
         loss = (1 - self.smoothing) * nll + self.smoothing * uniform
-        return SmoothedOutput(loss_sum=(loss * counted).sum(),
-                              metric_sums={"nll": (nll * counted).sum(), "uniform": (uniform * counted).sum()})
+        sums = {"nll": (nll * counted).sum(), "uniform": (uniform * counted).sum()}
+        return SmoothedOutput(loss_sum=(loss * counted).sum(), metric_sums=sums)
 
 
 def build_stage(ctx):

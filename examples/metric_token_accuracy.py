@@ -61,7 +61,8 @@ class NextTokenLossWithAccuracy:
         labels = inputs.pop("labels")
         logits = model(**inputs)[:, :-1].float()  # without labels: logits; position t predicts token t + 1
         targets = labels[:, 1:]
-        loss_sum = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
         correct = (logits.argmax(dim=-1) == targets) & (targets != IGNORE_INDEX)
         return StepOutput(loss_sum, {"token_accuracy": correct.sum()})
 

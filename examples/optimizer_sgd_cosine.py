@@ -2,7 +2,7 @@
 
 ``orchestration.run_stage`` builds the optimizer and its schedule once a stage has built its parts,
 with the stage's ``build_optimizer(cfg, model)`` and ``build_scheduler(cfg, optimizer, total_steps)``;
-by default ``minift/parts.py``'s (AdamW with Trainer's weight-decay groups, the schedule
+by default ``minift/components.py``'s (AdamW with Trainer's weight-decay groups, the schedule
 ``train.schedule`` names). Replace them in the ``Stage`` as any other part. The loop takes any
 ``torch.optim.Optimizer`` and any scheduler with ``step()`` (``optim.guarded_step`` clips, steps,
 schedules and zeroes the gradients); checkpoints save and resume their ``state_dict``.
@@ -17,13 +17,12 @@ Among its last lines (other CPUs round the last digits differently):
 
     done: 600 steps
       train loss: step 1 5.5476 -> step 600 1.2748
-      eval_after: loss 1.5550, perplexity 4.7352, accuracy 0.3467, macro_f1 0.1716
     SGD (momentum 0.9, Nesterov), lr by step: 1 0.0000, 2 0.0167, 3 0.0333, 301 0.2936, 600 0.0500
 
 The lr each step used is ``lr`` in ``metrics.jsonl``: 30 warm-up steps (ceil(0.05 x 600)), the full
 0.5 at step 31, the floor 0.05 at the end. In the same 600 steps SGD learns more slowly than the stock
-AdamW (train loss 0.9074, accuracy 1.00 from step 300 on): its loss falls, but it still gives every
-tweet the same label.
+AdamW (train loss 0.9074, accuracy 1.00 from step 300 on): its loss falls, but its eval accuracy stays
+near a third: chance.
 """
 from __future__ import annotations
 
@@ -76,7 +75,8 @@ def show_lr(cfg, summary) -> None:
     lr = {r["step"]: r["lr"] for r in records if "lr" in r}
     last = max(lr)
     shown = sorted({1, 2, 3, last // 2 + 1, last} & lr.keys())
-    print(f"SGD (momentum {MOMENTUM:g}, Nesterov), lr by step: " + ", ".join(f"{s} {lr[s]:.4f}" for s in shown))
+    shown_lr = ", ".join(f"{s} {lr[s]:.4f}" for s in shown)
+    print(f"SGD (momentum {MOMENTUM:g}, Nesterov), lr by step: {shown_lr}")
 
 
 def main(argv: list[str] | None = None) -> int:

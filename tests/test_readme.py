@@ -35,7 +35,7 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch):
 def test_every_repo_path_the_readme_cites_exists():
     cited = set(re.findall(r"`((?:minift|benchmarks|configs|docs|examples|tests)/[\w./-]*)`",
                            README.read_text(encoding="utf-8")))
-    assert {"minift/orchestration.py", "minift/parts.py", "minift/finetune.py", "minift/preference/",
+    assert {"minift/orchestration.py", "minift/components.py", "minift/finetune.py", "minift/preference/",
             "minift/models/lm_loss.py", "docs/how-trainer-works.md", "examples/README.md"} <= cited
     assert sorted(path for path in cited if not (REPO / path).exists()) == []
 
@@ -62,6 +62,10 @@ POLICIES = [
     (r"model\.name=/path/to/openai-gpt",
      Run(replace={"/path/to/openai-gpt": "../shared/fixtures/tiny-openai-gpt"}, extra=SMALL_JOB)),
     (r"^python3 -m minift train configs/trainer-trace\.toml", Run()),
+    (r"^python3 -m minift train configs/llama-chat-tiny\.toml", Run()),
+    (r"^python3 -m minift train configs/smollm2-tweets\.toml",
+     Skip("needs the Hugging Face hub (HuggingFaceTB/SmolLM2-135M); configs/llama-chat-tiny.toml runs the "
+          "same chat path offline")),
     (r"^python3 -m minift train --help", Run()),
     (r"^torchrun --nproc-per-node 4 ",
      Skip(HUB.split(";")[0] + "; tests/test_distributed.py runs minift train under torchrun on 2 CPUs")),
