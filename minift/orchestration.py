@@ -58,8 +58,7 @@ from .run_dir import claim_output_dir
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
 from .selection import ModelSelection
 
-MODEL_DIR = "model"
-SUMMARY_FILE = "summary.json"
+MODEL_DIR, SUMMARY_FILE = "model", "summary.json"  # in train.output_dir
 
 
 @dataclass
@@ -96,9 +95,8 @@ class Stage:
     extra_state: dict[str, Any] | None = None  # a stage's own checkpoint entries (tensors, restored in place)
     load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
     summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary entries (data reports)
-    # the optimizer and its schedule, built once the parts are (swap one: examples/optimizer_sgd_cosine.py)
-    build_optimizer: Callable[[RunConfig, nn.Module], torch.optim.Optimizer] = build_optimizer
-    build_scheduler: Callable[[RunConfig, torch.optim.Optimizer, int], Any] = build_scheduler
+    build_optimizer: Callable[[RunConfig, nn.Module], Any] = build_optimizer  # components.py's: AdamW
+    build_scheduler: Callable[[RunConfig, Any, int], Any] = build_scheduler  # components.py's: train.schedule
 
 
 def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> RunContext:
@@ -147,8 +145,7 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     extra_state = {**(stage.extra_state or {}), **(rng.checkpoint_entries() if rng is not None else {})}
     parts = ckpt.TrainingParts(stage.saved_model, optimizer, scheduler, ctx.precision, stage.sampler,
                                stage.tokenizer, extra_state or None, stage.load_model_weights)
-    state, run_config = TrainState(), cfg.to_dict()
-    resumed = None
+    state, run_config, resumed = TrainState(), cfg.to_dict(), None
     if resume:  # metrics.jsonl cut back to the resumed step (all of it when starting from scratch)
         resumed = ckpt.resume_training(resume, out_dir, state, parts, dist, run_config, stage.fingerprints,
                                        allow_changes=resume_with_changes, log=say)
