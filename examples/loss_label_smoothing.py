@@ -13,6 +13,10 @@ ranks), so gradient accumulation equals one big batch, and it writes ``loss`` an
 cross-entropy from its fused head (``minift/models/lm_loss.py``), never the logits; this one calls it
 *without* ``labels`` to get the logits [batch, time, vocab], then shifts (position t predicts token t+1).
 
+minift has this loss built in (``train.label_smoothing = 0.1``, ``minift/label_smoothing.py``, as
+Trainer's ``label_smoothing_factor``); written out here it is the pattern for any loss of your own, and
+``tests/test_examples.py`` checks that the two train alike, step for step.
+
 The run is ``minift train``'s with one part replaced: ``build_stage`` calls the recipe's own
 (``minift.finetune.build_stage``) and swaps its ``loss`` with ``dataclasses.replace``; ``run_script``
 gives this file ``minift train``'s command line. From the repo root:

@@ -177,7 +177,11 @@ def check_resumed_sft(folder, output: str) -> None:
     resumed = json.loads((folder / "runs/sft-500/summary.json").read_text())
     assert (resumed["steps"], resumed["resumed_at"]) == (5, [4])
     assert "done: 5 steps (resumed at step 4)" in output
-    assert f"train loss: step 1 {first['first_loss']:.4f} -> step 5 {resumed['last_loss']:.4f}" in output
+    steps = [json.loads(line) for line in (folder / "runs/sft-500/metrics.jsonl").read_text().splitlines()]
+    mean = [r["loss"] for r in steps if "step_time" in r and r["step"] > 4]  # the steps this run took
+    assert resumed["train_loss"] == pytest.approx(sum(mean) / len(mean), rel=1e-12)
+    assert (f"train loss: step 1 {first['first_loss']:.4f} -> step 5 {resumed['last_loss']:.4f}, "
+            f"mean {resumed['train_loss']:.4f} (steps 5-5)") in output
     block = SHELL_BLOCKS[block_index("runs/sft-500")]
     sft = next(c for c in block.commands if "train.output_dir=runs/sft-500" in c.text)
     straight = sft.text.replace("runs/sft-500", "runs/sft-straight").replace("--resume-with-changes", "")
