@@ -26,7 +26,7 @@ gives this file ``minift train``'s command line. From the repo root:
 Among its last lines (other CPUs round the last digits differently):
 
     done: 600 steps
-      train loss: step 1 5.5602 -> step 600 1.6860
+      train loss: step 1 5.5602 -> step 600 1.6860, mean 2.2184
       eval_after: loss 1.2711, perplexity 3.5647, accuracy 1.0000, macro_f1 1.0000
     step 600: loss 1.6860 is 0.9 x nll 1.0041 + 0.1 x uniform 7.8232 (label smoothing 0.1)
 

@@ -17,7 +17,7 @@ summary's ``eval_before`` / ``eval_after`` lines.
 Among its last lines (other CPUs round the last digits differently):
 
     done: 600 steps
-      train loss: step 1 5.5476 -> step 600 0.9070
+      train loss: step 1 5.5476 -> step 600 0.9070, mean 1.5321
       eval_before: loss 5.6545, perplexity 285.5609, accuracy 0.3533, macro_f1 0.2837, weight_norm 17.4444
       eval_after: loss 1.1754, perplexity 3.2393, accuracy 1.0000, macro_f1 1.0000, weight_norm 29.8129
     token_accuracy by step: 1 0.1949, 300 0.6250, 600 0.7109

@@ -16,7 +16,7 @@ far larger learning rate than AdamW (0.5 did best of 0.5, 1, 2 and 5 here):
 Among its last lines (other CPUs round the last digits differently):
 
     done: 600 steps
-      train loss: step 1 5.5476 -> step 600 1.2748
+      train loss: step 1 5.5476 -> step 600 1.2748, mean 2.0435
     SGD (momentum 0.9, Nesterov), lr by step: 1 0.0000, 2 0.0167, 3 0.0333, 301 0.2936, 600 0.0500
 
 The lr each step used is ``lr`` in ``metrics.jsonl``: 30 warm-up steps (ceil(0.05 x 600)), the full
