@@ -86,7 +86,8 @@ def test_a_resumed_runs_summary_says_which_steps_its_train_losses_cover():
 
     summary = {"steps": 500, "resumed_at": [400], "peak_memory_mb": 1.0, "first_loss": 5.0, "last_loss": 1.0,
                "train_loss": 1.2}  # first and last: the whole run's; the mean: this process's steps
-    assert "  train loss: step 1 5.0000 -> step 500 1.0000, mean 1.2000 (steps 401-500)" in summary_text(summary)
+    line = "  train loss: step 1 5.0000 -> step 500 1.0000, mean 1.2000 (steps 401-500)"
+    assert line in summary_text(summary)
     assert "done: 500 steps (resumed at step 400)" in summary_text(summary)
     fresh = summary_text({**summary, "resumed_at": []})
     assert "  train loss: step 1 5.0000 -> step 500 1.0000, mean 1.2000\n" in fresh + "\n"
