@@ -33,7 +33,8 @@ import datasets
 
 from .chat_template import CHATML, CHATML_TOKENS, ChatTemplateError, assistant_spans, load_template, render
 from .config import DataSection
-from .data import DataError, SplitReport, TokenizedExamples, clean_split, format_example, split_template
+from .data import (DataError, SplitReport, TokenizedExamples, clean_split, format_example, missing_split,
+                   split_template)
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
@@ -283,7 +284,7 @@ def prepare_chat_split(
     dsd: datasets.DatasetDict, split: str, tokenizer, data: DataSection, labels: tuple[str, ...]
 ) -> tuple[TokenizedExamples, SplitReport]:
     if split not in dsd:
-        raise DataError(f"no {split!r} split (found {sorted(dsd)})")
+        raise DataError(missing_split(split, sorted(dsd)))
     cleaned, report = clean_chat_split(dsd[split], split, data, labels)
     return TokenizedExamples(tokenize_chat_split(cleaned, tokenizer, data, labels, split, report)), report
 

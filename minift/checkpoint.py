@@ -446,13 +446,13 @@ def resume_training(resume: str | Path | bool, output_dir: str | Path, state, pa
         return None
     dist.check_world_size(load_training_state(path).get("world_size", 1))
     rows = resume_differences(path, run_config, run_fingerprints)
-    table = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in rows)
+    changes = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in rows)  # checkpoint -> this run
     if rows and not allow_changes:
-        raise ResumeRefused(f"{path} was written with other settings (setting: checkpoint -> this run):\n{table}\n"
-                            "— resume with the checkpoint's settings, or pass --resume-with-changes to continue "
+        raise ResumeRefused(f"{path} was written with other settings (checkpoint -> this run: {changes}); "
+                            "resume with the checkpoint's settings, or pass --resume-with-changes to go on "
                             "with the new ones (they are recorded in the next checkpoint's run_config.json)")
     if rows:
-        log(f"resume with changes (setting: checkpoint -> this run):\n{table}")
+        log(f"resume with changes (checkpoint -> this run): {changes}")
     restore_training_state(path, state, parts, dist, keep_new_hyperparameters=bool(rows))
     log(f"resume: {path} (step {state.step}, epoch {parts.sampler.epoch}, batch {parts.sampler.consumed})")
     return path

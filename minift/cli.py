@@ -274,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return subprocess.call([sys.executable, str(script), "--no-trainer", *argv[1:]])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return call_reporting_errors(parser.parse_args(argv))
+
+
+def call_reporting_errors(args) -> int:
+    """``args.func(args)``; a minift error or an OSError becomes one ``minift: error:`` line and the
+    exit code (the traceback with --debug or MINIFT_DEBUG=1)."""
     debug = args.debug or os.environ.get("MINIFT_DEBUG", "0") not in ("", "0")
     try:
         return args.func(args)
@@ -283,6 +288,32 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"minift: error: {error_line(err)}", file=sys.stderr)
         return getattr(err, "exit_code", 1)
+
+
+def run_script(build_stage, argv: list[str] | None = None, after=None) -> int:
+    """The command line of a training script of your own: ``python3 my_recipe.py CONFIG [--set ...]
+    [--resume] ...`` takes ``minift train``'s options and runs ``build_stage`` (a function of a
+    ``RunContext`` returning a ``Stage``: a copy of ``minift/finetune.py``, or one of examples/)
+    through ``orchestration.run_stage``; ``after(cfg, summary)``, when given, is called once the run
+    is done (to show what your change logged). Returns the exit code."""
+    parser = argparse.ArgumentParser(description=(build_stage.__doc__ or "").strip().split("\n")[0] or None)
+    parser.add_argument("config", nargs="?", help="TOML config (configs/*.toml); defaults when omitted")
+    add_run_arguments(parser)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also MINIFT_DEBUG=1)")
+
+    def train_with_build_stage(args) -> int:
+        from .orchestration import run_stage
+
+        cfg = load_config(args.config, args.set or [])
+        summary = run_stage(cfg, build_stage, resume=resume_of(args), overwrite=args.overwrite,
+                            resume_with_changes=args.resume_with_changes)
+        if after is not None and summary and "stopped_by" not in summary:
+            after(cfg, summary)
+        return 0 if summary else 1
+
+    parser.set_defaults(func=train_with_build_stage)
+    return call_reporting_errors(parser.parse_args(argv))
 
 
 def error_line(err: BaseException) -> str:

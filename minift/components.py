@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from . import synthetic
+from . import chat_data, synthetic
 from .config import RunConfig, RunConfigError
 from .data import DataError, check_something_to_learn, load_splits
 from .distributed import SINGLE_PROCESS, Distributed
@@ -45,10 +45,10 @@ def build_tokenizer(cfg: RunConfig):
         name = synthetic.prepare(Path(cfg.train.output_dir) / SYNTHETIC, seed=cfg.train.seed)[1]
     if name == "random":
         raise DataError("model.name = \"random\" needs model.tokenizer")
-    tokenizer = ensure_pad_token(load_tokenizer(name), cfg.model.pad_token)
+    tok = ensure_pad_token(chat_data.chat_tokenizer(load_tokenizer(name), cfg.data), cfg.model.pad_token)
     if cfg.model.tokenizer and cfg.model.name != "random":
-        check_model_folder_tokenizer(Path(cfg.model.name).expanduser(), tokenizer, cfg.model.pad_token)
-    return tokenizer
+        check_model_folder_tokenizer(Path(cfg.model.name).expanduser(), tok, cfg.model.pad_token)
+    return tok
 
 
 def check_model_folder_tokenizer(model_dir: Path, tokenizer, pad_policy: str) -> None:

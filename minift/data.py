@@ -405,13 +405,19 @@ def check_something_to_learn(examples: TokenizedExamples, objective: str, max_le
                         f"{max_length} (data.objective = {objective!r}) — raise data.max_length")
 
 
+def missing_split(split: str, found: list[str]) -> str:
+    """The error for a split the data does not have, naming the settings that pick or make one."""
+    return (f"no {split!r} split (found {found}) — data.train_split and data.eval_split name the splits to "
+            f"use, and data.validation_fraction (e.g. 0.1) holds out part of the train split for evaluation")
+
+
 def prepare_split(dsd: datasets.DatasetDict, split: str, tokenizer, template: str = DEFAULT_TEMPLATE,
                   labels: tuple[str, ...] = DEFAULT_LABELS, max_length: int = DEFAULT_MAX_LENGTH,
                   text_column: str = _DEFAULTS.text_column, label_column: str = _DEFAULTS.label_column,
                   append_eos: bool | None = None) -> tuple[TokenizedExamples, SplitReport]:
     """Clean + tokenize one split. ``append_eos`` None means: when the tokenizer has an EOS."""
     if split not in dsd:
-        raise DataError(f"no {split!r} split (found {sorted(dsd)})")
+        raise DataError(missing_split(split, sorted(dsd)))
     if append_eos is None:
         append_eos = tokenizer.eos_id is not None
     cleaned, report = clean_split(dsd[split], split, text_column, label_column, labels)

@@ -159,3 +159,11 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
     print("data: " + data.reports[0].line())
     return evaluate(model, data.eval, Precision(cfg.train.precision, device), accuracy=cfg.eval.accuracy,
                     loss_formula=eval_loss_formula(cfg))
+
+
+if __name__ == "__main__":  # a copy of this file runs: python3 my_recipe.py CONFIG [--set ...] [--resume]
+    import sys
+
+    from minift.cli import run_script
+
+    sys.exit(run_script(build_stage))

@@ -371,8 +371,11 @@ def summary_text(s: dict[str, Any]) -> str:
         lines.append(f"  skipped: {s['skipped_nonfinite']} of {s['steps']} steps had a NaN/inf loss "
                      f"(their gradients were dropped)")
     if s.get("first_loss") is not None:
+        mean = s.get("train_loss")
+        since = s["resumed_at"][-1] + 1 if s.get("resumed_at") else 1  # the mean covers this process's steps
         lines.append(f"  train loss: step 1 {s['first_loss']:.4f} -> step {s['steps']} {s['last_loss']:.4f}"
-                     + (f", mean {s['train_loss']:.4f}" if s.get("train_loss") is not None else ""))
+                     + (f", mean {mean:.4f}" if mean is not None else "")
+                     + (f" (steps {since}-{s['steps']})" if mean is not None and since > 1 else ""))
     if "best_model" in s:
         best = s["best_model"]
         lines.append(f"  best model: {best['metric']} {best['value']:.4f} at step {best['step']}"

@@ -58,8 +58,7 @@ from .run_dir import claim_output_dir
 from .runtime import StopRequest, peak_memory_bytes, pick_device, setup_process
 from .selection import ModelSelection
 
-MODEL_DIR = "model"
-SUMMARY_FILE = "summary.json"
+MODEL_DIR, SUMMARY_FILE = "model", "summary.json"  # in train.output_dir
 
 
 @dataclass
@@ -96,6 +95,8 @@ class Stage:
     extra_state: dict[str, Any] | None = None  # a stage's own checkpoint entries (tensors, restored in place)
     load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
     summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary entries (data reports)
+    build_optimizer: Callable[[RunConfig, nn.Module], Any] = build_optimizer  # components.py's: AdamW
+    build_scheduler: Callable[[RunConfig, Any, int], Any] = build_scheduler  # components.py's: train.schedule
 
 
 def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> RunContext:
@@ -133,8 +134,8 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     if cfg.train.label_smoothing and stage.name != "train":
         raise RunConfigError(f"train.label_smoothing smooths minift train's next-token targets; the "
                              f"{stage.name} stage has its own loss (DPO: dpo.label_smoothing) — set it to 0")
-    optimizer = build_optimizer(cfg, stage.model)
-    scheduler = build_scheduler(cfg, optimizer, stage.total_steps)
+    optimizer = stage.build_optimizer(cfg, stage.model)
+    scheduler = stage.build_scheduler(cfg, optimizer, stage.total_steps)
     for line in schedule_notes(cfg, len(stage.sampler) if hasattr(stage.sampler, "__len__") else None,
                                stage.total_steps):
         say(line)
@@ -144,8 +145,7 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     extra_state = {**(stage.extra_state or {}), **(rng.checkpoint_entries() if rng is not None else {})}
     parts = ckpt.TrainingParts(stage.saved_model, optimizer, scheduler, ctx.precision, stage.sampler,
                                stage.tokenizer, extra_state or None, stage.load_model_weights)
-    state, run_config = TrainState(), cfg.to_dict()
-    resumed = None
+    state, run_config, resumed = TrainState(), cfg.to_dict(), None
     if resume:  # metrics.jsonl cut back to the resumed step (all of it when starting from scratch)
         resumed = ckpt.resume_training(resume, out_dir, state, parts, dist, run_config, stage.fingerprints,
                                        allow_changes=resume_with_changes, log=say)

@@ -180,8 +180,10 @@ def test_resume_with_other_settings_refuses_with_a_table_or_uses_and_records_the
     old_lr = json.loads((out / "checkpoint-2" / "run_config.json").read_text())["train"]["lr"]
     with pytest.raises(ResumeRefused, match=rf"(?s)train.lr: {old_lr!r} -> 1e-05.*--resume-with-changes"):
         run(small_config(out, "train.lr=1e-5"), resume=True, **QUIET)
-    with pytest.raises(ResumeRefused, match="train.grad_accum: 2 -> 4"):
+    with pytest.raises(ResumeRefused, match="train.grad_accum: 2 -> 4") as refused:
         run(small_config(out, "train.grad_accum=4"), resume=True, **QUIET)
+    assert "\n" not in str(refused.value) and "(checkpoint -> this run: train.grad_accum: 2 -> 4); " \
+        in str(refused.value)  # one line that reads as a sentence
     run(small_config(out, "train.lr=1e-5"), resume=True, resume_with_changes=True, **QUIET)
     cfg = small_config(out)
     warmup = math.ceil(cfg.train.warmup_ratio * 4)

@@ -79,3 +79,15 @@ def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path):
         assert [s for s, _ in logged[tag]] == [s for s, _ in points], tag
         assert [v for _, v in logged[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
     assert [s for s, _ in logged["train/loss"]] == [2, 4]  # log_every thins both the same way
+
+
+def test_a_resumed_runs_summary_says_which_steps_its_train_losses_cover():
+    from minift.metrics import summary_text
+
+    summary = {"steps": 500, "resumed_at": [400], "peak_memory_mb": 1.0, "first_loss": 5.0, "last_loss": 1.0,
+               "train_loss": 1.2}  # first and last: the whole run's; the mean: this process's steps
+    line = "  train loss: step 1 5.0000 -> step 500 1.0000, mean 1.2000 (steps 401-500)"
+    assert line in summary_text(summary)
+    assert "done: 500 steps (resumed at step 400)" in summary_text(summary)
+    fresh = summary_text({**summary, "resumed_at": []})
+    assert "  train loss: step 1 5.0000 -> step 500 1.0000, mean 1.2000\n" in fresh + "\n"
