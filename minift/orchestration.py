@@ -96,6 +96,7 @@ class Stage:
     extra_state: dict[str, Any] | None = None  # a stage's own checkpoint entries (tensors, restored in place)
     load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
     summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary entries (data reports)
+    finish_record: Callable[[dict], dict] | None = None  # each step record as logged (RL: TRL's clip extremes)
 
 
 def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> RunContext:
@@ -186,7 +187,7 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         with StopRequest() as stop:
             if cfg.eval.before_training and state.step == 0 and not _evaluated_before(out_dir, dist, resumed):
                 evaluate_at(0)
-            hooks = build_hooks(cfg, metrics, evaluate_in_training, checkpoint_at,
+            hooks = build_hooks(cfg, _step_log(stage, metrics), evaluate_in_training, checkpoint_at,
                                 lambda: stop() or selection.should_stop(state),
                                 on_epoch_end=rng.epoch_ended if rng is not None else None)
             state = train(wrap_for_training(cfg, stage.model, dist), optimizer, scheduler, stage.batches,
@@ -218,6 +219,13 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         return summary
     finally:
         metrics.close()
+
+
+def _step_log(stage: Stage, metrics: MetricsLogger) -> Callable[[dict], None]:
+    """What each step record goes through before ``metrics`` logs it (the stage's ``finish_record``)."""
+    if stage.finish_record is None:
+        return metrics
+    return lambda record: metrics(stage.finish_record(record))
 
 
 def _evaluate_and_log(stage: Stage, metrics: MetricsLogger, step: int, **extra) -> dict[str, Any] | None:
