@@ -193,9 +193,9 @@ def test_crash_then_resume_inside_a_round_is_bit_identical(tmp_path, monkeypatch
     _assert_same_run(tmp_path / "full", tmp_path / "resumed")
 
 
-def _cli(config_overrides, *extra, algorithm="grpo"):
+def _cli(config_overrides, *extra, algorithm="grpo", config=REPO / "configs" / "grpo-tiny.toml"):
     sets = [x for o in config_overrides for x in ("--set", o)]
-    return [sys.executable, "-m", "minift", algorithm, str(REPO / "configs" / "grpo-tiny.toml"), *sets, *extra]
+    return [sys.executable, "-m", "minift", algorithm, str(config), *sets, *extra]
 
 
 def _env():
@@ -237,11 +237,13 @@ def test_two_ranks_equal_one_process_under_replay(tmp_path, name):
     completions = tmp_path / "completions.jsonl"
     completions.write_text("".join(json.dumps(r) + "\n" for r in setting["completions"]))
     cfg = {**setting["config"], "optimizer": "adamw", "lr": 1e-3}
-    outs = {}
+    outs, no_file = {}, tmp_path / "defaults.toml"
+    no_file.write_text("")
     for ranks in (1, 2):
+        (tmp_path / f"r{ranks}").mkdir()
         overrides = replay_overrides({**cfg, "per_device": cfg["per_device"] // ranks}, tmp_path / f"r{ranks}",
-                                     completions) if (tmp_path / f"r{ranks}").mkdir() is None else None
-        command = _cli(overrides, algorithm=cfg["trainer"])
+                                     completions)
+        command = _cli(overrides, algorithm=cfg["trainer"], config=no_file)
         if ranks == 2:
             command[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29561",
                             "-m", "minift"]
@@ -256,3 +258,130 @@ def test_two_ranks_equal_one_process_under_replay(tmp_path, name):
                 assert b[key] == pytest.approx(a[key], abs=1e-6, rel=1e-6), (a["step"], key)
     for tensor, values in _weights(outs[1] / "model").items():
         torch.testing.assert_close(_weights(outs[2] / "model")[tensor], values, rtol=0, atol=1e-6)
+
+
+# -- bad input: one line, exit 2 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    (["rl.num_generations=1"], r"rl.num_generations must be >= 2"),
+    (["rl.generation_batch_size=18"], r"generation_batch_size 18 is not a multiple of rl.num_generations 4"),
+    (["rl.generation_batch_size=16", "rl.steps_per_generation=2"], r"both set: give one"),
+    (['rl.algorithm="rloo"'], r"this is minift grpo: run minift rloo"),
+    (['rl.loss_type="ppo"'], r"rl.loss_type 'ppo': one of"),
+    (["rl.top_p=0.0", "rl.top_k=-1"], r"^rl.top_p must be in \(0, 1\], got 0.0; rl.top_k must be >= 0"),
+    (["rl.reward_weights=[1.0, 2.0]"], r"2 weights for 1 rewards"),
+    (["rl.reward_funcs=[]"], r"rl.reward_funcs: a list of one or more rewards"),
+])
+def test_bad_settings_are_refused_when_the_config_is_read(overrides, message):
+    from minift.config import RunConfigError
+
+    with pytest.raises(RunConfigError, match=message) as err:
+        load_rl_config(REPO / "configs" / "grpo-tiny.toml", overrides, "grpo")
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
+def test_a_grpo_option_is_an_unknown_key_for_rloo():
+    from minift.config import RunConfigError
+
+    with pytest.raises(RunConfigError, match=r"unknown key \[rl\] loss_type"):
+        load_rl_config(REPO / "configs" / "grpo-tiny.toml", ['rl.algorithm="rloo"', 'rl.loss_type="dapo"'], "rloo")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.batch_size=5"], r"a round of 10 completions .* is not a multiple of rl.num_generations 4"),
+    (['rl.reward_funcs=["no_such_module_xyz:reward"]'], r"cannot import module 'no_such_module_xyz'"),
+    (['rl.reward_funcs=["rl_rewards:NOT_CALLABLE"]'], r"NOT_CALLABLE is a int, not a function"),
+    (['rl.reward_funcs=["rl_rewards:raises"]'], r"reward 'raises' raised at step 0: KeyError: 'no such column'"),
+    (['rl.reward_funcs=["rl_rewards:wrong_length"]'], r"returned 15 values at step 0 for 16 completions"),
+    (['rl.reward_funcs=["rl_rewards:not_a_number"]'], r"returned nan for completion 0 at step 0"),
+    (["rl.max_completion_length=64"], r"leaves no room for a prompt in the model's 64 positions"),
+    (["rl.max_completion_length=62"], r"no prompt left .* 256 dropped"),
+    (["rl.mask_truncated_completions=true"], r"the tokenizer has no EOS and rl.eos_token_ids is empty"),
+])
+def test_bad_input_is_refused_in_one_line(tmp_path, overrides, message):
+    from minift.errors import InputError
+
+    with pytest.raises(InputError, match=message) as err:
+        run_rl(tiny(tmp_path, "train.max_steps=1", *overrides), **QUIET)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
+@pytest.mark.shared
+def test_a_model_that_is_no_reward_model_is_refused(tmp_path):
+    from minift.rl.rewards import RewardError
+
+    with pytest.raises(RewardError, match=r"holds a GPT2LMHeadModel, not a reward model"):
+        run_rl(tiny(tmp_path, f'rl.reward_funcs=["{shared_path("fixtures", "tiny-gpt2")}"]'), **QUIET)
+
+
+def test_the_command_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(_cli([f'train.output_dir="{tmp_path}"', 'rl.reward_funcs=["rl_rewards:raises"]',
+                                  "train.max_steps=1"]), env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("minift: error: reward 'raises' raised at step 0: KeyError: "
+                                                      "'no such column'")
+
+
+def test_prompts_too_long_are_dropped_and_counted(tmp_path):
+    """Prompts with more than n_positions - max_completion_length tokens are left out, counted in the summary
+    (recounted here with the tokenizer); the rest train."""
+    from minift.tokenizer import load_tokenizer
+
+    summary = run_rl(tiny(tmp_path, "rl.max_completion_length=56", "train.max_steps=1"), **QUIET)
+    tokenizer = load_tokenizer(tmp_path / "synthetic" / "tokenizer")
+    texts = [json.loads(line)["text"] for line in
+             (tmp_path / "synthetic" / "data" / "train.jsonl").read_text().splitlines()[:256]]
+    too_long = sum(len(tokenizer.encode(f"{t.strip()} sentiment:")) > 64 - 56 for t in texts)
+    assert 0 < too_long < 256 and summary["prompts_dropped"] == too_long and summary["prompts"] == 256 - too_long
+
+
+# -- the three kinds of reward ---------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.requires("transformers")
+def test_a_rule_a_reward_model_and_a_callable_through_the_recipe(tmp_path):
+    """``minift reward`` trains a reward model; ``minift grpo`` then scores with the label rule, that model
+    and a callable using the tweets' ``label`` column (weights 1, 0.5, 2): every logged completion's
+    rewards recomputed here (the rule by hand, the model by transformers' classifier, the callable's
+    formula), and each step's ``rewards/<name>/mean`` and ``reward`` are their means."""
+    import math
+
+    from transformers import AutoModelForSequenceClassification
+
+    from minift.preference.config import PreferenceConfig
+    from minift.preference.recipe import run_reward
+    from minift.tokenizer import load_tokenizer
+
+    rm_cfg = load_config_with(REPO / "configs" / "reward-tiny.toml", PreferenceConfig,
+                              [f'train.output_dir="{tmp_path / "rm"}"', "train.max_steps=2"])
+    run_reward(rm_cfg, **QUIET)
+    rm_dir = tmp_path / "rm" / "model"
+    run_rl(tiny(tmp_path / "rl", "train.max_steps=3", "rl.log_completions=true",
+                f'rl.reward_funcs=["label_match", "{rm_dir}", "rl_rewards:longer_prompt"]',
+                "rl.reward_weights=[1.0, 0.5, 2.0]"), **QUIET)
+    gold = {f"{json.loads(line)['text'].strip()} sentiment:": json.loads(line)["label_text"]
+            for line in (tmp_path / "rl" / "synthetic" / "data" / "train.jsonl").read_text().splitlines()}
+    theirs = AutoModelForSequenceClassification.from_pretrained(str(rm_dir)).eval()
+    rm_tokenizer = load_tokenizer(rm_dir)
+    samples = [json.loads(line) for line in (tmp_path / "rl" / "completions.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2, 3} and len(samples) == 3 * 16
+    for s in samples:
+        words = s["completion"].split()
+        assert s["label_match"] == float(bool(words) and words[0].strip(".,!?").lower() == gold[s["prompt"]])
+        ids = torch.tensor([rm_tokenizer.encode(s["prompt"] + s["completion"])])
+        with torch.no_grad():
+            assert s["model"] == pytest.approx(theirs(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+        want = None if gold[s["prompt"]] == "neutral" else len(s["prompt"]) / 100 - len(s["completion"]) / 50
+        assert s["longer_prompt"] == (want if want is None else pytest.approx(want, abs=1e-6))
+        total = s["label_match"] + 0.5 * s["model"] + 2.0 * (s["longer_prompt"] or 0.0)
+        assert s["reward"] == pytest.approx(total, abs=1e-5)
+    for record in _step_records(tmp_path / "rl"):
+        mine = [s for s in samples if s["step"] == record["step"]]
+        for name in ("label_match", "model", "longer_prompt"):
+            values = [s[name] for s in mine if s[name] is not None]
+            assert record[f"rewards/{name}/mean"] == pytest.approx(sum(values) / len(values), abs=1e-5)
+        assert record["reward"] == pytest.approx(math.fsum(s["reward"] for s in mine) / len(mine), abs=1e-5)
+
+
+def load_config_with(path, stage, overrides):
+    from minift.config import load_config
+
+    return load_config(path, overrides, stage=stage)

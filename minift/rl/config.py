@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import RunConfigError, option
+from ..errors import InputError
 
 TWEETS = "tweets"  # rl.prompts: the [data] rows as prompts "{text} sentiment:", the gold label kept
 ALGORITHMS = ("grpo", "rloo")
@@ -168,7 +169,11 @@ class _StageConfig:
         for ok, message in self.rl.checks():
             if not ok:
                 raise RunConfigError(message)
-        self.rl.sampling_settings()
+        try:
+            self.rl.sampling_settings()
+        except InputError as err:  # "generation: top_p ...; top_k ..." in the config's names
+            problems = str(err).removeprefix("generation: ").split("; ")
+            raise RunConfigError("; ".join(f"rl.{p}" for p in problems)) from None
         return self
 
     def validate_with(self, cfg) -> None:
