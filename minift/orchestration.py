@@ -96,7 +96,7 @@ class Stage:
     extra_state: dict[str, Any] | None = None  # a stage's own checkpoint entries (tensors, restored in place)
     load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
     summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary entries (data reports)
-    finish_record: Callable[[dict], dict] | None = None  # each step record as logged (RL: TRL's clip extremes)
+    finish_record: Callable[[dict], dict] | None = None  # each step record before it is logged (RL)
 
 
 def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> RunContext:

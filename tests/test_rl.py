@@ -10,7 +10,6 @@ import statistics
 
 import pytest
 import torch
-from conftest import shared_path
 from torch import nn
 from trl_rl import DEFAULT_SUITE, SETTINGS, STEP_KEYS, TRACE, config, run_minift, run_trl, weight_digest
 
@@ -35,6 +34,8 @@ from minift.rl.objective import (
     finish_step_metrics,
 )
 from minift.rl.replay import ReplayError, ReplayRound, ReplayWriter, read_replay, write_replay
+
+from conftest import shared_path
 
 NAN = float("nan")
 CPU = torch.device("cpu")
@@ -258,12 +259,14 @@ def test_prepare_round_gives_each_rank_its_slice_of_every_micro_batch(algorithm)
 
     def run(rank, world_size):
         return prepare_round(settings, scorer, reference, prompts, completions, rewards,
-                             torch.tensor([1.0, 0.5]), ["a", "b"], 0, {39, 0}, permutation, CPU, rank, world_size)
+                             torch.tensor([1.0, 0.5]), ["a", "b"], 0, {39, 0}, permutation, CPU, rank,
+                             world_size)
     one, *ranks = run(0, 1), run(0, 2), run(1, 2)
     assert [p["advantages"].tolist() for p in one.micro_batches] == [
         one.advantages[permutation[:4]].tolist(), one.advantages[permutation[4:]].tolist()]
     assert all(r.metrics == one.metrics for r in ranks)
-    assert one.micro_batches[0]["tokens_per_micro_batch"] == 2 * ranks[0].micro_batches[0]["tokens_per_micro_batch"]
+    tokens = [r.micro_batches[0]["tokens_per_micro_batch"] for r in (one, *ranks)]
+    assert tokens[0] == 2 * tokens[1] == 2 * tokens[2]
     for k, whole in enumerate(one.micro_batches):
         for key in ("input_ids", "position_ids", "completion_mask", "advantages", "old_logps", "ref_logps"):
             split = torch.cat([r.micro_batches[k][key] for r in ranks])

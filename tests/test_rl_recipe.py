@@ -13,14 +13,15 @@ import time
 
 import pytest
 import torch
-from conftest import FIXTURES, REPO, shared_path
-from trl_rl import DEFAULT_SUITE, SETTINGS, STEP_KEYS, TRACE, config, eos_ids, prompts, weight_digest
+from trl_rl import SETTINGS, STEP_KEYS, TRACE, config, eos_ids, prompts, weight_digest
 
 from minift import checkpoint as ckpt
 from minift import orchestration
 from minift.hub import from_pretrained
 from minift.rl.recipe import load_rl_config, run_rl
-from minift.rl.replay import ReplayRound, read_replay, write_replay
+from minift.rl.replay import ReplayRound, write_replay
+
+from conftest import FIXTURES, REPO, shared_path
 
 QUIET = dict(log=lambda *_: None)
 
@@ -199,14 +200,15 @@ def _cli(config_overrides, *extra, algorithm="grpo", config=REPO / "configs" / "
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(REPO), str(REPO / "tests")])  # rl_rewards is importable
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """``minift grpo`` SIGKILLed after its 5th step (checkpoints every 3 steps), then ``--resume``: the final
     weights, logged numbers and completions are the uninterrupted run's."""
-    common = [f'rl.algorithm="grpo"', 'rl.reward_funcs=["rl_rewards:vowels"]', "eval.before_training=false",
+    common = ['rl.algorithm="grpo"', 'rl.reward_funcs=["rl_rewards:vowels"]', "eval.before_training=false",
               "eval.max_examples=8", *MID_ROUND]
     full = subprocess.run(_cli([*common, f'train.output_dir="{tmp_path / "full"}"']), env=_env(),
                           capture_output=True, text=True, timeout=300)
@@ -220,12 +222,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.find_resumable(tmp_path / "killed", log=lambda *_: None) is not None
-    resumed = subprocess.run(_cli(killed, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_cli(killed, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_run(tmp_path / "full", tmp_path / "killed")
 
 
-# -- DDP ------------------------------------------------------------------------------------------------------
+# -- DDP ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize("name", ["grpo_dapo_beta_mu2", "rloo_mu2"])
@@ -241,8 +244,8 @@ def test_two_ranks_equal_one_process_under_replay(tmp_path, name):
     no_file.write_text("")
     for ranks in (1, 2):
         (tmp_path / f"r{ranks}").mkdir()
-        overrides = replay_overrides({**cfg, "per_device": cfg["per_device"] // ranks}, tmp_path / f"r{ranks}",
-                                     completions)
+        per_rank = {**cfg, "per_device": cfg["per_device"] // ranks}
+        overrides = replay_overrides(per_rank, tmp_path / f"r{ranks}", completions)
         command = _cli(overrides, algorithm=cfg["trainer"], config=no_file)
         if ranks == 2:
             command[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29561",
@@ -260,7 +263,7 @@ def test_two_ranks_equal_one_process_under_replay(tmp_path, name):
         torch.testing.assert_close(_weights(outs[2] / "model")[tensor], values, rtol=0, atol=1e-6)
 
 
-# -- bad input: one line, exit 2 ------------------------------------------------------------------------------
+# -- bad input: one line, exit 2 ----------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,message", [
     (["rl.num_generations=1"], r"rl.num_generations must be >= 2"),
     (["rl.generation_batch_size=18"], r"generation_batch_size 18 is not a multiple of rl.num_generations 4"),
@@ -283,14 +286,16 @@ def test_a_grpo_option_is_an_unknown_key_for_rloo():
     from minift.config import RunConfigError
 
     with pytest.raises(RunConfigError, match=r"unknown key \[rl\] loss_type"):
-        load_rl_config(REPO / "configs" / "grpo-tiny.toml", ['rl.algorithm="rloo"', 'rl.loss_type="dapo"'], "rloo")
+        load_rl_config(REPO / "configs" / "grpo-tiny.toml", ['rl.algorithm="rloo"', 'rl.loss_type="dapo"'],
+                       "rloo")
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["train.batch_size=5"], r"a round of 10 completions .* is not a multiple of rl.num_generations 4"),
     (['rl.reward_funcs=["no_such_module_xyz:reward"]'], r"cannot import module 'no_such_module_xyz'"),
     (['rl.reward_funcs=["rl_rewards:NOT_CALLABLE"]'], r"NOT_CALLABLE is a int, not a function"),
-    (['rl.reward_funcs=["rl_rewards:raises"]'], r"reward 'raises' raised at step 0: KeyError: 'no such column'"),
+    (['rl.reward_funcs=["rl_rewards:raises"]'], r"reward 'raises' raised at step 0: KeyError: 'no such "
+                                                r"column'"),
     (['rl.reward_funcs=["rl_rewards:wrong_length"]'], r"returned 15 values at step 0 for 16 completions"),
     (['rl.reward_funcs=["rl_rewards:not_a_number"]'], r"returned nan for completion 0 at step 0"),
     (["rl.max_completion_length=64"], r"leaves no room for a prompt in the model's 64 positions"),
@@ -314,11 +319,12 @@ def test_a_model_that_is_no_reward_model_is_refused(tmp_path):
 
 
 def test_the_command_prints_one_line_and_exits_2(tmp_path):
-    result = subprocess.run(_cli([f'train.output_dir="{tmp_path}"', 'rl.reward_funcs=["rl_rewards:raises"]',
-                                  "train.max_steps=1"]), env=_env(), capture_output=True, text=True, timeout=300)
+    command = _cli([f'train.output_dir="{tmp_path}"', 'rl.reward_funcs=["rl_rewards:raises"]',
+                    "train.max_steps=1"])
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == ("minift: error: reward 'raises' raised at step 0: KeyError: "
-                                                      "'no such column'")
+    assert result.stderr.strip().splitlines()[-1] == ("minift: error: reward 'raises' raised at step 0: "
+                                                      "KeyError: 'no such column'")
 
 
 def test_prompts_too_long_are_dropped_and_counted(tmp_path):
@@ -331,10 +337,11 @@ def test_prompts_too_long_are_dropped_and_counted(tmp_path):
     texts = [json.loads(line)["text"] for line in
              (tmp_path / "synthetic" / "data" / "train.jsonl").read_text().splitlines()[:256]]
     too_long = sum(len(tokenizer.encode(f"{t.strip()} sentiment:")) > 64 - 56 for t in texts)
-    assert 0 < too_long < 256 and summary["prompts_dropped"] == too_long and summary["prompts"] == 256 - too_long
+    assert 0 < too_long < 256
+    assert summary["prompts_dropped"] == too_long and summary["prompts"] == 256 - too_long
 
 
-# -- the three kinds of reward ---------------------------------------------------------------------------------
+# -- the three kinds of reward -------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.requires("transformers")
 def test_a_rule_a_reward_model_and_a_callable_through_the_recipe(tmp_path):
@@ -385,3 +392,10 @@ def load_config_with(path, stage, overrides):
     from minift.config import load_config
 
     return load_config(path, overrides, stage=stage)
+
+
+@pytest.mark.parametrize("name,algorithm", [("grpo-tiny", "grpo"), ("grpo-tiny", "rloo"),
+                                            ("grpo-tweets", "grpo"), ("rloo-tweets", "rloo")])
+def test_shipped_rl_configs_load(name, algorithm):
+    cfg = load_rl_config(REPO / "configs" / f"{name}.toml", [], algorithm)
+    assert cfg.stage.rl.ALGORITHM == algorithm and cfg.stage.rl.reward_funcs[0] == "label_match"

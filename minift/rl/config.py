@@ -57,7 +57,8 @@ class RLSection:
                                     'left-padded row)')
     reward_funcs: list = option(["label_match"], 'rewards: "label_match" (the tweets rule), a reward model '
                                                  'folder, or "package.module:function"')
-    reward_weights: list = option([], "one weight per reward (empty = 1 each); the reward is the weighted sum")
+    reward_weights: list = option([], "one weight per reward (empty = 1 each); the reward: their weighted "
+                                      "sum")
     reward_batch_size: int = option(64, "rows per reward-model forward")
     prompts: str = option(TWEETS, '"tweets": prompts from [data] (template, labels); else a TRL prompt '
                                   'dataset (a "prompt" column; the others reach the rewards): hub id, '
@@ -104,7 +105,8 @@ class RLSection:
              f"rl.reward_weights has {len(s.reward_weights)} weights for {len(s.reward_funcs)} rewards: give "
              f"one per reward (or none: 1 each)"),
             (all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
-                 for w in s.reward_weights), f"rl.reward_weights must be finite numbers, got {s.reward_weights}"),
+                 for w in s.reward_weights),
+             f"rl.reward_weights must be finite numbers, got {s.reward_weights}"),
             (s.reward_batch_size >= 1, "rl.reward_batch_size must be >= 1"),
             (s.prompts.strip() != "", 'rl.prompts is empty: "tweets" or a prompt dataset'),
             (s.eval_sampling in EVAL_SAMPLING, f"rl.eval_sampling {s.eval_sampling!r}: one of "
@@ -126,7 +128,8 @@ class GRPOSection(RLSection):
     loss_type: str = option("dapo", '"dapo" (TRL\'s default), "grpo", "dr_grpo", "bnpo"')
     scale_rewards: str = option("group", '"group" / "batch": divide the advantage by that std; "none"')
     importance_sampling_level: str = option("token", '"token" ratios, or one per "sequence" (GSPO)')
-    use_bias_correction_kl: bool = option(True, "weight the k3 KL by the ratio (tokens came from the old policy)")
+    use_bias_correction_kl: bool = option(True, "weight the k3 KL by the ratio (the tokens came from the old "
+                                                "policy)")
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
@@ -180,8 +183,8 @@ class _StageConfig:
         """The common sections' settings the RL stage cannot honour, refused rather than ignored."""
         t = cfg.train
         if t.compat == "trainer":
-            raise RunConfigError('train.compat = "trainer" reproduces Trainer\'s fine-tuning; the RL stage follows '
-                                 'TRL\'s trainers on its own — set train.compat = "minift"')
+            raise RunConfigError('train.compat = "trainer" reproduces Trainer\'s fine-tuning; the RL stage '
+                                 'follows TRL\'s trainers on its own — set train.compat = "minift"')
 
     def input_paths(self) -> dict[str, str]:
         """Local inputs of the stage (checked before the output folder is touched)."""

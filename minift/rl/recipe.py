@@ -41,8 +41,16 @@ from ..preference.recipe import without_dropout
 from .config import STAGE_CONFIGS, TWEETS, RLSection
 from .generation import SamplingSettings, decode_completions, generate_completions, new_generator
 from .objective import CompletionLogProbs, GRPOObjective, RLOOObjective, finish_step_metrics
-from .prompts import (LABEL_COLUMN, PromptSampler, PromptSet, checked_prompt_split, max_prompt_tokens,
-                      prompts_per_generation, tokenize_prompts, tweet_prompts)
+from .prompts import (
+    LABEL_COLUMN,
+    PromptSampler,
+    PromptSet,
+    checked_prompt_split,
+    max_prompt_tokens,
+    prompts_per_generation,
+    tokenize_prompts,
+    tweet_prompts,
+)
 from .replay import read_replay
 from .rewards import RewardSet, first_word
 from .round import RoundSettings
@@ -71,20 +79,20 @@ def round_layout(r: RLSection, batch_size: int, grad_accum: int, world_size: int
     if r.generation_batch_size:
         if r.generation_batch_size % rows:
             raise RunConfigError(f"rl.generation_batch_size {r.generation_batch_size} is not a multiple of "
-                                 f"train.batch_size x ranks = {batch_size} x {world_size}: a round is cut into "
-                                 f"whole micro-batches")
+                                 f"train.batch_size x ranks = {batch_size} x {world_size}: a round is cut "
+                                 f"into whole micro-batches")
         spg = r.generation_batch_size // rows
     else:
         spg = r.steps_per_generation or grad_accum
     total = rows * spg
     if total % r.num_generations:
-        raise RunConfigError(f"a round of {total} completions (train.batch_size {batch_size} x {world_size} ranks "
-                             f"x steps_per_generation {spg}) is not a multiple of rl.num_generations "
+        raise RunConfigError(f"a round of {total} completions (train.batch_size {batch_size} x {world_size} "
+                             f"ranks x steps_per_generation {spg}) is not a multiple of rl.num_generations "
                              f"{r.num_generations}: a round holds whole groups")
     return Layout(total, spg, prompts_per_generation(total, r.num_generations))
 
 
-# -- prompts ---------------------------------------------------------------------------------------------------
+# -- prompts -------------------------------------------------------------------------------------------
 def build_prompt_splits(cfg: RunConfig):
     """The raw train and held-out prompt datasets (held out: None when the source has no such split)."""
     d, r = cfg.data, cfg.stage.rl
@@ -133,13 +141,14 @@ def build_prompts(cfg: RunConfig, tokenizer, n_positions: int, say: Callable[[st
 def prompt_fingerprints(tokenizer, prompts: PromptSet, replay_path: str) -> dict[str, str]:
     """sha256 of the tokenizer, the prompts (ids and the columns the rewards read) and a replayed file."""
     columns = list(prompts.columns.values())
-    out = ckpt.fingerprints(tokenizer, ([ids, *(c[i] for c in columns)] for i, ids in enumerate(prompts.prompt_ids)))
+    rows = ([ids, *(c[i] for c in columns)] for i, ids in enumerate(prompts.prompt_ids))
+    out = ckpt.fingerprints(tokenizer, rows)
     if replay_path:
         out["completions"] = hashlib.sha256(Path(replay_path).read_bytes()).hexdigest()
     return out
 
 
-# -- the parts -------------------------------------------------------------------------------------------------
+# -- the parts -----------------------------------------------------------------------------------------
 def stop_token_ids(r: RLSection, tokenizer, vocab_size: int) -> list[int]:
     """The ids that end a completion: the tokenizer's EOS and ``rl.eos_token_ids``."""
     ids = ([tokenizer.eos_id] if tokenizer.eos_id is not None else []) + list(r.eos_token_ids)
@@ -167,7 +176,8 @@ def round_settings(r: RLSection, layout: Layout, cfg: RunConfig) -> RoundSetting
     clip = tuple(getattr(r, "reward_clip_range", ())) or None
     return RoundSettings(algorithm=r.ALGORITHM, num_generations=r.num_generations,
                          scale_rewards=getattr(r, "scale_rewards", "group"),
-                         normalize_advantages=getattr(r, "normalize_advantages", False), reward_clip_range=clip,
+                         normalize_advantages=getattr(r, "normalize_advantages", False),
+                         reward_clip_range=clip,
                          beta=r.beta, mask_truncated_completions=r.mask_truncated_completions,
                          positions=r.positions, steps_per_generation=layout.steps_per_generation,
                          grad_accum=cfg.train.grad_accum, num_iterations=r.num_iterations,
@@ -177,7 +187,8 @@ def round_settings(r: RLSection, layout: Layout, cfg: RunConfig) -> RoundSetting
 def count_rl_steps(cfg: RunConfig, rounds_per_epoch: int, layout: Layout) -> int:
     """``train.max_steps``, else ``train.epochs`` passes over the prompts: rounds x micro-batches per round x
     ``num_iterations`` / ``grad_accum``."""
-    micro_steps = cfg.train.epochs * rounds_per_epoch * layout.steps_per_generation * cfg.stage.rl.num_iterations
+    rl = cfg.stage.rl
+    micro_steps = cfg.train.epochs * rounds_per_epoch * layout.steps_per_generation * rl.num_iterations
     return cfg.train.max_steps or max(1, math.ceil(micro_steps / cfg.train.grad_accum))
 
 
@@ -193,10 +204,11 @@ def evaluate_rewards(lm, prompts: PromptSet, rewards: RewardSet, tokenizer, samp
     per_function, lengths, predicted, gold = torch.zeros(0, len(rewards.names)), [], [], []
     if len(rows):
         generator = new_generator(seed, lm.lm_head_weight.device) if sampling.do_sample else None
-        completions = generate_completions(lm, rows.prompt_ids, sampling, eos_ids, tokenizer.pad_id, generator,
-                                           rows_per_forward)
+        completions = generate_completions(lm, rows.prompt_ids, sampling, eos_ids, tokenizer.pad_id,
+                                           generator, rows_per_forward)
         texts = decode_completions(tokenizer, completions.completion_ids)
-        per_function = rewards.score(rows.prompts, texts, completions.completion_ids, rows.columns).per_function
+        scores = rewards.score(rows.prompts, texts, completions.completion_ids, rows.columns)
+        per_function = scores.per_function
         lengths = completions.lengths.tolist()
         if labels is not None and LABEL_COLUMN in rows.columns:
             index = {label: i for i, label in enumerate(labels)}
@@ -217,7 +229,7 @@ def evaluate_rewards(lm, prompts: PromptSet, rewards: RewardSet, tokenizer, samp
     return out
 
 
-# -- the stage -------------------------------------------------------------------------------------------------
+# -- the stage -----------------------------------------------------------------------------------------
 def build_grpo_stage(ctx: RunContext) -> Stage:
     """Every part of a GRPO or RLOO run (``cfg.stage.rl`` says which), for ``run_stage``."""
     cfg, say, dist, device = ctx.cfg, ctx.say, ctx.dist, ctx.device
@@ -225,7 +237,7 @@ def build_grpo_stage(ctx: RunContext) -> Stage:
     layout = round_layout(r, t.batch_size, t.grad_accum, dist.world_size)
     sampling = r.sampling_settings()
     policy_cfg = without_dropout(cfg) if r.disable_dropout else copy.deepcopy(cfg)
-    policy_cfg.data.max_length, policy_cfg.data.pad_to_multiple_of = 1, 0  # fine-tuning's lengths: not used here
+    policy_cfg.data.max_length, policy_cfg.data.pad_to_multiple_of = 1, 0  # fine-tuning's lengths: unused
     tokenizer = build_tokenizer(policy_cfg)
     lm = build_model(policy_cfg, tokenizer, device)
     say(f"policy: {cfg.model.name} ({type(lm).__name__}, {lm.num_parameters() / 1e6:.2f} M parameters), "
@@ -241,8 +253,8 @@ def build_grpo_stage(ctx: RunContext) -> Stage:
     if r.completions:
         replay = read_replay(r.completions, num_generations=r.num_generations)
         if len(replay) < rounds_needed:
-            raise DataError(f"rl.completions = {r.completions}: {len(replay)} rounds, but {total_steps} steps need "
-                            f"{rounds_needed} — record more rounds or lower train.max_steps")
+            raise DataError(f"rl.completions = {r.completions}: {len(replay)} rounds, but {total_steps} "
+                            f"steps need {rounds_needed} — record more rounds or lower train.max_steps")
     rewards = RewardSet.from_specs(r.reward_funcs, r.reward_weights or None, device=device,
                                    batch_size=r.reward_batch_size)
     say(f"rewards: {', '.join(f'{w:g} x {n}' for n, w in zip(rewards.names, rewards.weights.tolist()))}")
@@ -250,13 +262,13 @@ def build_grpo_stage(ctx: RunContext) -> Stage:
     reference = None
     if r.beta > 0:  # the initial policy, frozen (copied before any resume loads later weights)
         reference = CompletionLogProbs(copy.deepcopy(lm), r.temperature).eval().requires_grad_(False)
-    maker = RoundMaker(lm, scorer, reference, round_settings(r, layout, cfg), sampling, prompts, sampler, rewards,
-                       tokenizer, eos_ids, new_generator(t.seed + dist.rank, device), replay, r.completions,
-                       r.generation_rows, dist, device, ctx.precision.autocast())
+    maker = RoundMaker(lm, scorer, reference, round_settings(r, layout, cfg), sampling, prompts, sampler,
+                       rewards, tokenizer, eos_ids, new_generator(t.seed + dist.rank, device), replay,
+                       r.completions, r.generation_rows, dist, device, ctx.precision.autocast())
     log = CompletionsLog(ctx.out_dir / COMPLETIONS_FILE, t.log_every, r.log_completions and dist.is_main)
     source = RoundSource(maker, layout.steps_per_generation, r.num_iterations, t.grad_accum, device, log)
-    say(f"steps: {total_steps} optimizer steps of {t.grad_accum} micro-batches of {t.batch_size} completions x "
-        f"{dist.world_size} ranks; rounds of {layout.generation_batch_size} completions "
+    say(f"steps: {total_steps} optimizer steps of {t.grad_accum} micro-batches of {t.batch_size} completions "
+        f"x {dist.world_size} ranks; rounds of {layout.generation_batch_size} completions "
         f"({layout.prompts_per_generation} prompts x {r.num_generations}), {rounds_needed} rounds"
         + (f", replayed from {r.completions}" if replay else ""))
     evaluate = None

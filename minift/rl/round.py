@@ -63,11 +63,13 @@ class PreparedRound(NamedTuple):
 def rank_rows(permutation, n_micro_batches: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """The round rows ``rank`` trains on, in its training order. ``permutation`` is the round's training
     order (training row k = round row permutation[k], TRL's shuffle), cut into ``n_micro_batches`` equal
-    micro-batches; under ``world_size`` ranks micro-batch k is cut into equal slices, rank r taking slice r."""
+    micro-batches; under ``world_size`` ranks micro-batch k is cut into equal slices, rank r taking
+    slice r."""
     permutation = torch.as_tensor(permutation, dtype=torch.long)
     n = len(permutation)
     if n % (n_micro_batches * world_size):
-        raise ValueError(f"{n} completions do not split into {n_micro_batches} micro-batches x {world_size} ranks")
+        raise ValueError(f"{n} completions do not split into {n_micro_batches} micro-batches x {world_size} "
+                         f"ranks")
     size, share = n // n_micro_batches, n // (n_micro_batches * world_size)
     return torch.cat([permutation[k * size + rank * share:k * size + (rank + 1) * share]
                       for k in range(n_micro_batches)])

@@ -63,25 +63,30 @@ class RoundMaker:
     ``CausalLM``), ``scorer`` / ``reference`` give old and reference log-probs (``CompletionLogProbs``)."""
 
     def __init__(self, lm, scorer, reference, settings: RoundSettings, sampling: SamplingSettings,
-                 prompts: PromptSet, sampler: PromptSampler, rewards: RewardSet, tokenizer, eos_ids: list[int],
-                 generator: torch.Generator, replay: list[ReplayRound] | None = None, replay_path: str = "",
-                 generation_rows: int = 0, dist: Distributed = SINGLE_PROCESS, device=torch.device("cpu"),
-                 autocast=None):
-        self.lm, self.scorer, self.reference, self.settings, self.sampling = lm, scorer, reference, settings, sampling
+                 prompts: PromptSet, sampler: PromptSampler, rewards: RewardSet, tokenizer,
+                 eos_ids: list[int], generator: torch.Generator, replay: list[ReplayRound] | None = None,
+                 replay_path: str = "", generation_rows: int = 0, dist: Distributed = SINGLE_PROCESS,
+                 device: torch.device | None = None, autocast=None):
+        self.lm, self.scorer, self.reference = lm, scorer, reference
+        self.settings, self.sampling = settings, sampling
         self.prompts, self.sampler, self.rewards, self.tokenizer = prompts, sampler, rewards, tokenizer
         self.eos_ids, self.pad_id = list(eos_ids), tokenizer.pad_id
         self.stop_ids = set(self.eos_ids) | {self.pad_id}
         self.generator, self.replay, self.replay_path = generator, replay, replay_path
-        self.generation_rows, self.dist, self.device, self.autocast = generation_rows, dist, device, autocast
+        self.generation_rows, self.dist, self.autocast = generation_rows, dist, autocast
+        self.device = device or torch.device("cpu")
 
     def make(self, index: int, step: int) -> Round:
         """Round ``index`` (0-based), sampled at optimizer step ``step`` (the steps done)."""
         clock = time.perf_counter
         start = clock()
         rows = self.prompts.select(self.sampler.next_batch())
-        completion_ids = (self.replayed(index, rows) if self.replay is not None else
-                          generate_completions(self.lm, rows.prompt_ids, self.sampling, self.eos_ids, self.pad_id,
-                                               self.generator, self.generation_rows or None).completion_ids)
+        if self.replay is not None:
+            completion_ids = self.replayed(index, rows)
+        else:
+            completion_ids = generate_completions(self.lm, rows.prompt_ids, self.sampling, self.eos_ids,
+                                                  self.pad_id, self.generator,
+                                                  self.generation_rows or None).completion_ids
         generated = clock()
         texts = decode_completions(self.tokenizer, completion_ids)
         scores = self.rewards.score(rows.prompts, texts, completion_ids, rows.columns, step=step)
@@ -95,7 +100,8 @@ class RoundMaker:
         per_function = torch.stack(per_function)
         prepared = prepare_round(self.settings, self.scorer, self.reference, prompt_ids, completion_ids,
                                  per_function, scores.weights, scores.names, self.pad_id, self.stop_ids,
-                                 parts[0][5], self.device, self.dist.rank, self.dist.world_size, self.autocast)
+                                 parts[0][5], self.device, self.dist.rank, self.dist.world_size,
+                                 self.autocast)
         metrics = {**prepared.metrics, "generate_time": generated - start, "reward_time": scored - generated,
                    "reference_time": clock() - scored}
         metrics.update({name: statistics.fmean(values) for name, values in scores.extra_metrics.items()})
@@ -119,8 +125,8 @@ class RoundMaker:
         the sampler drew (the same prompts, seed and generation batch as the recorded run)."""
         where = f"{self.replay_path} round {index + 1}"
         if index >= len(self.replay):
-            raise ReplayError(f"{where}: the file has {len(self.replay)} rounds; the run needs more — record "
-                              f"more rounds or lower train.max_steps")
+            raise ReplayError(f"{where}: the file has {len(self.replay)} rounds; the run needs more — "
+                              f"record more rounds or lower train.max_steps")
         recorded = self.replay[index]
         n_round = len(rows) * self.dist.world_size
         if len(recorded) != n_round:
@@ -130,9 +136,10 @@ class RoundMaker:
         for i, (text, drawn, ids) in enumerate(zip(recorded.prompts[mine], rows.prompts,
                                                   recorded.completion_ids[mine]), start=mine.start):
             if text != drawn:
-                raise ReplayError(f"{where}, completion {i + 1}: prompt {text[:60]!r} is not the prompt this run "
-                                  f"drew ({drawn[:60]!r}) — replay with the prompts, train.seed, "
-                                  f"rl.shuffle_dataset and generation batch the completions were recorded with")
+                raise ReplayError(f"{where}, completion {i + 1}: prompt {text[:60]!r} is not the prompt this "
+                                  f"run drew ({drawn[:60]!r}) — replay with the prompts, train.seed, "
+                                  f"rl.shuffle_dataset and generation batch the completions were recorded "
+                                  f"with")
             if len(ids) > self.sampling.max_completion_length:
                 raise ReplayError(f"{where}, completion {i + 1}: {len(ids)} tokens, more than "
                                   f"rl.max_completion_length = {self.sampling.max_completion_length}")
@@ -140,8 +147,8 @@ class RoundMaker:
                 raise ReplayError(f"{where}, completion {i + 1}: token id {max(ids)} is outside the model's "
                                   f"{self.lm.config.vocab_size} ids")
         if recorded.prompt_ids is not None and recorded.prompt_ids[mine] != rows.prompt_ids:
-            raise ReplayError(f"{where}: its prompt_ids are not this tokenizer's ids of its prompts — replay "
-                              f"with the tokenizer the completions were recorded with")
+            raise ReplayError(f"{where}: its prompt_ids are not this tokenizer's ids of its prompts — "
+                              f"replay with the tokenizer the completions were recorded with")
         return [list(ids) for ids in recorded.completion_ids[mine]]
 
     def state_dict(self) -> dict[str, Any]:
@@ -201,7 +208,8 @@ class RoundSource:
 
     def __init__(self, maker: RoundMaker, steps_per_generation: int, num_iterations: int, grad_accum: int,
                  device: torch.device, log: CompletionsLog | None = None):
-        self.maker, self.spg, self.mu, self.grad_accum = maker, steps_per_generation, num_iterations, grad_accum
+        self.maker, self.spg, self.mu = maker, steps_per_generation, num_iterations
+        self.grad_accum = grad_accum
         self.device, self.log = device, log
         self.micro_step = 0  # micro-steps trained, in finished optimizer steps
         self.rounds_made = 0
@@ -255,8 +263,8 @@ class RoundSource:
 
     def load_state_dict(self, state: dict[str, Any], allow_changes: bool = False) -> None:
         if state.get("kind") != type(self).__name__:
-            raise InputError(f"the checkpoint's data position is a {state.get('kind', 'batch sampler')}, not an "
-                             f"RL stage's: resume it with the command that wrote it")
+            raise InputError(f"the checkpoint's data position is a {state.get('kind', 'batch sampler')}, not "
+                             f"an RL stage's: resume it with the command that wrote it")
         self.maker.load_state_dict(state["maker"])
         self.micro_step, self.rounds_made = int(state["micro_step"]), int(state["rounds_made"])
         self.round_start, self.micro_batches = int(state["round_start"]), state["micro_batches"]
