@@ -318,6 +318,7 @@ def test_a_model_that_is_no_reward_model_is_refused(tmp_path):
         run_rl(tiny(tmp_path, f'rl.reward_funcs=["{shared_path("fixtures", "tiny-gpt2")}"]'), **QUIET)
 
 
+@pytest.mark.slow  # a fresh process: several seconds
 def test_the_command_prints_one_line_and_exits_2(tmp_path):
     command = _cli([f'train.output_dir="{tmp_path}"', 'rl.reward_funcs=["rl_rewards:raises"]',
                     "train.max_steps=1"])
@@ -399,3 +400,20 @@ def load_config_with(path, stage, overrides):
 def test_shipped_rl_configs_load(name, algorithm):
     cfg = load_rl_config(REPO / "configs" / f"{name}.toml", [], algorithm)
     assert cfg.stage.rl.ALGORITHM == algorithm and cfg.stage.rl.reward_funcs[0] == "label_match"
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("change,message", [
+    ("train.seed=1", r"round 1, completion 1: prompt .* is not the prompt this run drew"),
+    ("train.max_steps=9", r"2 rounds, but 9 steps need 5 — record more rounds"),
+])
+def test_a_completions_file_from_other_settings_is_refused(tmp_path, change, message):
+    from minift.errors import InputError
+
+    shared_path("fixtures", "tiny-gpt2")
+    setting = json.loads(TRACE.read_text())["settings"]["grpo_dapo_beta_mu2"]
+    completions = tmp_path / "completions.jsonl"
+    completions.write_text("".join(json.dumps(r) + "\n" for r in setting["completions"]))
+    overrides = replay_overrides({**setting["config"], "optimizer": "adamw"}, tmp_path, completions)
+    with pytest.raises(InputError, match=message):
+        run_rl(load_rl_config(None, [*overrides, change], "grpo"), **QUIET)
