@@ -132,9 +132,11 @@ def plot(runs: dict[str, Path], path: Path, window: int) -> str:
 
 def table(args, scores: dict[str, dict], runs: dict[str, Path]) -> str:
     n, m = args.sft_steps, args.rl_steps
-    names = {"sft_more": f"SFT {n + m} steps", "dpo": f"SFT {n} + DPO {m}",
+    names = {"sft": f"SFT {n} steps (the starting point)", "sft_more": f"SFT {n + m} steps",
+             "dpo": f"SFT {n} + DPO {m}",
              "grpo_rule": f"SFT {n} + GRPO {m} (label rule)", "grpo_rm": f"SFT {n} + GRPO {m} (reward model)"}
-    lines = [f"| model ({n + m} optimizer steps) | accuracy | macro-F1 | held-out reward (greedy) |",
+    lines = [f"| model ({n + m} optimizer steps, but the first row) | accuracy | macro-F1 | "
+             "held-out reward (greedy) |",
              "|---|---|---|---|"]
     for arm, name in names.items():
         s = scores[arm]
@@ -164,8 +166,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     started = time.perf_counter()
     runs = run_arms(args, work)
-    scores = {arm: evaluate(args, runs[arm] / "model", work, arm) for arm in ("sft_more", "dpo", "grpo_rule",
-                                                                            "grpo_rm")}
+    scores = {arm: evaluate(args, runs[arm] / "model", work, arm)
+              for arm in ("sft", "sft_more", "dpo", "grpo_rule", "grpo_rm")}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

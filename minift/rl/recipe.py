@@ -141,7 +141,7 @@ def build_prompts(cfg: RunConfig, tokenizer, n_positions: int, say: Callable[[st
 def prompt_fingerprints(tokenizer, prompts: PromptSet, replay_path: str) -> dict[str, str]:
     """sha256 of the tokenizer, the prompts (ids and the columns the rewards read) and a replayed file."""
     columns = list(prompts.columns.values())
-    rows = ([ids, *(c[i] for c in columns)] for i, ids in enumerate(prompts.prompt_ids))
+    rows = ([ids, *(repr(c[i]) for c in columns)] for i, ids in enumerate(prompts.prompt_ids))
     out = ckpt.fingerprints(tokenizer, rows)
     if replay_path:
         out["completions"] = hashlib.sha256(Path(replay_path).read_bytes()).hexdigest()
