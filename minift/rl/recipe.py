@@ -38,6 +38,7 @@ from ..distributed import Distributed
 from ..evaluate import accuracy_and_macro_f1
 from ..orchestration import RunContext, Stage, run_stage
 from ..preference.recipe import without_dropout
+from .advantages import weighted_rewards
 from .config import STAGE_CONFIGS, TWEETS, RLSection
 from .generation import SamplingSettings, decode_completions, generate_completions, new_generator
 from .objective import CompletionLogProbs, GRPOObjective, RLOOObjective, finish_step_metrics
@@ -216,8 +217,7 @@ def evaluate_rewards(lm, prompts: PromptSet, rewards: RewardSet, tokenizer, samp
             gold = [index.get(str(g).strip().lower(), len(labels)) for g in rows.columns[LABEL_COLUMN]]
     parts = dist.gather((per_function, lengths, predicted, gold))
     per_function = torch.cat([p[0] for p in parts])
-    weighted = (per_function.nan_to_num(0.0) * rewards.weights[None]).sum(1)
-    weighted = weighted.masked_fill(torch.isnan(per_function).all(1), float("nan"))
+    weighted = weighted_rewards(per_function, rewards.weights)
     out = {"reward": torch.nanmean(weighted).item()}
     out.update({f"rewards/{name}/mean": torch.nanmean(per_function[:, i]).item()
                 for i, name in enumerate(rewards.names)})

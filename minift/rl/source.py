@@ -40,6 +40,7 @@ import torch
 from ..distributed import SINGLE_PROCESS, Distributed
 from ..errors import InputError
 from ..runtime import to_device
+from .advantages import weighted_rewards
 from .generation import SamplingSettings, decode_completions, generate_completions
 from .prompts import PromptSampler, PromptSet
 from .replay import ReplayError, ReplayRound
@@ -107,7 +108,7 @@ class RoundMaker:
         metrics.update({name: statistics.fmean(values) for name, values in scores.extra_metrics.items()})
         samples = []
         if self.dist.is_main:
-            weighted = (per_function.nan_to_num(0.0) * scores.weights[None]).sum(1)
+            weighted = weighted_rewards(per_function, scores.weights)  # NaN: no reward applied
             for i, (prompt, text) in enumerate(zip(prompts, texts)):
                 samples.append({"prompt": prompt, "completion": text,
                                 **{name: _number(per_function[i, j]) for j, name in enumerate(scores.names)},
