@@ -1,5 +1,6 @@
-"""``minift train | eval | predict | generate | dpo | reward | score``: every command's parser is here;
-each command's body is a plain function of its stage (``finetune.run``, ``preference.run_dpo``, ...)."""
+"""``minift train | eval | predict | generate | dpo | reward | score | grpo | rloo``: every command's
+parser is here; each command's body is a plain function of its stage (``finetune.run``,
+``preference.run_dpo``, ``rl.run_rl``, ...)."""
 from __future__ import annotations
 
 import argparse
@@ -92,6 +93,16 @@ def cmd_preference(args) -> int:
     cfg = load_config(args.config, args.set or [], stage=PreferenceConfig)
     summary = (run_dpo if args.command == "dpo" else run_reward)(
         cfg, resume=resume, overwrite=args.overwrite, resume_with_changes=args.resume_with_changes)
+    return 0 if summary else 1
+
+
+def cmd_rl(args) -> int:
+    from .rl.recipe import load_rl_config, run_rl
+
+    resume = resume_of(args)
+    cfg = load_rl_config(args.config, args.set or [], algorithm=args.command)
+    summary = run_rl(cfg, resume=resume, overwrite=args.overwrite,
+                     resume_with_changes=args.resume_with_changes)
     return 0 if summary else 1
 
 
@@ -241,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
         pref.add_argument("config", help="TOML config (configs/dpo-tweets.toml, configs/reward-tweets.toml)")
         add_run_arguments(pref)
         pref.set_defaults(func=cmd_preference)
+    from .rl.config import STAGE_CONFIGS
+
+    for name, text in (("grpo", "GRPO: sample completions, score them, clipped policy updates ([rl])"),
+                       ("rloo", "RLOO: as grpo with the leave-one-out baseline ([rl])")):
+        rl = sub.add_parser(name, parents=[common], help=text,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="options (set in the TOML file or with --set section.key=value):\n"
+                                   + describe(STAGE_CONFIGS[name]))
+        rl.add_argument("config", help=f"TOML config (configs/{name}-tweets.toml, configs/grpo-tiny.toml)")
+        add_run_arguments(rl)
+        rl.set_defaults(func=cmd_rl)
     score = sub.add_parser("score", parents=[common], help="rank candidate completions of a prompt with a reward model")
     score.add_argument("prompt", help='e.g. "what a lovely day sentiment:"')
     score.add_argument("candidates", nargs="*", help="completions (default: the model's configured labels)")

@@ -212,7 +212,7 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
     precision = precision or Precision("fp32", next(model.parameters()).device)
     loss_fn, state, hooks, device = loss or NextTokenLoss(), state or TrainState(), hooks or Hooks(), precision.device
     steps = loader if hasattr(loader, "step_done") else LoaderSteps(loader, grad_accum)
-    windows = prefetched(iter(steps), device)  # the next window moves to the device while a step runs
+    windows = prefetched(iter(steps), device) if getattr(steps, "prefetch", True) else iter(steps)  # RL: lazy
     params = [p for p in model.parameters() if p.requires_grad]
     records, timer = StepRecords(hooks.log, hooks.on_nonfinite), StepTimer(device)
     model.train()

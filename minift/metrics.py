@@ -405,7 +405,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> str:
         return "no plot: matplotlib is not installed (pip install 'minift[plot]')"
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     steps = [(r["step"], r["loss"]) for r in records if "loss" in r and "step_time" in r]
-    evals = [(r["step"], r["eval"]) for r in records if "eval" in r]
+    evals = [(r["step"], r["eval"]) for r in records if "eval" in r and "loss" in r["eval"]]
     fig, ax = plt.subplots(figsize=(7, 4))
     if steps:
         ax.plot(*zip(*steps), label="train loss (mean CE per target)", lw=1)

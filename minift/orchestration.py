@@ -97,6 +97,7 @@ class Stage:
     summary: dict[str, Any] = field(default_factory=dict)  # the stage's own summary entries (data reports)
     build_optimizer: Callable[[RunConfig, nn.Module], Any] = build_optimizer  # components.py's: AdamW
     build_scheduler: Callable[[RunConfig, Any, int], Any] = build_scheduler  # components.py's: train.schedule
+    finish_record: Callable[[dict], dict] | None = None  # each step record before it is logged (RL)
 
 
 def set_up(cfg: RunConfig, dist: Distributed, log: Callable[[str], None]) -> RunContext:
@@ -186,7 +187,7 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         with StopRequest() as stop:
             if cfg.eval.before_training and state.step == 0 and not _evaluated_before(out_dir, dist, resumed):
                 evaluate_at(0)
-            hooks = build_hooks(cfg, metrics, evaluate_in_training, checkpoint_at,
+            hooks = build_hooks(cfg, _step_log(stage, metrics), evaluate_in_training, checkpoint_at,
                                 lambda: stop() or selection.should_stop(state),
                                 on_epoch_end=rng.epoch_ended if rng is not None else None)
             state = train(wrap_for_training(cfg, stage.model, dist), optimizer, scheduler, stage.batches,
@@ -218,6 +219,13 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         return summary
     finally:
         metrics.close()
+
+
+def _step_log(stage: Stage, metrics: MetricsLogger) -> Callable[[dict], None]:
+    """What each step record goes through before ``metrics`` logs it (the stage's ``finish_record``)."""
+    if stage.finish_record is None:
+        return metrics
+    return lambda record: metrics(stage.finish_record(record))
 
 
 def _evaluate_and_log(stage: Stage, metrics: MetricsLogger, step: int, **extra) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ import statistics
 
 import pytest
 import torch
-from conftest import shared_path
 from torch import nn
 from trl_rl import DEFAULT_SUITE, SETTINGS, STEP_KEYS, TRACE, config, run_minift, run_trl, weight_digest
 
@@ -35,6 +34,8 @@ from minift.rl.objective import (
     finish_step_metrics,
 )
 from minift.rl.replay import ReplayError, ReplayRound, ReplayWriter, read_replay, write_replay
+
+from conftest import shared_path
 
 NAN = float("nan")
 CPU = torch.device("cpu")
@@ -241,9 +242,10 @@ def test_completion_logps_in_chunks_equal_one_forward_and_are_zero_where_masked(
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_prepare_round_gives_each_rank_its_rows_of_the_whole_round(algorithm):
-    """Two ranks holding the whole round get its halves, with the round's advantages, metrics, padding and
-    the "dapo" denominator shared by 2 ranks x 2 micro-batches; RLOO with beta > 0 scores every row."""
+def test_prepare_round_gives_each_rank_its_slice_of_every_micro_batch(algorithm):
+    """Two ranks holding the whole round train on the two halves of each micro-batch one process trains on
+    (whatever the permutation), with the round's advantages, metrics, padding and the "dapo" denominator
+    shared by 2 ranks x 2 micro-batches; RLOO with beta > 0 scores every row."""
     from minift.rl.round import RoundSettings, prepare_round
 
     lm = _tiny_lm()
@@ -253,21 +255,23 @@ def test_prepare_round_gives_each_rank_its_rows_of_the_whole_round(algorithm):
     settings = RoundSettings(algorithm=algorithm, num_generations=4, beta=0.1, steps_per_generation=2,
                              grad_accum=2, num_iterations=2, rows_per_forward=3)
     scorer, reference = CompletionLogProbs(lm), CompletionLogProbs(_tiny_lm(seed=1))
+    permutation = [5, 2, 7, 0, 3, 6, 1, 4]
 
     def run(rank, world_size):
         return prepare_round(settings, scorer, reference, prompts, completions, rewards,
-                             torch.tensor([1.0, 0.5]), ["a", "b"], 0, {39, 0}, list(range(8 // world_size)),
-                             CPU, rank, world_size)
-    (one, one_metrics), *ranks = run(0, 1), run(0, 2), run(1, 2)
-    assert [len(p["advantages"]) for p in one] == [4, 4]
-    assert all(metrics == one_metrics for _, metrics in ranks)
-    assert one[0]["tokens_per_micro_batch"] == 2 * ranks[0][0][0]["tokens_per_micro_batch"]
-    halves = [part for parts, _ in ranks for part in parts]
-    for key in ("input_ids", "position_ids", "completion_mask", "advantages", "old_logps", "ref_logps"):
-        whole = torch.cat([p[key] for p in one])
-        split = torch.cat([p[key] for p in halves])
-        assert torch.allclose(split.double(), whole.double(), rtol=0, atol=1e-6), key
-    assert ("kl" in one_metrics) == (algorithm == "rloo") and one_metrics["reward"] == pytest.approx(
+                             torch.tensor([1.0, 0.5]), ["a", "b"], 0, {39, 0}, permutation, CPU, rank,
+                             world_size)
+    one, *ranks = run(0, 1), run(0, 2), run(1, 2)
+    assert [p["advantages"].tolist() for p in one.micro_batches] == [
+        one.advantages[permutation[:4]].tolist(), one.advantages[permutation[4:]].tolist()]
+    assert all(r.metrics == one.metrics for r in ranks)
+    tokens = [r.micro_batches[0]["tokens_per_micro_batch"] for r in (one, *ranks)]
+    assert tokens[0] == 2 * tokens[1] == 2 * tokens[2]
+    for k, whole in enumerate(one.micro_batches):
+        for key in ("input_ids", "position_ids", "completion_mask", "advantages", "old_logps", "ref_logps"):
+            split = torch.cat([r.micro_batches[k][key] for r in ranks])
+            assert torch.allclose(split.double(), whole[key].double(), rtol=0, atol=1e-6), (k, key)
+    assert ("kl" in one.metrics) == (algorithm == "rloo") and one.metrics["reward"] == pytest.approx(
         torch.nanmean(rewards[:, 0].nan_to_num(0) + 0.5 * rewards[:, 1]).item(), rel=1e-6)
 
 
@@ -537,7 +541,8 @@ def test_against_trl_trace(name, tmp_path):
     assert mine.keys() == setting["final_weights"].keys()
     for tensor, digest in setting["final_weights"].items():
         for kind in ("sum", "projection"):
-            assert mine[tensor][kind] == pytest.approx(digest[kind], abs=2e-4, rel=1e-6), (tensor, kind)
+            bound = max(2e-4, 1e-5 * params[tensor].numel() ** 0.5)  # elements within 1e-5, signs independent
+            assert mine[tensor][kind] == pytest.approx(digest[kind], abs=bound, rel=0), (tensor, kind)
 
 
 @pytest.mark.slow

@@ -297,7 +297,7 @@ def run_minift(name: str, rounds, dtype: torch.dtype = torch.float32):
                    for n in cfg["rewards"]]
         per_func = torch.tensor([[float("nan") if c[i] is None else c[i] for c in columns]
                                  for i in range(len(texts))], dtype=torch.float32)
-        micro_batches, metrics = prepare_round(
+        micro_batches, metrics, _ = prepare_round(
             settings, policy, reference, rnd.prompt_ids or [tokenizer.encode(p) for p in rnd.prompts],
             rnd.completion_ids, per_func, weights, list(cfg["rewards"]), EOS, set(eos_ids()) | {EOS},
             rnd.permutation, torch.device("cpu"))

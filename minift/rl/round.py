@@ -4,18 +4,23 @@
     -> laid out (batching.round_batch), old log-probs if an update can come between
        (batching.needs_old_logps), reference log-probs if beta > 0, all under the weights of this moment
     -> advantages: GRPO's group baseline, or RLOO's leave-one-out on the reward minus beta x its KL
-    -> this rank's rows, shuffled by ``permutation`` and cut into ``steps_per_generation`` micro-batches
+    -> the round's training order (``permutation``) cut into ``steps_per_generation`` micro-batches,
+       this rank's slice of each
     -> metrics under TRL's names (reward, reward_std, frac_reward_zero_std, rewards/<name>/*, completions/*,
        and RLOO's kl), logged in the optimizer step whose micro-step sampled the round
 
 Every rank holds the whole round (all ranks' completions and rewards, in generation order) so that
-advantages, the "dapo" token count and the padding are the round's: N ranks then train exactly as one
-process. Only RLOO with beta > 0 scores every row on every rank (its reward needs every completion's KL);
-otherwise a rank scores its own rows.
+advantages, the "dapo" token count and the padding are the round's. The round's training order (one
+permutation, the same on every rank) is cut into ``steps_per_generation`` micro-batches, and under N ranks
+each micro-batch into N equal slices, rank r training on slice r (``rank_rows``): N ranks then train on
+exactly the micro-batches one process would, whatever the permutation. Only RLOO with beta > 0 scores
+every row on every rank (its reward needs every completion's KL); otherwise a rank scores the rows it
+trains on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -49,26 +54,48 @@ class RoundSettings:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
 
 
+class PreparedRound(NamedTuple):
+    micro_batches: list[dict]  # this rank's, in training order
+    metrics: dict[str, float]  # the round's, under TRL's names
+    advantages: torch.Tensor  # [N] the round's, in generation order (what completions.jsonl shows)
+
+
+def rank_rows(permutation, n_micro_batches: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The round rows ``rank`` trains on, in its training order. ``permutation`` is the round's training
+    order (training row k = round row permutation[k], TRL's shuffle), cut into ``n_micro_batches`` equal
+    micro-batches; under ``world_size`` ranks micro-batch k is cut into equal slices, rank r taking
+    slice r."""
+    permutation = torch.as_tensor(permutation, dtype=torch.long)
+    n = len(permutation)
+    if n % (n_micro_batches * world_size):
+        raise ValueError(f"{n} completions do not split into {n_micro_batches} micro-batches x {world_size} "
+                         f"ranks")
+    size, share = n // n_micro_batches, n // (n_micro_batches * world_size)
+    return torch.cat([permutation[k * size + rank * share:k * size + (rank + 1) * share]
+                      for k in range(n_micro_batches)])
+
+
 def prepare_round(settings: RoundSettings, policy: CompletionLogProbs, reference: CompletionLogProbs | None,
                   prompt_ids: list[list[int]], completion_ids: list[list[int]],
                   rewards_per_func: torch.Tensor,
                   reward_weights: torch.Tensor, reward_names: list[str], pad_id: int, stop_ids: set[int],
                   permutation, device: torch.device, rank: int = 0, world_size: int = 1, autocast=None
-                  ) -> tuple[list[dict], dict[str, float]]:
-    """(this rank's micro-batches, the round's metrics). ``rewards_per_func`` [N, F] float32 (NaN = None),
-    rows in generation order; ``permutation``: TRL's shuffle of this rank's rows (training row k = local row
-    permutation[k]); rank r trains on the round's rows [r·N/world_size, (r+1)·N/world_size). ``autocast``:
-    the training forward's autocast context (bf16 / fp16 runs), so that on-policy ratios are exactly 1."""
+                  ) -> PreparedRound:
+    """This rank's micro-batches, the round's metrics and advantages. ``rewards_per_func`` [N, F] float32
+    (NaN = None), rows in generation order; ``permutation``: the round's training order (training row k =
+    round row permutation[k]; TRL's shuffle), the same on every rank; rank r trains on slice r of each
+    micro-batch (``rank_rows``). ``autocast``: the training forward's autocast context (bf16 / fp16
+    runs), so that on-policy ratios are exactly 1."""
     n = len(completion_ids)
-    if n % world_size or n % settings.num_generations:
-        raise ValueError(f"a round of {n} completions does not split into {world_size} ranks and groups of "
-                         f"{settings.num_generations}")
-    local = slice(rank * n // world_size, (rank + 1) * n // world_size)
+    if n % settings.num_generations or len(permutation) != n:
+        raise ValueError(f"a round of {n} completions with a permutation of {len(permutation)} rows does not "
+                         f"split into groups of {settings.num_generations}")
+    rows = rank_rows(permutation, settings.steps_per_generation, rank, world_size)
     batch = round_batch(prompt_ids, completion_ids, pad_id, stop_ids, settings.mask_truncated_completions,
                         settings.positions)
     mask = batch["completion_mask"]
     score_all = settings.algorithm == "rloo" and settings.beta != 0.0
-    scored = batch if score_all else {k: v[local] for k, v in batch.items()}
+    scored = batch if score_all else {k: v[rows] for k, v in batch.items()}
 
     old = ref = None  # [rows scored, C], computed now: under the weights that sampled the round
     if settings.algorithm == "rloo" or needs_old_logps(settings.grad_accum, settings.steps_per_generation,
@@ -92,11 +119,12 @@ def prepare_round(settings: RoundSettings, policy: CompletionLogProbs, reference
     metrics.update(adv.reward_metrics(rewards_per_func, reward_weights, reward_names, std))
     metrics.update(adv.completion_metrics(completion_ids, stop_ids))
 
-    mine = {k: v[local] for k, v in batch.items()}
-    mine["advantages"] = advantages[local]
+    mine = {k: v[rows] for k, v in batch.items()}
+    mine["advantages"] = advantages[rows]
     mine["tokens_per_micro_batch"] = tokens_per_micro_batch(int(mask.sum()), world_size,
                                                             settings.steps_per_generation)
     for key, values in (("old_logps", old), ("ref_logps", ref)):
         if values is not None:
-            mine[key] = values[local] if score_all else values
-    return shuffled_split(mine, permutation, settings.steps_per_generation), metrics
+            mine[key] = values[rows] if score_all else values
+    micro_batches = shuffled_split(mine, torch.arange(len(rows)), settings.steps_per_generation)
+    return PreparedRound(micro_batches, metrics, advantages)
