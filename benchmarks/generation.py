@@ -28,7 +28,8 @@ from harness import shared_dir
 from minift.data import format_prompt
 from minift.hub import from_pretrained
 from minift.rl.generation import SamplingSettings, generate_completions, new_generator
-from minift.runtime import device_sync, pick_device
+from harness import device_sync
+from minift.runtime import pick_device
 from minift.tokenizer import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
