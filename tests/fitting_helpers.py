@@ -2,6 +2,9 @@
 the project's synthetic tokenizer (no shared material), and run configs that train on them."""
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,17 +16,28 @@ from minift.models import GPT2Config, GPTConfig, LlamaConfig, build_model
 from minift.tokenizer import ensure_pad_token, load_tokenizer
 
 FAMILIES = ("openai-gpt", "gpt2", "llama")
+_ROOT: list[Path] = []  # one folder of bases per test process (training the synthetic tokenizer takes 2 s)
 
 
-def synthetic_material(root: Path) -> tuple[Path, Path]:
-    """The synthetic tweets and their tokenizer, written once under ``root``."""
-    return synthetic.prepare(root / "synthetic", seed=0)
+def shared_root() -> Path:
+    if not _ROOT:
+        _ROOT.append(Path(tempfile.mkdtemp(prefix="minift-bases-")))
+        atexit.register(shutil.rmtree, _ROOT[0], ignore_errors=True)
+    return _ROOT[0]
 
 
-def base_folder(root: Path, family: str = "openai-gpt", with_pad: bool = True, dropout: float = 0.0) -> Path:
-    """``root/base-<family>``: a random model saved as a checkpoint, with the synthetic tokenizer
-    (its [PAD] added when ``with_pad``; without, a run grows the vocabulary by that row)."""
-    folder = root / f"base-{family}{'' if with_pad else '-nopad'}"
+def synthetic_material(root: Path | None = None) -> tuple[Path, Path]:
+    """The synthetic tweets and their tokenizer, written once (under ``root``, default: this process's)."""
+    return synthetic.prepare((root or shared_root()) / "synthetic", seed=0)
+
+
+def base_folder(root: Path | None = None, family: str = "openai-gpt", with_pad: bool = True,
+                dropout: float = 0.0) -> Path:
+    """``base-<family>``: a random model saved as a checkpoint, with the synthetic tokenizer (its [PAD]
+    added when ``with_pad``; without, a run grows the vocabulary by that row); made once per process
+    (``root`` None) or under ``root``."""
+    root = root or shared_root()
+    folder = root / f"base-{family}{'' if with_pad else '-nopad'}{f'-dropout{dropout}' if dropout else ''}"
     if (folder / "model.safetensors").exists():
         return folder
     tokenizer = load_tokenizer(synthetic_material(root)[1])
@@ -44,11 +58,13 @@ def base_folder(root: Path, family: str = "openai-gpt", with_pad: bool = True, d
     return folder
 
 
-def run_config(output_dir: Path, base: Path, *overrides: str, path: Path | None = None):
+def run_config(output_dir: Path, base: Path, *overrides: str, path: Path | None = None, stage=None):
     """A short run on ``base`` (the offline default's data and schedule, 8 steps), LoRA off unless
-    the overrides set ``lora.r``."""
+    the overrides set ``lora.r``; ``path``: another config (``stage``: its own sections' class)."""
     data = synthetic_material(base.parent)[0]
-    return load_config(path or REPO / "configs" / "offline-default.toml", [
+    if stage is None and path is not None and path.name.startswith(("dpo", "reward")):
+        from minift.preference.config import PreferenceConfig as stage
+    return load_config(path or REPO / "configs" / "offline-default.toml", stage=stage, overrides=[
         f'model.name="{base}"', 'model.tokenizer=""', "model.config={}", f'data.source="{data}"',
         f'train.output_dir="{output_dir}"', "train.progress=false", "train.plot=false",
         "data.max_train_examples=128", "data.sampler=random", "train.batch_size=8", "train.grad_accum=2",

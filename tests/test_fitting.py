@@ -52,7 +52,7 @@ def test_combinations_minift_cannot_honour_are_refused_in_one_line(overrides, me
 def test_build_model_adds_the_adapter_and_checkpointing_for_every_stage(tmp_path):
     """build_model (shared by train, dpo, reward and the RL stage): the adapter on the model with the
     grown vocabulary, only the adapter in the optimizer; activation checkpointing on."""
-    base = base_folder(tmp_path, "gpt2", with_pad=False)
+    base = base_folder(None, "gpt2", with_pad=False)
     cfg = run_config(tmp_path / "run", base, "lora.r=4", 'lora.target_modules=["c_attn"]',
                      "model.activation_checkpointing=true")
     tokenizer = build_tokenizer(cfg)
@@ -126,7 +126,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_when_the_setting_is_at_its_de
 
 
 def test_a_target_that_matches_nothing_is_refused_before_training(tmp_path, capsys):
-    base = base_folder(tmp_path, "openai-gpt")
+    base = base_folder(None, "openai-gpt")
     cfg = run_config(tmp_path / "run", base)
     code = main(["train", str(REPO / "configs" / "offline-default.toml"), "--set", f'model.name="{base}"',
                  "--set", 'model.tokenizer=""', "--set", "model.config={}", "--set",
