@@ -52,7 +52,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from minift.lora import LoraSettings, apply_lora, trainable_parameters
 from minift.models import GPT2Config, build_model
 from minift.optim import make_adamw
-from minift.runtime import device_sync, high_water_rss, keep_large_allocations
+from harness import device_sync
+from minift.runtime import high_water_rss, keep_large_allocations
 
 ROWS = ("full", "lora", "full+ac", "lora+ac")
 LORA = LoraSettings(r=8, alpha=16, target_modules=["c_attn", "c_proj", "c_fc"])

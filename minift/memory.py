@@ -13,10 +13,10 @@ Per rank, in bytes:
     activations  what the forward keeps for the backward over one micro-batch of
                  ``batch_size x max_length`` tokens (pairs: two rows per pair): per block and token
                  about 10 widths + 2 MLP widths (GPT) or 8 widths + 4 MLP widths (SwiGLU) in the
-                 compute dtype, plus the attention probabilities when attention dropout keeps them;
-                 with activation checkpointing one width per block plus one block's full set
-                 (recomputed in the backward); plus the LM head's logits (a 1,024-row chunk with the
-                 fused head, every labelled row without it)
+                 compute dtype, plus the attention probabilities (twice, and the mask) when attention
+                 dropout keeps them; with activation checkpointing one width per block plus the larger
+                 of one block's full set (recomputed in the backward) and the LM head's logits and
+                 their gradient (a 1,024-row chunk with the fused head, every labelled row without it)
 
 The parameter counts are exact (the model is built on the meta device, the adapter added there); the
 activations are an estimate, within a factor of about 1.5 of what autograd keeps
@@ -40,7 +40,7 @@ from .models import MODEL_CLASSES, available_memory_bytes
 from .precision import dtype_of
 from .fsdp import transformer_blocks
 
-GiB = 2 ** 30
+GiB, MiB = 2 ** 30, 2 ** 20
 FUSED_HEAD_ROWS = 1024  # lm_loss.fused_lm_loss_sum's chunk
 
 
@@ -68,12 +68,15 @@ class MemoryEstimate:
 
     def line(self, available: int | None) -> str:
         """The start-up line."""
-        room = f" of {available / GiB:,.2f} GiB available" if available is not None else ""
-        return (f"memory estimate per rank: parameters {self.parameters / GiB:,.2f} GiB, gradients "
-                f"{self.gradients / GiB:,.2f}, AdamW {self.optimizer / GiB:,.2f}, activations "
-                f"{self.activations / GiB:,.2f} = {self.total / GiB:,.2f} GiB{room} ({self.setup}; "
-                f"{self.n_trained / 1e6:,.2f} M of {self.n_parameters / 1e6:,.2f} M parameters train; "
-                f"{self.tokens} tokens per micro-batch)")
+        room = f" of {size(available)} available" if available is not None else ""
+        return (f"memory estimate per rank: parameters {size(self.parameters)}, gradients {size(self.gradients)}, "
+                f"AdamW {size(self.optimizer)}, activations {size(self.activations)} = {size(self.total)}{room} "
+                f"({self.setup}; {self.n_trained / 1e6:,.2f} M of {self.n_parameters / 1e6:,.2f} M parameters "
+                f"train; {self.tokens} tokens per micro-batch)")
+
+
+def size(n_bytes: int) -> str:
+    return f"{n_bytes / GiB:,.2f} GiB" if n_bytes >= GiB / 10 else f"{n_bytes / MiB:,.1f} MiB"
 
 
 def _bytes(tensors) -> int:
@@ -109,17 +112,17 @@ def activation_bytes(cfg: RunConfig, model_config, rows: int, length: int) -> in
     else:
         per_token = 10 * width + 2 * getattr(c, "inner_dim", 4 * width)
         attention_dropout = getattr(c, "attn_pdrop", 0.0)
-    if attention_dropout > 0:  # the probabilities and the dropout mask are kept
-        per_token += heads * length
+    if attention_dropout > 0:  # the probabilities before and after dropout, and its mask, are kept
+        per_token += 2.25 * heads * length
     element = 2 if cfg.train.precision in ("bf16", "fp16") else dtype_of(cfg.model.dtype).itemsize
     tokens = rows * length
-    if cfg.model.activation_checkpointing:
-        blocks = tokens * (layers * width + per_token) * element
-    else:
-        blocks = tokens * layers * per_token * element
     head_rows = min(tokens, FUSED_HEAD_ROWS) if cfg.model.fused_lm_head else tokens
     head = 2 * head_rows * c.vocab_size * 4  # fp32 logits and their gradient
-    return blocks + head + tokens * width * element
+    if cfg.model.activation_checkpointing:  # block inputs kept; one block recomputed at a time, or the head
+        kept, transient = tokens * layers * width * element, max(head, tokens * per_token * element)
+    else:
+        kept, transient = tokens * layers * per_token * element, head
+    return int(kept + transient + tokens * width * element)
 
 
 def estimate(cfg: RunConfig, model_config, world_size: int = 1) -> MemoryEstimate:
@@ -175,11 +178,10 @@ def check_memory(cfg: RunConfig, model_config, device: torch.device, say: Callab
     if cfg.train.check_memory and available is not None and found.total > available:
         where = f"{device} has" if device.type == "cuda" else "this machine has"
         raise RunConfigError(
-            f"this setup needs about {found.total / GiB:,.2f} GiB per rank (parameters "
-            f"{found.parameters / GiB:,.2f}, gradients {found.gradients / GiB:,.2f}, AdamW "
-            f"{found.optimizer / GiB:,.2f}, activations {found.activations / GiB:,.2f} GiB: {found.setup}, "
-            f"{found.n_parameters / 1e6:,.1f} M parameters, {found.tokens} tokens per micro-batch) and "
-            f"{where} {available / GiB:,.2f} GiB — train a LoRA adapter ([lora] r = 8), set "
-            f"model.activation_checkpointing = true, shard with train.distributed = \"fsdp\" under torchrun, "
-            f"or lower train.batch_size (train.check_memory = false skips this check)")
+            f"this setup needs about {size(found.total)} per rank (parameters {size(found.parameters)}, "
+            f"gradients {size(found.gradients)}, AdamW {size(found.optimizer)}, activations "
+            f"{size(found.activations)}: {found.setup}, {found.n_parameters / 1e6:,.1f} M parameters, "
+            f"{found.tokens} tokens per micro-batch) and {where} {size(available)} — train a LoRA adapter "
+            f"([lora] r = 8), set model.activation_checkpointing = true, shard with train.distributed = "
+            f"\"fsdp\" under torchrun, or lower train.batch_size (train.check_memory = false skips this check)")
     return found

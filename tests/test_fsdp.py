@@ -154,3 +154,29 @@ def test_the_gathered_model_loads_in_transformers(runs):
     mine = minift.from_pretrained(root / "fsdp" / "model")
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, mine(ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_pair_stages_with_lora_on_two_sharded_ranks_equal_one_process(stage, tmp_path):
+    """DPO (its reference the adapter-off policy, run through the sharded model) and the reward model
+    (its score head sharded at the root) with LoRA: 2 FSDP ranks x 4 pairs equal one process x 8."""
+    from minift.preference.config import PreferenceConfig
+
+    base = base_folder(None, "openai-gpt")
+    outputs = {}
+    for name, batch, nproc in (("single", 8, None), ("fsdp", 4, 2)):
+        config = run_config(tmp_path / name, base, "lora.r=4", "train.max_steps=3", f"train.batch_size={batch}",
+                            "pairs.max_train_pairs=48", "pairs.max_eval_pairs=8", 'train.distributed="fsdp"',
+                            path=REPO / "configs" / f"{stage}-tiny.toml", stage=PreferenceConfig)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                    str(_free_port())] if nproc else [sys.executable]
+        command = [*launcher, "-m", "minift", stage, str(REPO / "configs" / f"{stage}-tiny.toml"),
+                   *cli_sets(config), "--set", "pairs.max_train_pairs=48", "--set", "pairs.max_eval_pairs=8"]
+        result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                                capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = tmp_path / name
+    weights = "adapter_model.safetensors" if stage == "dpo" else "model.safetensors"
+    _assert_close(load_file(str(outputs["fsdp"] / "model" / weights)),
+                  load_file(str(outputs["single"] / "model" / weights)))
+    assert _step_losses(outputs["fsdp"]) == pytest.approx(_step_losses(outputs["single"]), abs=1e-5)
