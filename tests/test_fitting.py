@@ -42,6 +42,8 @@ def test_the_lora_section_takes_pefts_fields(tmp_path):
     (['train.distributed="fsdp"', 'train.precision="fp16"'], 'use "bf16" \\(no scaler\\) or "fp32"'),
     (['train.distributed="fsdp"', "model.compile=true"], "model.compile = true is not supported"),
     (['train.distributed="fsdp"', 'train.fsdp_accumulation="lazy"'], "train.fsdp_accumulation 'lazy'"),
+    (['train.distributed="fsdp"', "train.load_best_model_at_end=true", "train.eval_every=2",
+      "train.checkpoint_every=2"], "load_best_model_at_end = true is not supported"),
 ])
 def test_combinations_minift_cannot_honour_are_refused_in_one_line(overrides, message):
     with pytest.raises(RunConfigError, match=message) as err:
@@ -135,3 +137,26 @@ def test_a_target_that_matches_nothing_is_refused_before_training(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "'q_proj' matches no module of GPT1LMHeadModel; its linear layers are named c_attn, c_fc, c_proj" in err
+
+
+def test_fsdp_is_refused_for_a_stage_that_generates_and_a_checkpoint_of_the_other_kind():
+    from types import SimpleNamespace
+
+    from minift.distributed import Distributed
+    from minift.errors import ResumeRefused
+    from minift.orchestration import check_sharding
+
+    cfg = load_config(None, ['train.distributed="fsdp"'])
+    lines = []
+    check_sharding(cfg, SimpleNamespace(name="grpo"), Distributed(), lines.append)  # one process: said, not refused
+    assert lines == ['train.distributed = "fsdp": one process, nothing to shard (start with torchrun '
+                     '--nproc-per-node N)']
+    for name in ("train", "dpo", "reward"):
+        check_sharding(cfg, SimpleNamespace(name=name), Distributed(world_size=2), lines.append)
+    with pytest.raises(RunConfigError, match='not supported by the grpo stage .it generates with the model'):
+        check_sharding(cfg, SimpleNamespace(name="grpo"), Distributed(world_size=2), lines.append)
+    with pytest.raises(ResumeRefused, match='holds the model sharded by FSDP; resume it with train.distributed = '
+                                            '"fsdp" under torchrun'):
+        ckpt._check_sharding("checkpoint-4", saved_sharded=True, sharded=False)
+    with pytest.raises(ResumeRefused, match=r"holds the model whole \(one process or DDP\)"):
+        ckpt._check_sharding("checkpoint-4", saved_sharded=False, sharded=True)
