@@ -186,7 +186,8 @@ def save_model_state(model, directory: Path) -> None:
         model.save_pretrained(directory)
 
 
-def load_model_state(model, path: Path, load_model_weights: Callable[[Any, Path], None] = load_weights) -> None:
+def load_model_state(model, path: Path, load_model_weights: Callable[[Any, Path], None] = load_weights
+                     ) -> None:
     """What ``save_model_state`` wrote, into ``model`` (in place): the adapter's tensors (strict by
     name and shape), or the whole weights through ``load_model_weights``."""
     if (path / ADAPTER_STATE).exists():
@@ -358,7 +359,8 @@ def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dis
     ranks)."""
     rng = dist.gather(rng_state())
     samplers = dist.gather(parts.sampler.state_dict())
-    filled = _write_shards(Path(output_dir) / f"checkpoint-{state.step}", parts, dist) if dist.sharded else None
+    final = Path(output_dir) / f"checkpoint-{state.step}"
+    filled = _write_shards(final, parts, dist) if dist.sharded else None
     if not dist.is_main:
         return None
     optimizer = {} if dist.sharded else {"optimizer": parts.optimizer.state_dict()}  # FSDP: in the shards
@@ -503,7 +505,7 @@ def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints:
 
     saved = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
     old, new = _flatten(saved), _flatten(run_config)
-    defaults = _flatten(RunConfig().to_dict())  # a setting newer than the checkpoint, at its default, is no change
+    defaults = _flatten(RunConfig().to_dict())  # a setting newer than the checkpoint, at its default: same
     rows = [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in FREE_ON_RESUME and not key.startswith("eval.")
             and not same_setting(old.get(key), new.get(key))

@@ -64,8 +64,8 @@ class ModelSection:
     loss_rows: str = option("auto", '"labelled": LM head on labelled rows only; "all": fixed shapes, no host sync; '
                                     '"auto": labelled on CPU, all under compile or on CUDA')
     fused_lm_head: bool = option(True, "chunked LM head + cross-entropy with its own backward: no [tokens x vocab] logits kept")
-    activation_checkpointing: bool = option(False, "keep only each block's input for backward and recompute the "
-                                                   "rest there (less activation memory, ~1 more forward)")
+    activation_checkpointing: bool = option(False, "keep only each block's input for backward and recompute "
+                                                   "the rest there (less activation memory, ~1 more forward)")
 
     def hot_path(self, device_type: str) -> dict[str, Any]:
         """``CausalLM.set_hot_path`` settings, ``loss_rows = "auto"`` resolved for the device: label rows
@@ -170,12 +170,12 @@ class TrainSection:
     # fitting bigger models (docs/lora.md)
     distributed: str = option("ddp", 'under torchrun: "ddp" (each rank holds the whole model) or "fsdp" '
                                      '(parameters, gradients and AdamW state sharded over the ranks: FSDP2)')
-    fsdp_accumulation: str = option("sharded", 'fsdp with grad_accum > 1: "sharded" (gradients reduce-scattered '
-                                               'after every micro-batch: least memory) or "unsharded" (whole '
-                                               'parameters and gradients kept until the last one: less '
-                                               'communication)')
-    check_memory: bool = option(True, "refuse at start-up a setup whose estimated memory (weights, gradients, "
-                                      "AdamW, activations) exceeds what the device has")
+    fsdp_accumulation: str = option("sharded", 'fsdp with grad_accum > 1: "sharded" (gradients '
+                                               'reduce-scattered after every micro-batch: least memory) or '
+                                               '"unsharded" (whole parameters and gradients kept until the '
+                                               'last one: less communication)')
+    check_memory: bool = option(True, "refuse at start-up a setup whose estimated memory (weights, "
+                                      "gradients, AdamW, activations) exceeds what the device has")
 
 
 @dataclass
@@ -185,8 +185,9 @@ class LoraSection:
     r: int = option(0, "rank of the adapter; 0 = no LoRA (every weight trains)")
     alpha: float = option(8.0, "the update B A is scaled by alpha / r (peft's lora_alpha)")
     dropout: float = option(0.0, "dropout on the adapter's input (peft's lora_dropout)")
-    target_modules: list = option([], 'modules to wrap: names matched by suffix ("c_attn", "q_proj"), a regex '
-                                      'string, or "all-linear"; [] = peft\'s default for the model type',
+    target_modules: list = option([], 'modules to wrap: names matched by suffix ("c_attn", "q_proj"), '
+                                      'a regex string, or "all-linear"; [] = peft\'s default for the model '
+                                      'type',
                                   list_or_string=True)
     use_rslora: bool = option(False, "scale by alpha / sqrt(r) (rank-stabilized LoRA)")
     bias: str = option("none", '"none", "lora_only" (biases of wrapped layers train) or "all"')

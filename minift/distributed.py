@@ -121,7 +121,9 @@ class Distributed:
     def gather_state_dict(self, module) -> dict:
         """``module.state_dict()`` with whole tensors: FSDP's shards gathered one tensor at a time,
         kept (on the CPU) by rank 0 only — every rank must call it. Without FSDP the state dict."""
-        return self.fsdp.gather_state_dict(module, self.is_main) if self.fsdp is not None else module.state_dict()
+        if self.fsdp is None:
+            return module.state_dict()
+        return self.fsdp.gather_state_dict(module, self.is_main)
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank."""

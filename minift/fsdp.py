@@ -136,7 +136,8 @@ def _model_state(model: nn.Module, trained_only: bool) -> dict[str, torch.Tensor
     return {key: value for key, value in state.items() if key in trained}
 
 
-def save_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trained_only: bool) -> None:
+def save_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trained_only: bool
+               ) -> None:
     """Write this rank's shards of the model and optimizer into ``directory`` (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict

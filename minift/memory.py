@@ -35,10 +35,10 @@ from typing import Callable
 import torch
 
 from .config import RunConfig, RunConfigError
+from .fsdp import transformer_blocks
 from .lora import apply_lora, trainable_parameters
 from .models import MODEL_CLASSES, available_memory_bytes
 from .precision import dtype_of
-from .fsdp import transformer_blocks
 
 GiB, MiB = 2 ** 30, 2 ** 20
 FUSED_HEAD_ROWS = 1024  # lm_loss.fused_lm_loss_sum's chunk
@@ -69,10 +69,11 @@ class MemoryEstimate:
     def line(self, available: int | None) -> str:
         """The start-up line."""
         room = f" of {size(available)} available" if available is not None else ""
-        return (f"memory estimate per rank: parameters {size(self.parameters)}, gradients {size(self.gradients)}, "
-                f"AdamW {size(self.optimizer)}, activations {size(self.activations)} = {size(self.total)}{room} "
-                f"({self.setup}; {self.n_trained / 1e6:,.2f} M of {self.n_parameters / 1e6:,.2f} M parameters "
-                f"train; {self.tokens} tokens per micro-batch)")
+        return (f"memory estimate per rank: parameters {size(self.parameters)}, gradients "
+                f"{size(self.gradients)}, AdamW {size(self.optimizer)}, activations "
+                f"{size(self.activations)} = {size(self.total)}{room} ({self.setup}; "
+                f"{self.n_trained / 1e6:,.2f} M of {self.n_parameters / 1e6:,.2f} M parameters train; "
+                f"{self.tokens} tokens per micro-batch)")
 
 
 def size(n_bytes: int) -> str:
@@ -169,19 +170,23 @@ def available_bytes(device: torch.device) -> int | None:
     return None if available is None else available // max(1, local_ranks)
 
 
-def check_memory(cfg: RunConfig, model_config, device: torch.device, say: Callable[[str], None]) -> MemoryEstimate:
+def check_memory(cfg: RunConfig, model_config, device: torch.device, say: Callable[[str], None]
+                 ) -> MemoryEstimate:
     """Say the estimate; refuse (``train.check_memory``) a setup that needs more than is available."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     found = estimate(cfg, model_config, world_size)
     available = available_bytes(device)
     say(found.line(available))
     if cfg.train.check_memory and available is not None and found.total > available:
-        where = f"{device} has" if device.type == "cuda" else "this machine has"
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        where = f"{device} has" if device.type == "cuda" else \
+            "this machine has" if local_ranks == 1 else f"each of this machine's {local_ranks} ranks has"
         raise RunConfigError(
             f"this setup needs about {size(found.total)} per rank (parameters {size(found.parameters)}, "
             f"gradients {size(found.gradients)}, AdamW {size(found.optimizer)}, activations "
             f"{size(found.activations)}: {found.setup}, {found.n_parameters / 1e6:,.1f} M parameters, "
             f"{found.tokens} tokens per micro-batch) and {where} {size(available)} — train a LoRA adapter "
             f"([lora] r = 8), set model.activation_checkpointing = true, shard with train.distributed = "
-            f"\"fsdp\" under torchrun, or lower train.batch_size (train.check_memory = false skips this check)")
+            f"\"fsdp\" under torchrun, or lower train.batch_size (train.check_memory = false skips this "
+            f"check)")
     return found

@@ -43,7 +43,6 @@ from .distributed import Distributed
 from .errors import ResumeRefused
 from .hub import load_weights
 from .loop import TrainState, fail_if_mostly_skipped, train
-from .models.base import CONFIG_NAME
 from .metrics import (
     MetricsLogger,
     eval_at,
@@ -54,6 +53,7 @@ from .metrics import (
     summary_text,
     trim_metrics,
 )
+from .models.base import CONFIG_NAME
 from .neftune import build_neftune
 from .precision import Precision
 from .run_dir import claim_output_dir
@@ -136,7 +136,7 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         raise RunConfigError(f"train.label_smoothing smooths minift train's next-token targets; the "
                              f"{stage.name} stage has its own loss (DPO: dpo.label_smoothing) — set it to 0")
     check_sharding(cfg, stage, dist, say)
-    trained = wrap_for_training(cfg, stage.model, dist)  # FSDP shards the parameters: the optimizer comes after
+    trained = wrap_for_training(cfg, stage.model, dist)  # FSDP shards the parameters: the optimizer after
     optimizer = build_optimizer(cfg, stage.model)
     scheduler = build_scheduler(cfg, optimizer, stage.total_steps)
     for line in schedule_notes(cfg, len(stage.sampler) if hasattr(stage.sampler, "__len__") else None,
@@ -292,7 +292,8 @@ def save_model_folder(model, directory: Path, base: str, tensors: dict[str, Any]
 
     if lora_settings(model) is not None:
         save_adapter(model, directory, base_model_name_or_path=base, tensors=tensors)
-        model.config.save_json(directory / CONFIG_NAME, str(model.padded_head_weight.dtype).removeprefix("torch."))
+        weights_dtype = str(model.padded_head_weight.dtype).removeprefix("torch.")
+        model.config.save_json(directory / CONFIG_NAME, weights_dtype)
     elif holds_adapter(model):
         with state_dict_replaced(model, merged_state_dict(model, tensors)):
             model.save_pretrained(directory)
@@ -334,10 +335,11 @@ def check_sharding(cfg: RunConfig, stage: Stage, dist: Distributed, say: Callabl
     if cfg.train.distributed != "fsdp":
         return
     if not dist.enabled:
-        say('train.distributed = "fsdp": one process, nothing to shard (start with torchrun --nproc-per-node N)')
+        say('train.distributed = "fsdp": one process, nothing to shard (start with torchrun '
+            '--nproc-per-node N)')
     elif stage.name not in FSDP_STAGES:
-        raise RunConfigError(f'train.distributed = "fsdp" is not supported by the {stage.name} stage (it generates '
-                             f'with the model between steps) — use train.distributed = "ddp"')
+        raise RunConfigError(f'train.distributed = "fsdp" is not supported by the {stage.name} stage (it '
+                             f'generates with the model between steps) — use train.distributed = "ddp"')
 
 
 def write_json_atomically(path: Path, value: Any) -> None:

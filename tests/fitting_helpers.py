@@ -8,12 +8,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from conftest import REPO
 
 from minift import synthetic
 from minift.config import load_config
 from minift.models import GPT2Config, GPTConfig, LlamaConfig, build_model
 from minift.tokenizer import ensure_pad_token, load_tokenizer
+
+from conftest import REPO
 
 FAMILIES = ("openai-gpt", "gpt2", "llama")
 _ROOT: list[Path] = []  # one folder of bases per test process (training the synthetic tokenizer takes 2 s)
@@ -45,9 +46,8 @@ def base_folder(root: Path | None = None, family: str = "openai-gpt", with_pad: 
         tokenizer = ensure_pad_token(tokenizer, "auto")
     vocab = tokenizer.vocab_size
     drop = {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
-    config = {"openai-gpt": lambda: GPTConfig(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                              **drop),
-              "gpt2": lambda: GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, **drop),
+    gpt = {"vocab_size": vocab, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, **drop}
+    config = {"openai-gpt": lambda: GPTConfig(**gpt), "gpt2": lambda: GPT2Config(**gpt),
               "llama": lambda: LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                            max_position_embeddings=64, tie_word_embeddings=False)}[family]()

@@ -13,18 +13,19 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
 from fitting_helpers import base_folder, cli_sets, run_config
 from safetensors.torch import load_file
 
 import minift
 
+from conftest import REPO
+
 # slow: every run starts two gloo processes (~10 s each on two busy cores)
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(),
                                                    reason="torch.distributed is not available")]
 
-COMMON = ("train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=10", "train.weight_decay=0.01",
-          "train.warmup_steps=1")
+COMMON = ("train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=10",
+          "train.weight_decay=0.01", "train.warmup_steps=1")
 
 
 def _free_port() -> int:
@@ -35,10 +36,10 @@ def _free_port() -> int:
 
 def _command(config, *extra, nproc=None):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-                str(_free_port())] if nproc else [sys.executable]
-    return [*launcher, "-m", "minift", "train", str(REPO / "configs" / "offline-default.toml"), *cli_sets(config),
-            *extra], env
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                "--master-port", str(_free_port())] if nproc else [sys.executable]
+    return [*launcher, "-m", "minift", "train", str(REPO / "configs" / "offline-default.toml"),
+            *cli_sets(config), *extra], env
 
 
 def _run(config, *extra, nproc=None):
@@ -47,7 +48,8 @@ def _run(config, *extra, nproc=None):
 
 
 def _step_losses(out):
-    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"step_time"' in x]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if '"step_time"' in x]
 
 
 def _assert_close(a, b, atol=1e-5):
@@ -165,7 +167,8 @@ def test_pair_stages_with_lora_on_two_sharded_ranks_equal_one_process(stage, tmp
     base = base_folder(None, "openai-gpt")
     outputs = {}
     for name, batch, nproc in (("single", 8, None), ("fsdp", 4, 2)):
-        config = run_config(tmp_path / name, base, "lora.r=4", "train.max_steps=3", f"train.batch_size={batch}",
+        config = run_config(tmp_path / name, base, "lora.r=4", "train.max_steps=3",
+                            f"train.batch_size={batch}",
                             "pairs.max_train_pairs=48", "pairs.max_eval_pairs=8", 'train.distributed="fsdp"',
                             path=REPO / "configs" / f"{stage}-tiny.toml", stage=PreferenceConfig)
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
 from fitting_helpers import base_folder, run_config
 from safetensors.torch import load_file
 from torch import nn
@@ -21,7 +20,10 @@ from minift.finetune import run
 from minift.lora import LoraSettings, adapters_disabled, apply_lora, trainable_parameters
 from minift.optim import make_adamw
 
+from conftest import REPO
+
 LORA = ("lora.r=4", "lora.alpha=8", "lora.dropout=0.1")
+TARGETS = ('lora.target_modules=["c_attn", "c_proj"]', "train.checkpoint_every=3")
 
 
 class Crash(Exception):
@@ -48,7 +50,7 @@ def lora_run(tmp_path_factory):
     """Eight LoRA steps on a GPT-2-shaped base whose vocabulary the run grows by [PAD]."""
     root = tmp_path_factory.mktemp("lora")
     base = base_folder(None, "gpt2", with_pad=False)
-    config = run_config(root / "run", base, *LORA, 'lora.target_modules=["c_attn", "c_proj"]', "train.checkpoint_every=3")
+    config = run_config(root / "run", base, *LORA, *TARGETS)
     run(config, log=lambda *_: None)
     return root / "run", base
 
@@ -63,7 +65,7 @@ def test_checkpoints_hold_the_adapter_and_resume_bit_identically(lora_run, tmp_p
     state = ckpt.load_training_state(final)
     assert len(state["optimizer"]["state"]) == len(adapter)  # AdamW's moments of the adapter only
     # crash at step 5 (the newest checkpoint is step 3: dropout's RNG and the data position are replayed)
-    config = run_config(tmp_path, base, *LORA, 'lora.target_modules=["c_attn", "c_proj"]', "train.checkpoint_every=3")
+    config = run_config(tmp_path, base, *LORA, *TARGETS)
     _run_until_crash(config, 5, monkeypatch)
     run(config, resume=True, log=lambda *_: None)
     resumed = load_file(str(tmp_path / "checkpoint-8" / ckpt.ADAPTER_STATE))
@@ -195,12 +197,14 @@ def test_a_reward_model_with_lora_exports_merged_weights(tmp_path):
 
     base = base_folder(None, "openai-gpt")
     cfg = run_config(tmp_path / "reward", base, "lora.r=4", "train.max_steps=3", "pairs.max_train_pairs=32",
-                     "pairs.max_eval_pairs=8", "train.checkpoint_every=3", path=REPO / "configs" / "reward-tiny.toml")
+                     "pairs.max_eval_pairs=8", "train.checkpoint_every=3",
+                     path=REPO / "configs" / "reward-tiny.toml")
     run_reward(cfg, log=lambda *_: None)
     adapter = load_file(str(tmp_path / "reward" / "checkpoint-3" / ckpt.ADAPTER_STATE))
     assert "score.weight" in adapter and any("lora_A" in k for k in adapter)
     tokenizer = build_tokenizer(cfg)
-    adapted = RewardModel(build_model(cfg, tokenizer, torch.device("cpu"), say=lambda *_: None), tokenizer.pad_id)
+    lm = build_model(cfg, tokenizer, torch.device("cpu"), say=lambda *_: None)
+    adapted = RewardModel(lm, tokenizer.pad_id)
     ckpt.load_model_state(adapted, tmp_path / "reward" / "checkpoint-3")
     assert trainable_parameters(adapted).keys() == adapter.keys()
     ids = torch.randint(0, 286, (3, 9), generator=torch.Generator().manual_seed(0))
@@ -209,3 +213,46 @@ def test_a_reward_model_with_lora_exports_merged_weights(tmp_path):
         expected = adapted.eval()(ids, mask)
         exported = load_reward_model(tmp_path / "reward" / "model")(ids, mask)
     torch.testing.assert_close(exported, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.requires("peft", "transformers")
+@pytest.mark.parametrize("family", ["openai-gpt", "llama"])
+def test_every_family_trains_an_adapter_peft_loads(family, tmp_path):
+    """GPT-1 (nn.Linear-free Conv1D layout) and the Llama decoder (nn.Linear, peft's default targets
+    q_proj and v_proj) as GPT-2 above: model/ loads in peft and merges for transformers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = base_folder(None, family)
+    run(run_config(tmp_path / "run", base, "lora.r=4", "train.max_steps=3"), log=lambda *_: None)
+    ids = torch.randint(0, 287, (2, 12), generator=torch.Generator().manual_seed(3))
+    mine = _logits(minift.from_pretrained(tmp_path / "run" / "model"), ids)
+    assert (mine - _logits(minift.from_pretrained(base), ids)).abs().max() > 1e-4  # the adapter trained
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                       tmp_path / "run" / "model").eval()
+    torch.testing.assert_close(_logits(theirs, ids), mine, rtol=0, atol=1e-5)
+    assert main(["merge", str(tmp_path / "run" / "model"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged, ids), mine, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_with_compile_and_checkpointing_equals_the_plain_run(tmp_path):
+    """model.compile and model.activation_checkpointing beside [lora] in a run: the adapter and the
+    losses of the plain run, within float error."""
+    base = base_folder(None, "gpt2")
+    plain = run_config(tmp_path / "plain", base, "lora.r=4", "train.max_steps=4", 'data.sampler="packed"')
+    fitted = run_config(tmp_path / "fitted", base, "lora.r=4", "train.max_steps=4", 'data.sampler="packed"',
+                        "model.compile=true", "model.activation_checkpointing=true")
+    for config in (plain, fitted):
+        run(config, log=lambda *_: None)
+    a = load_file(str(tmp_path / "plain" / "model" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fitted" / "model" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+    losses = {}
+    for name in ("plain", "fitted"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(x)["loss"] for x in lines if '"step_time"' in x]
+    assert losses["fitted"] == pytest.approx(losses["plain"], abs=1e-5)

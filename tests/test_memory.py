@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REPO
 from fitting_helpers import base_folder, run_config
 from memory import LiveTensorBytes  # benchmarks/memory.py: follows every tensor torch allocates
 
@@ -17,6 +16,8 @@ from minift.lora import apply_lora
 from minift.models import GPT2Config, GPTConfig, LlamaConfig
 from minift.models import build_model as random_model
 from minift.optim import make_adamw
+
+from conftest import REPO
 
 SHAPES = {
     "gpt2": GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=1000, n_positions=128, resid_pdrop=0.1,
@@ -61,7 +62,8 @@ def test_weights_gradients_and_adamw_are_counted_exactly(overrides):
 
 @pytest.mark.parametrize("family,overrides,rows,length", [
     ("gpt2", (), 4, 64), ("gpt2", (), 8, 128), ("gpt2", ("model.activation_checkpointing=true",), 8, 128),
-    ("openai-gpt", LORA, 8, 128), ("llama", (), 8, 128), ("llama", (*LORA, "model.activation_checkpointing=true"), 8, 128),
+    ("openai-gpt", LORA, 8, 128), ("llama", (), 8, 128),
+    ("llama", (*LORA, "model.activation_checkpointing=true"), 8, 128),
     ("llama", ("model.fused_lm_head=false",), 4, 64),
 ])
 def test_the_estimate_is_near_what_a_training_step_holds(family, overrides, rows, length):
@@ -114,7 +116,8 @@ def test_a_setup_that_cannot_fit_is_refused_with_the_numbers(monkeypatch, capsys
     tokenizer = build_tokenizer(cfg)
     needed = memory.estimate(cfg, model_config_of(cfg, tokenizer)).total
     monkeypatch.setattr(memory, "available_bytes", lambda device: needed - 1)
-    with pytest.raises(RunConfigError, match=r"this setup needs about \d+\.\d MiB per rank \(parameters") as err:
+    refusal = r"this setup needs about \d+\.\d MiB per rank \(parameters"
+    with pytest.raises(RunConfigError, match=refusal) as err:
         build_model(cfg, tokenizer, torch.device("cpu"), say=lambda *_: None)
     assert f"and this machine has {memory.size(needed - 1)} —" in str(err.value)
     assert "train.check_memory = false skips this check" in str(err.value)
@@ -122,8 +125,8 @@ def test_a_setup_that_cannot_fit_is_refused_with_the_numbers(monkeypatch, capsys
     lines = []
     build_model(cfg, tokenizer, torch.device("cpu"), say=lines.append)  # said, not refused
     assert lines[0].startswith("memory estimate per rank: parameters ")
-    code = main(["train", str(REPO / "configs" / "offline-default.toml"), "--set", f'model.name="{base}"', "--set",
-                 'model.tokenizer=""', "--set", "model.config={}", "--set",
+    code = main(["train", str(REPO / "configs" / "offline-default.toml"), "--set", f'model.name="{base}"',
+                 "--set", 'model.tokenizer=""', "--set", "model.config={}", "--set",
                  f'train.output_dir="{base.parent / "refused"}"'])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("minift: error: this setup needs about") and err.count("\n") == 1

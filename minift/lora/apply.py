@@ -242,7 +242,8 @@ def merged_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None 
             weight = state.pop(f"{prefix}base_layer.weight")
             wide = torch.promote_types(weight.dtype, torch.float32)
             delta = (b.to(wide) @ a.to(wide)) * module.scaling
-            state[f"{prefix}weight"] = (weight.to(wide) + (delta.T if module.fan_in_fan_out else delta)).to(weight.dtype)
+            delta = delta.T if module.fan_in_fan_out else delta
+            state[f"{prefix}weight"] = (weight.to(wide) + delta).to(weight.dtype)
             for key in [k for k in state if k.startswith(f"{prefix}base_layer.")]:
                 state[prefix + key[len(f"{prefix}base_layer."):]] = state.pop(key)
         elif isinstance(module, TrainedCopy):

@@ -28,7 +28,8 @@ from ..errors import MissingFile
 from ..hub import CheckpointError, from_pretrained, resolve, weights_present
 from ..models.base import CausalLM
 from ..models.config import config_from_json_file, read_json_object
-from .apply import apply_lora, load_adapter_state_dict, lora_settings, merge_adapters, trainable_parameters, unwrap
+from .apply import (apply_lora, load_adapter_state_dict, lora_settings, merge_adapters, trainable_parameters,
+                    unwrap)
 from .modules import LoraLinear
 from .settings import LoraSettings, LoraSettingsError
 
@@ -52,14 +53,17 @@ def _vocab_row_names(model: nn.Module) -> set[str]:
     return {name for name in trainable_parameters(model) if peft_key(name) in vocab_keys}
 
 
-def peft_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def peft_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's checkpoint keys, vocabulary rows without padding.
     ``tensors``: the values to write, under the model's own names (a state dict gathered from
     shards); default: the parameters themselves."""
     model = unwrap(model)
     vocab_rows = _vocab_row_names(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    values = trainable_parameters(model) if tensors is None else {n: tensors[n] for n in trainable_parameters(model)}
+    values = trainable_parameters(model)
+    if tensors is not None:
+        values = {name: tensors[name] for name in values}
     return {PEFT_PREFIX + peft_key(name): (p[:vocab_size] if name in vocab_rows else p).detach().contiguous()
             for name, p in values.items()}
 
@@ -154,9 +158,9 @@ def adapter_base_name(directory: str | os.PathLike) -> str:
     directory = Path(directory).expanduser()
     base = read_json_object(directory / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
-        raise LoraSettingsError(f"{directory / ADAPTER_CONFIG} names no base model (base_model_name_or_path): "
-                                "load the base with minift.from_pretrained and add the adapter with "
-                                "minift.lora.load_adapter")
+        raise LoraSettingsError(f"{directory / ADAPTER_CONFIG} names no base model "
+                                "(base_model_name_or_path): load the base with minift.from_pretrained "
+                                "and add the adapter with minift.lora.load_adapter")
     return base
 
 

@@ -161,10 +161,10 @@ def build_reward_stage(ctx: RunContext) -> Stage:
 def dpo_objectives(d, parts: PairParts, scorer: SequenceLogProbs, ctx: RunContext):
     """The training objective and the held-out one. ``frozen``: a deep copy of the initial policy,
     eval mode, no gradients (a second model in memory, a second forward per step); with LoRA the
-    policy itself with its adapter off, which is the initial policy while ``lora.bias = "none"``. ``precomputed``:
-    the initial policy's log-probs of every pair, computed once now (2 floats per pair)."""
+    policy itself with its adapter off, which is the initial policy while ``lora.bias = "none"``.
+    ``precomputed``: the initial policy's log-probs of every pair, computed once now (2 floats per pair)."""
     kwargs = dict(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing)
-    if d.reference == "frozen" and holds_adapter(parts.lm):  # LoRA: the base is the adapter-off policy
+    if d.reference == "frozen" and holds_adapter(parts.lm):  # LoRA: the reference is the adapter-off policy
         ctx.say("dpo: the reference is the policy with its LoRA adapter off (no second model)")
         objective = DPOObjective(**kwargs, adapter_off_reference=True)
         return objective, objective
