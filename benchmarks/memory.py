@@ -1,8 +1,9 @@
-"""Peak memory and step time of full fine-tuning, LoRA and activation checkpointing on one model
-and one batch.
+"""Peak memory and step time of full fine-tuning, LoRA, activation checkpointing and FSDP on one
+model and one batch.
 
     python3 benchmarks/memory.py [--n-layer 12] [--n-embd 256] [--batch 8] [--seq 256] [--steps 3]
-                                 [--rounds 1] [--rows full,lora,full+ac,lora+ac] [--device cpu] [--threads 0]
+                                 [--rounds 1] [--rows full,lora,full+ac,lora+ac,fsdp] [--device cpu]
+                                 [--threads 0]
 
 The model is GPT-2-shaped (GPT-2's 50,257-token vocabulary padded to 50,304, random init: the
 weights' values change neither memory nor speed), trained as ``minift train`` trains on CPU: fused
@@ -12,6 +13,9 @@ random tokens, every position labelled. Rows:
 ``full``      every parameter trains
 ``lora``      LoRA r=8, alpha=16 on every linear layer (c_attn, c_proj, c_fc); the base frozen
 ``+ac``       activation checkpointing per block (``CausalLM.set_activation_checkpointing``)
+``fsdp``      full fine-tuning sharded over 2 ranks (torchrun, gloo on CPU / NCCL on CUDA; FSDP2 as
+              ``train.distributed = "fsdp"`` wraps it: ``minift/fsdp.py``), each rank half of the batch;
+              every number is rank 0's: what one rank holds
 
 Each row runs alone in a fresh process (a process's peak resident set only grows); ``--rounds``
 repeats the sequence of rows (A B C D A B C D ...) so a loaded machine's drift hits every row alike,
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,13 +54,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from minift.distributed import Distributed
 from minift.lora import LoraSettings, apply_lora, trainable_parameters
 from minift.models import GPT2Config, build_model
 from minift.optim import make_adamw
 from harness import device_sync
 from minift.runtime import high_water_rss, keep_large_allocations
 
-ROWS = ("full", "lora", "full+ac", "lora+ac")
+ROWS = ("full", "lora", "full+ac", "lora+ac", "fsdp")
+FSDP_RANKS = 2
 LORA = LoraSettings(r=8, alpha=16, target_modules=["c_attn", "c_proj", "c_fc"])
 MB = 2 ** 20
 
@@ -68,8 +75,13 @@ def resident_bytes() -> int:
     raise OSError("no VmRSS in /proc/self/status")
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (an FSDP shard's local rows; the tensor itself otherwise)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -83,7 +95,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.seen = WeakIdKeyDictionary()
 
     def track(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
+        storage = local(tensor).untyped_storage()
         if storage in self.seen:
             return
         self.seen[storage] = nbytes = storage.nbytes()
@@ -124,6 +136,13 @@ def measure_row(args, row: str) -> dict:
     model = build(args, row)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(1)).to(device)
+    dist = None
+    if row == "fsdp":  # this rank's half of the batch; the model sharded as minift train shards it
+        dist = Distributed.from_env()
+        device = dist.device
+        model.to(device)
+        dist.wrap(model, mode="fsdp")
+        ids = ids[dist.rank::dist.world_size].to(device)
     optimizer = make_adamw(model, lr=1e-4)
     sync = device_sync(device)
     sync()
@@ -162,6 +181,10 @@ def measure_row(args, row: str) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else high_water_rss()
     trained = trainable_parameters(model)
+    if dist is not None:
+        dist.shutdown()
+        if not dist.is_main:
+            return {}
     return {"row": row, "n_params": sum(p.numel() for p in model.parameters()),
             "n_trained": sum(p.numel() for p in trained.values()),
             "params": tensor_bytes(model.parameters()), "grads": tensor_bytes(trained.values()),
@@ -169,7 +192,14 @@ def measure_row(args, row: str) -> dict:
                                  if torch.is_tensor(t)),
             "kept": kept, "tensor_peak": tensors.peak, "base": base, "peak": peak,
             "s_per_step": statistics.median(times),
-            "threads": torch.get_num_threads(), "device": str(device)}
+            "threads": torch.get_num_threads(), "device": str(device),
+            "ranks": dist.world_size if dist is not None else 1}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def median_of_rounds(runs: list[dict]) -> dict:
@@ -191,7 +221,8 @@ def table(results: list[dict], args) -> str:
     lines = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         mib = {k: f"{r[k] / MB:.0f}" for k in ("params", "grads", "adam", "kept", "tensor_peak", "peak")}
-        cells = [r["row"], f"{r['n_trained'] / 1e6:.2f} M of {r['n_params'] / 1e6:.1f} M",
+        name = r["row"] + (f" ({r['ranks']} ranks, per rank)" if r.get("ranks", 1) > 1 else "")
+        cells = [name, f"{r['n_trained'] / 1e6:.2f} M of {r['n_params'] / 1e6:.1f} M",
                  *(mib[k] for k in ("params", "grads", "adam", "kept", "tensor_peak", "peak")),
                  f"{(r['peak'] - r['base']) / MB:.0f}", f"{r['s_per_step']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -213,7 +244,9 @@ def main() -> None:
     parser.add_argument("--one-row", help=argparse.SUPPRESS)  # the child process of one row
     args = parser.parse_args()
     if args.one_row:
-        print(json.dumps(measure_row(args, args.one_row)))
+        record = measure_row(args, args.one_row)
+        if record:  # FSDP: rank 0's
+            print(json.dumps(record))
         return
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
@@ -222,7 +255,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {row: [] for row in rows}
     for round_index in range(args.rounds):
         for row in rows:
-            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one-row", row],
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(FSDP_RANKS),
+                        "--master-port", str(free_port())] if row == "fsdp" else [sys.executable]
+            child = subprocess.run([*launcher, __file__, *sys.argv[1:], "--one-row", row],
                                    capture_output=True, text=True, check=False)
             if child.returncode:
                 sys.exit(f"row {row} failed (exit status {child.returncode}; -9: killed, e.g. out of "

@@ -8,6 +8,12 @@ A checkpoint directory ``checkpoint-<step>`` holds:
     run_config.json                  the minift run config
     manifest.json                    size and sha256 of every file above, written last
 
+A LoRA run writes ``adapter_state.safetensors`` (the tensors that train, under the model's
+parameter names) instead of the weights: the frozen base is ``model.name``'s, read again on
+resume. An FSDP run writes its sharded model and optimizer state through
+``torch.distributed.checkpoint`` (``.metadata`` + one ``__<rank>_0.distcp`` per rank, every rank
+writing into the same temporary folder; ``fsdp.py``); ``training_state.pt`` then holds the rest.
+
 It is written into ``.tmp-checkpoint-<step>-<pid>``; each file and the directory are
 fsync'ed, then the directory is renamed into place. Resume accepts only directories whose
 manifest matches their files, so a run killed mid-write leaves nothing resume would take;
@@ -31,11 +37,14 @@ import torch
 
 from .errors import MiniftError, MissingFile, ResumeRefused
 from .hub import load_weights
-from .models.base import WEIGHTS_NAME
+from .lora import holds_adapter, load_adapter_state_dict, trainable_parameters
+from .models.base import CONFIG_NAME, WEIGHTS_NAME
 
 MANIFEST = "manifest.json"
 STATE_FILE = "training_state.pt"
 RUN_CONFIG = "run_config.json"
+ADAPTER_STATE = "adapter_state.safetensors"  # LoRA: what trains, under the model's parameter names
+SHARDED_INDEX = ".metadata"  # FSDP: torch.distributed.checkpoint's index of the shard files
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -88,14 +97,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+def temporary_dir_for(final: Path) -> Path:
+    """The temporary sibling ``write_dir_atomically`` fills before renaming it to ``final``."""
+    return final.parent / f".tmp-{final.name}-{os.getpid()}"
+
+
+def write_dir_atomically(final: Path, write: Callable[[Path], None], filled: Path | None = None) -> Path:
     """Fill a temporary sibling of ``final`` with ``write(tmp)``, fsync every file and the
     directory, then rename it into place: ``final`` is either the old or the complete new one.
-    A failed write removes the temporary directory and leaves ``final`` untouched."""
+    A failed write removes the temporary directory and leaves ``final`` untouched. ``filled``: a
+    temporary folder other processes have already written into (FSDP's shards), completed here."""
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
+    tmp = filled or temporary_dir_for(final)
+    if tmp.exists() and filled is None:
         shutil.rmtree(tmp)
     try:
         write(tmp)  # creates tmp (save_pretrained does)
@@ -130,14 +145,15 @@ def _disk_full(err: BaseException | None) -> BaseException | None:
 def save_checkpoint(output_dir: str | Path, step: int, model, training_state: dict[str, Any],
                     run_config: dict[str, Any], keep: int = 2, tokenizer=None,
                     fingerprints: dict[str, str] | None = None, log: Callable[[str], None] = print,
-                    protect: Path | None = None) -> Path:
+                    protect: Path | None = None, filled: Path | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically (with the tokenizer's files when given, and the
     run's ``fingerprints`` in the manifest); then keep only the newest ``keep`` verified ones
-    (and ``protect``, the best checkpoint: ``prune_checkpoints``)."""
+    (and ``protect``, the best checkpoint: ``prune_checkpoints``). ``filled``: the temporary
+    folder FSDP's shards were written into."""
     output_dir = Path(output_dir)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        save_model_state(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         with open(tmp / STATE_FILE, "wb") as f:  # a file object: a full disk surfaces as OSError ENOSPC
@@ -150,9 +166,36 @@ def save_checkpoint(output_dir: str | Path, step: int, model, training_state: di
             manifest["fingerprints"] = dict(fingerprints)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    final = write_dir_atomically(output_dir / f"checkpoint-{step}", write)
+    final = write_dir_atomically(output_dir / f"checkpoint-{step}", write, filled=filled)
     prune_checkpoints(output_dir, keep, log=log, protect=protect)
     return final
+
+
+def save_model_state(model, directory: Path) -> None:
+    """The model part of a checkpoint: with an adapter, the tensors that train (``ADAPTER_STATE``);
+    otherwise the whole model (``save_pretrained``). FSDP's shards are written before (``fsdp.py``)."""
+    from safetensors.torch import save_file
+
+    if (directory / SHARDED_INDEX).exists():
+        return
+    if holds_adapter(model):
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous() for name, p in trainable_parameters(model).items()}
+        save_file(tensors, str(directory / ADAPTER_STATE), metadata={"format": "pt"})
+    else:
+        model.save_pretrained(directory)
+
+
+def load_model_state(model, path: Path, load_model_weights: Callable[[Any, Path], None] = load_weights
+                     ) -> None:
+    """What ``save_model_state`` wrote, into ``model`` (in place): the adapter's tensors (strict by
+    name and shape), or the whole weights through ``load_model_weights``."""
+    if (path / ADAPTER_STATE).exists():
+        from safetensors.torch import load_file
+
+        load_adapter_state_dict(model, load_file(str(path / ADAPTER_STATE)), source=str(path / ADAPTER_STATE))
+    else:
+        load_model_weights(model, path)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -192,7 +235,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def verify_checkpoint(path: Path) -> None:
     """Raise CheckpointCorrupt naming the file and the reason unless ``path`` is complete."""
     files = read_manifest(path)["files"]
-    for name in ("config.json", WEIGHTS_NAME, STATE_FILE):
+    model_files = (ADAPTER_STATE,) if ADAPTER_STATE in files else (SHARDED_INDEX,) if SHARDED_INDEX in files \
+        else (CONFIG_NAME, WEIGHTS_NAME)
+    for name in (*model_files, STATE_FILE):
         if name not in files:
             raise CheckpointCorrupt(f"{path}: manifest does not list {name}")
     for name, expected in files.items():
@@ -314,14 +359,34 @@ def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dis
     ranks)."""
     rng = dist.gather(rng_state())
     samplers = dist.gather(parts.sampler.state_dict())
+    final = Path(output_dir) / f"checkpoint-{state.step}"
+    filled = _write_shards(final, parts, dist) if dist.sharded else None
     if not dist.is_main:
         return None
-    training_state = {"optimizer": parts.optimizer.state_dict(), "scheduler": parts.scheduler.state_dict(),
+    optimizer = {} if dist.sharded else {"optimizer": parts.optimizer.state_dict()}  # FSDP: in the shards
+    training_state = {**optimizer, "scheduler": parts.scheduler.state_dict(),
                       "precision": parts.precision.state_dict(), "rng": rng, "sampler": samplers,
                       "train_state": state.state_dict(), "total_steps": total_steps, "world_size": dist.world_size,
-                      **(parts.extra_state or {})}
+                      "sharded": dist.sharded, **(parts.extra_state or {})}
     return save_checkpoint(output_dir, state.step, parts.model, training_state, run_config, keep=keep,
-                           tokenizer=parts.tokenizer, fingerprints=fingerprints, log=log, protect=protect)
+                           tokenizer=parts.tokenizer, fingerprints=fingerprints, log=log, protect=protect,
+                           filled=filled)
+
+
+def _write_shards(final: Path, parts: TrainingParts, dist) -> Path:
+    """FSDP: every rank writes its shards of the model and optimizer into rank 0's temporary folder
+    for ``final`` (collective); returns that folder, which rank 0 then completes and renames."""
+    from .fsdp import save_state
+
+    tmp = dist.broadcast(temporary_dir_for(final) if dist.is_main else None)
+    if dist.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_state(tmp, parts.model, parts.optimizer, trained_only=holds_adapter(parts.model))
+    dist.barrier()
+    return tmp
 
 
 def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_new_hyperparameters: bool = False
@@ -333,11 +398,17 @@ def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_n
     the checkpoint's)."""
     saved = load_training_state(path)
     dist.check_world_size(saved.get("world_size", 1))
-    device = next(parts.model.parameters()).device
-    parts.load_model_weights(parts.model, path)
-    parts.model.to(device)
+    _check_sharding(path, bool(saved.get("sharded")), dist.sharded)
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in parts.optimizer.param_groups]
-    parts.optimizer.load_state_dict(saved["optimizer"])
+    if dist.sharded:
+        from .fsdp import load_state
+
+        load_state(path, parts.model, parts.optimizer, trained_only=holds_adapter(parts.model))
+    else:
+        device = next(parts.model.parameters()).device
+        load_model_state(parts.model, path, parts.load_model_weights)
+        parts.model.to(device)
+        parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scheduler.load_state_dict(saved["scheduler"])
     if keep_new_hyperparameters:
         _reapply_hyperparameters(parts.optimizer, parts.scheduler, fresh)
@@ -351,6 +422,14 @@ def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_n
                 raise ResumeRefused(f"{path}: {key} has shape {tuple(saved[key].shape)}, this run's "
                                     f"{tuple(getattr(value, 'shape', ()))} — resume with the same data")
             value.copy_(saved[key])
+
+
+def _check_sharding(path: Path, saved_sharded: bool, sharded: bool) -> None:
+    if saved_sharded != sharded:
+        written = "sharded by FSDP" if saved_sharded else "whole (one process or DDP)"
+        wanted = "train.distributed = \"fsdp\" under torchrun" if saved_sharded else \
+            "train.distributed = \"ddp\" (or one process)"
+        raise ResumeRefused(f"{path} holds the model {written}; resume it with {wanted}")
 
 
 def _reapply_hyperparameters(optimizer, scheduler, fresh: list[dict[str, Any]]) -> None:
@@ -385,7 +464,7 @@ FREE_ON_RESUME = {"train.output_dir", "train.device", "train.threads", "train.ke
                   "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.on_nonfinite", "train.progress", "train.plot", "train.logging_first_step",
                   "data.num_workers", "data.eval_split",
-                  "model.compile"}
+                  "model.compile", "model.activation_checkpointing", "train.check_memory"}
 
 
 def fingerprints(tokenizer, train_rows: Iterable) -> dict[str, str]:
@@ -422,11 +501,15 @@ def resume_differences(path: Path, run_config: dict[str, Any], run_fingerprints:
                        ) -> list[tuple[str, Any, Any]]:
     """(setting, checkpoint's value, this run's) for every setting that changes the maths (the
     world size is checked apart: no flag can resume on another number of ranks)."""
+    from .config import RunConfig
+
     saved = json.loads((path / RUN_CONFIG).read_text(encoding="utf-8"))
     old, new = _flatten(saved), _flatten(run_config)
+    defaults = _flatten(RunConfig().to_dict())  # a setting newer than the checkpoint, at its default: same
     rows = [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
             if key not in FREE_ON_RESUME and not key.startswith("eval.")
-            and not same_setting(old.get(key), new.get(key))]
+            and not same_setting(old.get(key), new.get(key))
+            and not (key not in old and key in defaults and same_setting(defaults[key], new.get(key)))]
     saved_prints = read_manifest(path).get("fingerprints", {})
     for name, value in run_fingerprints.items():
         if name in saved_prints and saved_prints[name] != value:

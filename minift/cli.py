@@ -1,5 +1,5 @@
-"""``minift train | eval | predict | generate | dpo | reward | score | grpo | rloo``: every command's
-parser is here; each command's body is a plain function of its stage (``finetune.run``,
+"""``minift train | eval | predict | generate | dpo | reward | score | grpo | rloo | merge``: every
+command's parser is here; each command's body is a plain function of its stage (``finetune.run``,
 ``preference.run_dpo``, ``rl.run_rl``, ...)."""
 from __future__ import annotations
 
@@ -203,6 +203,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from .export import merge_model_folder
+
+    print(f"merged model: {merge_model_folder(args.model, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minift", description=__doc__)
     parser.add_argument("--debug", action="store_true",
@@ -276,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--top-k", type=int, default=0, help="best-of-n: sample from the k likeliest tokens (0 = all)")
     score.add_argument("--seed", type=int, default=0, help="best-of-n: seed of the sampling")
     score.set_defaults(func=cmd_score)
+    merge = sub.add_parser("merge", parents=[common],
+                           help="fold a LoRA adapter into its base: full weights in transformers' layout")
+    merge.add_argument("model", help="a model folder holding an adapter (<output_dir>/model of a [lora] run)")
+    merge.add_argument("output", help="a new folder for the merged model")
+    merge.set_defaults(func=cmd_merge)
     sub.add_parser("bench", help="throughput of the recipe: benchmarks/throughput.py --no-trainer (see benchmarks/)",
                    add_help=False)
     return parser

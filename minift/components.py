@@ -26,6 +26,9 @@ from .data import DataError, check_something_to_learn, load_splits
 from .distributed import SINGLE_PROCESS, Distributed
 from .hub import from_pretrained, resolve_checkpoint
 from .loop import Hooks, TrainState, skip_nonfinite, stop_on_nonfinite
+from .lora import apply_lora
+from .lora.peft_format import adapter_base_name, is_adapter_folder
+from .memory import check_memory
 from .models import CONFIG_CLASSES, build_model as build_random_model, config_from_json_file
 from .optim import make_adamw, make_scheduler, warmup_steps_for
 from .precision import dtype_of
@@ -95,12 +98,15 @@ def check_lengths(max_length: int, pad_to_multiple_of: int, n_positions: int, se
                         f"— use a multiple that keeps {setting} within it, or 0")
 
 
-def build_model(cfg: RunConfig, tokenizer, device: torch.device):
-    """The pretrained checkpoint (or a random init), its vocabulary grown to the tokenizer's."""
+def build_model(cfg: RunConfig, tokenizer, device: torch.device, say: Callable[[str], None] | None = None,
+                training: bool = True):
+    """The pretrained checkpoint (or a random init), its vocabulary grown to the tokenizer's. For
+    training (``fit_model``): the memory it will need said first, and refused when it cannot fit;
+    then the LoRA adapter (``[lora]``) and activation checkpointing."""
+    if training:
+        check_memory(cfg, model_config_of(cfg, tokenizer), device, say or main_process_print)
     if cfg.model.name == "random":
-        config_cls = CONFIG_CLASSES[cfg.model.model_type]
-        model = build_random_model(config_cls.from_dict({"vocab_size": tokenizer.vocab_size, **cfg.model.config},
-                                                        source="[model] config", strict=True))
+        model = build_random_model(model_config_of(cfg, tokenizer))
     else:
         check_overrides(cfg)
         model = from_pretrained(cfg.model.name, **cfg.model.config)
@@ -110,7 +116,43 @@ def build_model(cfg: RunConfig, tokenizer, device: torch.device):
     d = cfg.data
     check_lengths(d.max_length, d.pad_to_multiple_of, model.config.n_positions, "data.max_length")
     model.pad_vocab(cfg.model.pad_vocab_to).set_hot_path(**cfg.model.hot_path(device.type))
-    return model.to(device=device, dtype=dtype_of(cfg.model.dtype, "model.dtype"))
+    model.to(dtype=dtype_of(cfg.model.dtype, "model.dtype"))
+    if training:
+        fit_model(cfg, model)
+    return model.to(device=device)
+
+
+def fit_model(cfg: RunConfig, model) -> None:
+    """``[lora]``: freeze the model and add the adapter, its A matrices drawn from a generator seeded
+    ``train.seed`` (the global RNG, dropout's, is left alone); ``model.activation_checkpointing``."""
+    settings = cfg.lora.settings()
+    if settings is not None:
+        apply_lora(model, settings, generator=torch.Generator().manual_seed(cfg.train.seed))
+    if cfg.model.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+
+
+def model_config_of(cfg: RunConfig, tokenizer):
+    """The config of the model ``build_model`` builds (read from the checkpoint: nothing allocated),
+    its vocabulary at least the tokenizer's."""
+    if cfg.model.name == "random":
+        config_cls = CONFIG_CLASSES[cfg.model.model_type]
+        return config_cls.from_dict({"vocab_size": tokenizer.vocab_size, **cfg.model.config},
+                                    source="[model] config", strict=True)
+    name = cfg.model.name
+    if is_adapter_folder(name) and not (Path(name).expanduser() / "config.json").exists():
+        name = adapter_base_name(name)  # peft's adapter folder: the base's config
+    config = config_from_json_file(resolve_checkpoint(name) / "config.json")
+    config = config.replace(**cfg.model.config) if cfg.model.config else config
+    if tokenizer.vocab_size > config.vocab_size:
+        config = config.replace(vocab_size=tokenizer.vocab_size)
+    return config
+
+
+def main_process_print(line: str) -> None:
+    """``print`` on rank 0 only (torchrun's ``RANK``): a line every rank would say once."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, flush=True)
 
 
 def load_dataset_splits(cfg: RunConfig):
@@ -239,7 +281,9 @@ def build_hooks(cfg: RunConfig, log: Callable[[dict], None], evaluate: Callable[
 
 
 def wrap_for_training(cfg: RunConfig, model, dist: Distributed):
-    """DDP under torchrun, then ``torch.compile`` when asked (``model.compile_mode``: "reduce-overhead"
-    replays CUDA graphs, which needs the static path); the unwrapped model is what is saved."""
-    model = dist.wrap(model)
+    """DDP (or FSDP2: ``train.distributed``) under torchrun, then ``torch.compile`` when asked
+    (``model.compile_mode``: "reduce-overhead" replays CUDA graphs, which needs the static path); the
+    unwrapped model is what is saved. FSDP shards ``model`` in place: build the optimizer after."""
+    t = cfg.train
+    model = dist.wrap(model, mode=t.distributed, precision=t.precision, accumulation=t.fsdp_accumulation)
     return torch.compile(model, mode=cfg.model.compile_mode) if cfg.model.compile else model

@@ -64,6 +64,8 @@ class ModelSection:
     loss_rows: str = option("auto", '"labelled": LM head on labelled rows only; "all": fixed shapes, no host sync; '
                                     '"auto": labelled on CPU, all under compile or on CUDA')
     fused_lm_head: bool = option(True, "chunked LM head + cross-entropy with its own backward: no [tokens x vocab] logits kept")
+    activation_checkpointing: bool = option(False, "keep only each block's input for backward and recompute "
+                                                   "the rest there (less activation memory, ~1 more forward)")
 
     def hot_path(self, device_type: str) -> dict[str, Any]:
         """``CausalLM.set_hot_path`` settings, ``loss_rows = "auto"`` resolved for the device: label rows
@@ -165,6 +167,48 @@ class TrainSection:
     data_seed: int = option(-1, "seed of the data order (shuffling, batches); -1 = train.seed")
     neftune_noise_alpha: float = option(0.0, "NEFTune: uniform noise of +-alpha/sqrt(length x width) on "
                                              "the input embeddings in training (0 = off)")
+    # fitting bigger models (docs/lora.md)
+    distributed: str = option("ddp", 'under torchrun: "ddp" (each rank holds the whole model) or "fsdp" '
+                                     '(parameters, gradients and AdamW state sharded over the ranks: FSDP2)')
+    fsdp_accumulation: str = option("sharded", 'fsdp with grad_accum > 1: "sharded" (gradients '
+                                               'reduce-scattered after every micro-batch: least memory) or '
+                                               '"unsharded" (whole parameters and gradients kept until the '
+                                               'last one: less communication)')
+    check_memory: bool = option(True, "refuse at start-up a setup whose estimated memory (weights, "
+                                      "gradients, AdamW, activations) exceeds what the device has")
+
+
+@dataclass
+class LoraSection:
+    """``[lora]``: train a low-rank adapter instead of the weights (minift.lora, peft's LoraConfig)."""
+
+    r: int = option(0, "rank of the adapter; 0 = no LoRA (every weight trains)")
+    alpha: float = option(8.0, "the update B A is scaled by alpha / r (peft's lora_alpha)")
+    dropout: float = option(0.0, "dropout on the adapter's input (peft's lora_dropout)")
+    target_modules: list = option([], 'modules to wrap: names matched by suffix ("c_attn", "q_proj"), '
+                                      'a regex string, or "all-linear"; [] = peft\'s default for the model '
+                                      'type',
+                                  list_or_string=True)
+    use_rslora: bool = option(False, "scale by alpha / sqrt(r) (rank-stabilized LoRA)")
+    bias: str = option("none", '"none", "lora_only" (biases of wrapped layers train) or "all"')
+    modules_to_save: list = option([], "modules trained in full beside the adapter, e.g. [\"ln_f\"]")
+    init: str = option("kaiming", '"kaiming" (peft\'s default: A Kaiming-uniform, B zeros) or "gaussian"')
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def settings(self):
+        """The ``minift.lora.LoraSettings`` of this section (None when LoRA is off)."""
+        from .lora.settings import LoraSettings
+
+        if not self.enabled:
+            return None
+        targets = self.target_modules
+        return LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout,
+                            target_modules=(targets or None) if isinstance(targets, list) else targets,
+                            use_rslora=self.use_rslora, bias=self.bias, modules_to_save=self.modules_to_save,
+                            init=self.init)
 
 
 @dataclass
@@ -181,6 +225,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     stage: Any = None  # a stage's own sections (a dataclass whose fields are sections: [pairs], [dpo], [rl] ...)
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,7 +296,7 @@ class RunConfig:
             (self.model.pad_token in ("auto", "eos") or self.model.pad_token.strip() != "",
              "model.pad_token must be auto, eos or a token"),
         ]
-        for ok, message in checks + trainer_feature_checks(t):
+        for ok, message in checks + trainer_feature_checks(t) + fitting_checks(self):
             if not ok:
                 raise RunConfigError(message)
         check_template(d.template)
@@ -261,6 +306,44 @@ class RunConfig:
 
 
 STRATEGIES = ("no", "steps", "epoch")  # eval_strategy and save_strategy, as Trainer's
+DISTRIBUTED = ("ddp", "fsdp")
+FSDP_ACCUMULATION = ("sharded", "unsharded")
+
+
+def fitting_checks(cfg: "RunConfig") -> list[tuple[bool, str]]:
+    """(ok, message) for LoRA, activation checkpointing and FSDP: the combinations minift refuses."""
+    t, lora = cfg.train, cfg.lora
+    if lora.r < 0:
+        return [(False, f"[lora] r must be >= 0 (0 = no LoRA), got {lora.r}")]
+    if lora.enabled:
+        from .lora.settings import LoraSettingsError
+
+        try:
+            lora.settings()  # LoraSettings.validate: one line naming the [lora] key
+        except LoraSettingsError as err:
+            raise RunConfigError(str(err)) from None
+    fsdp = t.distributed == "fsdp"
+    return [
+        (t.distributed in DISTRIBUTED, f"train.distributed {t.distributed!r}: one of {list(DISTRIBUTED)}"),
+        (t.fsdp_accumulation in FSDP_ACCUMULATION,
+         f"train.fsdp_accumulation {t.fsdp_accumulation!r}: one of {list(FSDP_ACCUMULATION)}"),
+        (not lora.enabled or cfg.model.name != "random",
+         '[lora] trains an adapter on a pretrained base, and model.name = "random" is none that the saved '
+         "adapter could name — save the base first (minift.build_model(...).save_pretrained(DIR)) and set "
+         "model.name = DIR"),
+        (not (fsdp and t.compat == "trainer"),
+         'train.distributed = "fsdp" with train.compat = "trainer": Trainer\'s numbers are those of one '
+         'process — use train.distributed = "ddp" or compat = "minift"'),
+        (not (fsdp and t.precision == "fp16"),
+         'train.distributed = "fsdp" with train.precision = "fp16": the gradient scaler would skip steps on '
+         'some shards and not others — use "bf16" (no scaler) or "fp32"'),
+        (not (fsdp and cfg.model.compile),
+         'train.distributed = "fsdp" with model.compile = true is not supported by minift yet — set '
+         "model.compile = false (or use train.distributed = \"ddp\")"),
+        (not (fsdp and t.load_best_model_at_end),
+         'train.distributed = "fsdp" with train.load_best_model_at_end = true is not supported — the best '
+         "checkpoint's shards are not reloaded; set it to false (the best checkpoint is still kept)"),
+    ]
 
 
 def trainer_feature_checks(t: TrainSection) -> list[tuple[bool, str]]:
@@ -336,7 +419,8 @@ def template_fields(template: str) -> set[str]:
         raise RunConfigError(f"data.template {template!r}: {err} (write a literal brace as {{{{ or }}}})") from None
 
 
-_SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
+_SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection,
+                    "lora": LoraSection}
 
 
 def _check_value(section: str, key: str, value: Any, default: Any, source: str) -> Any:
@@ -442,6 +526,9 @@ def from_dict(raw: dict[str, Any], source: str = "config", stage: type | None = 
                 raise RunConfigError(f"{source}: unknown key [{section}] {key}; known keys: {sorted(fields)}")
             if fields[key].metadata.get("yes_no_auto") and isinstance(value, bool):
                 value = "yes" if value else "no"  # a yes/no/auto option written as true / false
+            if fields[key].metadata.get("list_or_string") and isinstance(value, str):
+                setattr(target, key, value)  # e.g. [lora] target_modules = "all-linear" (or a regex)
+                continue
             setattr(target, key, _check_value(section, key, value, getattr(target, key), source))
     config.validate()
     if config.stage is not None and hasattr(config.stage, "validate"):

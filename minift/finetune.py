@@ -154,7 +154,7 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
                                   "(each call would score a fresh random init) — pass --model <output_dir>/model or a hub name")
     device = pick_device(cfg.train.device)
     tokenizer = build_tokenizer(cfg)
-    model = build_model(cfg, tokenizer, device)
+    model = build_model(cfg, tokenizer, device, training=False)
     data = build_datasets(cfg, tokenizer, with_train=False)
     print("data: " + data.reports[0].line())
     return evaluate(model, data.eval, Precision(cfg.train.precision, device), accuracy=cfg.eval.accuracy,

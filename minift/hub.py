@@ -267,7 +267,13 @@ def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype | None =
     ``dtype``: the weights' dtype (default float32). Each tensor is converted once, from the file's
     dtype straight to this one: a bf16 checkpoint loaded with ``dtype=torch.bfloat16`` never has a
     float32 copy in memory. ``config_overrides`` replace config.json fields (e.g. ``resid_pdrop=0.0``).
+    A folder holding a LoRA adapter (``adapter_config.json``, no weights) loads as the base it names
+    with the adapter merged in (``lora.peft_format.load_adapted_model``).
     """
+    from .lora.peft_format import is_adapter_folder, load_adapted_model  # lora reads weights through hub
+
+    if is_adapter_folder(name_or_path):  # a LoRA run's model folder (or peft's): its base plus the adapter
+        return load_adapted_model(name_or_path, dtype=dtype, device=device, **config_overrides)
     directory = resolve_checkpoint(name_or_path)
     config = config_from_json_file(directory / CONFIG_NAME)
     architectures = config.extra.get("architectures") or []

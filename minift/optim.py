@@ -109,6 +109,8 @@ def guarded_step(optimizer: torch.optim.Optimizer, scheduler, scaler, params: li
         optimizer.zero_grad(set_to_none=True)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over the sharded gradients, a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     lr = optimizer.param_groups[0]["lr"]
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     stepped = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -52,6 +53,7 @@ from .metrics import (
     summary_text,
     trim_metrics,
 )
+from .models.base import CONFIG_NAME
 from .neftune import build_neftune
 from .precision import Precision
 from .run_dir import claim_output_dir
@@ -135,6 +137,8 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     if cfg.train.label_smoothing and stage.name != "train":
         raise RunConfigError(f"train.label_smoothing smooths minift train's next-token targets; the "
                              f"{stage.name} stage has its own loss (DPO: dpo.label_smoothing) — set it to 0")
+    check_sharding(cfg, stage, dist, say)
+    trained = wrap_for_training(cfg, stage.model, dist)  # FSDP shards the parameters: the optimizer after
     optimizer = stage.build_optimizer(cfg, stage.model)
     scheduler = stage.build_scheduler(cfg, optimizer, stage.total_steps)
     for line in schedule_notes(cfg, len(stage.sampler) if hasattr(stage.sampler, "__len__") else None,
@@ -162,7 +166,7 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
     say = metrics.say  # from here on, lines go around the progress bar instead of onto it
     if resumed:
         metrics.write({"step": state.step, "resume": str(resumed)})
-    evaluate_at = partial(_evaluate_and_log, stage, metrics)
+    evaluate_at = partial(_evaluate_and_log, stage, metrics, dist)
     save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist, run_config=run_config,
                    total_steps=stage.total_steps, keep=cfg.train.keep_checkpoints, fingerprints=stage.fingerprints,
                    log=say)
@@ -190,7 +194,7 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
             hooks = build_hooks(cfg, _step_log(stage, metrics), evaluate_in_training, checkpoint_at,
                                 lambda: stop() or selection.should_stop(state),
                                 on_epoch_end=rng.epoch_ended if rng is not None else None)
-            state = train(wrap_for_training(cfg, stage.model, dist), optimizer, scheduler, stage.batches,
+            state = train(trained, optimizer, scheduler, stage.batches,
                           total_steps=stage.total_steps, grad_accum=cfg.train.grad_accum,
                           max_grad_norm=cfg.train.max_grad_norm, precision=ctx.precision, loss=stage.loss,
                           dist=dist, state=state, hooks=hooks)
@@ -207,8 +211,9 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         summary = run_summary(stage.name, records, state, stage.total_steps, peak_memory_bytes(ctx.device),
                               {**stage.summary, "train_loss": mean_step_loss(metrics.records),
                                **selection.summary(state)})
+        tensors = dist.gather_state_dict(stage.saved_model) if dist.sharded else None  # every rank takes part
         if dist.is_main:
-            model_dir = export_model(out_dir, stage, cfg)
+            model_dir = export_model(out_dir, stage, cfg, tensors)
             write_json_atomically(out_dir / SUMMARY_FILE, summary)
             metrics.write({"summary": summary})
             say(summary_text(summary))
@@ -228,10 +233,12 @@ def _step_log(stage: Stage, metrics: MetricsLogger) -> Callable[[dict], None]:
     return lambda record: metrics(stage.finish_record(record))
 
 
-def _evaluate_and_log(stage: Stage, metrics: MetricsLogger, step: int, **extra) -> dict[str, Any] | None:
+def _evaluate_and_log(stage: Stage, metrics: MetricsLogger, dist: Distributed, step: int, **extra
+                      ) -> dict[str, Any] | None:
     if stage.evaluate is None:
         return None
-    result = stage.evaluate()
+    with dist.whole_model():  # FSDP: the parameters gathered for the evaluation's forward passes
+        result = stage.evaluate()
     metrics.write({"step": step, "eval": result, **extra})
     metrics.say(stage.eval_line(step, result))
     return result
@@ -248,7 +255,7 @@ def _load_best_model(stage: Stage, state: TrainState, ctx: RunContext, selection
             ctx.say(f"load_best_model_at_end: no checkpoint holds a best {selection.metric}; keeping the "
                     f"last weights")
         return None
-    stage.load_model_weights(stage.saved_model, ctx.out_dir / f"checkpoint-{best}")
+    ckpt.load_model_state(stage.saved_model, ctx.out_dir / f"checkpoint-{best}", stage.load_model_weights)
     stage.saved_model.to(ctx.device)
     ctx.say(f"best model: checkpoint-{best} ({selection.metric} {state.best_metric:.4f}) loaded")
     return best
@@ -267,18 +274,80 @@ def _evaluated_before(out_dir: Path, dist: Distributed, resumed) -> bool:
     return bool(resumed) and dist.gather(dist.is_main and eval_at(read_records(out_dir), 0) is not None)[0]
 
 
-def export_model(out_dir: Path, stage: Stage, cfg: RunConfig) -> Path:
+def export_model(out_dir: Path, stage: Stage, cfg: RunConfig, tensors: dict[str, Any] | None = None) -> Path:
     """``<output_dir>/model``: the saved model, its tokenizer, the run config (and what the stage
     adds), written into a temporary folder and renamed into place: a kill leaves the previous
-    ``model/`` or the complete new one, never a half-written folder."""
+    ``model/`` or the complete new one, never a half-written folder. ``tensors``: the saved model's
+    state dict gathered from FSDP's shards (rank 0)."""
     def write(directory: Path) -> None:
-        stage.saved_model.save_pretrained(directory)
+        save_model_folder(stage.saved_model, directory, base_model_name(cfg), tensors)
         stage.tokenizer.save(directory)
         (directory / ckpt.RUN_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if stage.export is not None:
             stage.export(directory)
 
     return ckpt.write_dir_atomically(out_dir / MODEL_DIR, write)
+
+
+def save_model_folder(model, directory: Path, base: str, tensors: dict[str, Any] | None = None) -> None:
+    """The model of ``model/``: a language model holding a LoRA adapter as peft saves it
+    (``adapter_config.json`` naming ``base``, ``adapter_model.safetensors``, and ``config.json``
+    with the vocabulary the run grew: ``from_pretrained`` loads the folder as base + adapter); any
+    other model holding an adapter (a reward model) with the adapter merged into full weights; a
+    plain model as it saves itself. ``tensors``: the values to write instead of the parameters'
+    own (gathered from FSDP's shards)."""
+    from .lora import holds_adapter, lora_settings, merged_state_dict, save_adapter
+
+    if lora_settings(model) is not None:
+        save_adapter(model, directory, base_model_name_or_path=base, tensors=tensors)
+        weights_dtype = str(model.padded_head_weight.dtype).removeprefix("torch.")
+        model.config.save_json(directory / CONFIG_NAME, weights_dtype)
+    elif holds_adapter(model):
+        with state_dict_replaced(model, merged_state_dict(model, tensors)):
+            model.save_pretrained(directory)
+    elif tensors is not None:
+        with state_dict_replaced(model, tensors):
+            model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory)
+
+
+@contextmanager
+def state_dict_replaced(module: nn.Module, tensors: dict[str, Any]):
+    """Inside, ``module.state_dict()`` returns ``tensors`` (a gathered or merged state dict), so a
+    model's own ``save_pretrained`` writes them in its layout."""
+    def replace(_module, state_dict, prefix, _metadata):
+        if not prefix:
+            state_dict.clear()
+            state_dict.update(tensors)
+
+    handle = module.register_state_dict_post_hook(replace)
+    try:
+        yield module
+    finally:
+        handle.remove()
+
+
+def base_model_name(cfg: RunConfig) -> str:
+    """``model.name`` as an adapter names its base: a local folder by its absolute path."""
+    path = Path(cfg.model.name).expanduser()
+    return str(path.resolve()) if path.exists() else cfg.model.name
+
+
+FSDP_STAGES = ("train", "dpo", "reward")  # stages that call the model only through its forward in training
+
+
+def check_sharding(cfg: RunConfig, stage: Stage, dist: Distributed, say: Callable[[str], None]) -> None:
+    """``train.distributed = "fsdp"``: refused for a stage that runs the model outside its forward
+    between steps (generation), said to change nothing in one process."""
+    if cfg.train.distributed != "fsdp":
+        return
+    if not dist.enabled:
+        say('train.distributed = "fsdp": one process, nothing to shard (start with torchrun '
+            '--nproc-per-node N)')
+    elif stage.name not in FSDP_STAGES:
+        raise RunConfigError(f'train.distributed = "fsdp" is not supported by the {stage.name} stage (it '
+                             f'generates with the model between steps) — use train.distributed = "ddp"')
 
 
 def write_json_atomically(path: Path, value: Any) -> None:

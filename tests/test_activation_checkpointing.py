@@ -129,7 +129,8 @@ def test_composes_with_compile_in_one_graph():
 @pytest.mark.slow
 def test_the_memory_benchmark_counts_what_each_setting_keeps(tmp_path):
     """benchmarks/memory.py on a small shape: exact counts that follow from the settings (AdamW's two
-    moments per trained weight, no gradient for a frozen one, fewer saved tensors with checkpointing)."""
+    moments per trained weight, no gradient for a frozen one, fewer saved tensors with checkpointing,
+    half of each on each of FSDP's 2 ranks)."""
     import json
     import os
     import subprocess
@@ -155,3 +156,8 @@ def test_the_memory_benchmark_counts_what_each_setting_keeps(tmp_path):
     head_gradient = {"full": 50304 * 64 * 4, "lora": 0}
     for row, head in head_gradient.items():
         assert rows[row + "+ac"]["kept"] - head < 0.2 * (rows[row]["kept"] - head), row
+    # FSDP over 2 ranks: each holds half of every weight, gradient and moment (every dim 0 here is even)
+    fsdp = rows["fsdp"]
+    assert fsdp["ranks"] == 2 and fsdp["n_params"] == full["n_params"]
+    assert (fsdp["params"], fsdp["grads"]) == (full["params"] // 2, full["grads"] // 2)
+    assert fsdp["adam"] - full["adam"] // 2 < 4096

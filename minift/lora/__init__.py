@@ -26,9 +26,11 @@ from .apply import (
     adapter_state_dict,
     adapters_disabled,
     apply_lora,
+    holds_adapter,
     load_adapter_state_dict,
     lora_settings,
     merge_adapters,
+    merged_state_dict,
     trainable_parameters,
 )
 from .modules import LoraLinear, TrainedCopy
@@ -36,6 +38,7 @@ from .peft_format import load_adapter, load_peft_state_dict, peft_state_dict, re
 from .settings import LoraSettings, LoraSettingsError
 
 __all__ = ["LoraLinear", "LoraSettings", "LoraSettingsError", "TrainedCopy", "adapter_parameter_names",
-           "adapter_state_dict", "adapters_disabled", "apply_lora", "load_adapter", "load_adapter_state_dict",
-           "load_peft_state_dict", "lora_settings", "merge_adapters", "peft_state_dict", "read_adapter",
+           "adapter_state_dict", "adapters_disabled", "apply_lora", "holds_adapter", "load_adapter",
+           "load_adapter_state_dict", "load_peft_state_dict", "lora_settings", "merge_adapters",
+           "merged_state_dict", "peft_state_dict", "read_adapter",
            "save_adapter", "trainable_parameters"]

@@ -179,6 +179,12 @@ def adapter_parameter_names(model: nn.Module) -> list[str]:
     return ordered
 
 
+def holds_adapter(model: nn.Module) -> bool:
+    """Whether ``model`` (or a module inside it: a reward model's backbone) holds LoRA layers or
+    trained copies."""
+    return any(isinstance(m, (LoraLinear, TrainedCopy)) for m in unwrap(model).modules())
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """What the optimizer should hold: the adapter's parameters when ``model`` has one, else every
     parameter that requires a gradient."""
@@ -219,6 +225,33 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         del model.lora_settings
     model.requires_grad_(True)
     return model
+
+
+def merged_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """The state dict ``merge_adapters`` would leave, without changing the model: every wrapped
+    layer's weight plus scaling * B A under the layer's own keys, every trained copy under its
+    original's keys. ``tensors``: the adapted model's state dict to merge (a gathered one);
+    default: ``model.state_dict()``."""
+    model = unwrap(model)
+    state = dict(model.state_dict() if tensors is None else tensors)
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LoraLinear):
+            a, b = state.pop(f"{prefix}lora_A.weight"), state.pop(f"{prefix}lora_B.weight")
+            weight = state.pop(f"{prefix}base_layer.weight")
+            wide = torch.promote_types(weight.dtype, torch.float32)
+            delta = (b.to(wide) @ a.to(wide)) * module.scaling
+            delta = delta.T if module.fan_in_fan_out else delta
+            state[f"{prefix}weight"] = (weight.to(wide) + delta).to(weight.dtype)
+            for key in [k for k in state if k.startswith(f"{prefix}base_layer.")]:
+                state[prefix + key[len(f"{prefix}base_layer."):]] = state.pop(key)
+        elif isinstance(module, TrainedCopy):
+            for key in [k for k in state if k.startswith(f"{prefix}original_module.")]:
+                del state[key]
+            for key in [k for k in state if k.startswith(f"{prefix}modules_to_save.")]:
+                state[prefix + key[len(f"{prefix}modules_to_save."):]] = state.pop(key)
+    return state
 
 
 # -- the adapter's tensors (checkpoints) ---------------------------------------------------------------

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..errors import MissingFile
-from ..hub import CheckpointError, resolve
+from ..hub import CheckpointError, from_pretrained, resolve, weights_present
 from ..models.base import CausalLM
-from ..models.config import read_json_object
-from .apply import apply_lora, load_adapter_state_dict, lora_settings, trainable_parameters, unwrap
+from ..models.config import config_from_json_file, read_json_object
+from .apply import (apply_lora, load_adapter_state_dict, lora_settings, merge_adapters, trainable_parameters,
+                    unwrap)
 from .modules import LoraLinear
 from .settings import LoraSettings, LoraSettingsError
 
@@ -52,19 +53,27 @@ def _vocab_row_names(model: nn.Module) -> set[str]:
     return {name for name in trainable_parameters(model) if peft_key(name) in vocab_keys}
 
 
-def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's checkpoint keys, vocabulary rows without padding."""
+def peft_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's checkpoint keys, vocabulary rows without padding.
+    ``tensors``: the values to write, under the model's own names (a state dict gathered from
+    shards); default: the parameters themselves."""
     model = unwrap(model)
     vocab_rows = _vocab_row_names(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    values = trainable_parameters(model)
+    if tensors is not None:
+        values = {name: tensors[name] for name in values}
     return {PEFT_PREFIX + peft_key(name): (p[:vocab_size] if name in vocab_rows else p).detach().contiguous()
-            for name, p in trainable_parameters(model).items()}
+            for name, p in values.items()}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, settings: LoraSettings | None = None,
-                 base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM") -> Path:
+                 base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM",
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter of ``model`` as peft does (``adapter_config.json`` +
-    ``adapter_model.safetensors``). ``settings`` default to the ones the adapter was made with."""
+    ``adapter_model.safetensors``). ``settings`` default to the ones the adapter was made with;
+    ``tensors`` to the adapter's parameters (``peft_state_dict``)."""
     from safetensors.torch import save_file
 
     model = unwrap(model)
@@ -76,7 +85,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, settings: LoraS
     fan_in_fan_out = any(m.fan_in_fan_out for m in model.modules() if isinstance(m, LoraLinear))
     config = settings.to_peft_config(fan_in_fan_out, task_type, base_model_name_or_path)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(peft_state_dict(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(peft_state_dict(model, tensors), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return directory
 
 
@@ -135,3 +144,36 @@ def load_peft_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             mapped[name] = torch.cat([mapped[name], padding])
     mapped = {k: v.to(params[k].dtype) if k in params else v for k, v in mapped.items()}
     load_adapter_state_dict(model, mapped, source=source)
+
+
+# -- a model folder that holds an adapter: the base it names, plus the adapter --------------------------
+def is_adapter_folder(name_or_path: str | os.PathLike) -> bool:
+    """A local folder holding an adapter (``adapter_config.json``) and no full weights."""
+    directory = Path(name_or_path).expanduser()
+    return directory.is_dir() and (directory / ADAPTER_CONFIG).exists() and not weights_present(directory)
+
+
+def adapter_base_name(directory: str | os.PathLike) -> str:
+    """The base model an adapter folder names (``base_model_name_or_path``)."""
+    directory = Path(directory).expanduser()
+    base = read_json_object(directory / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise LoraSettingsError(f"{directory / ADAPTER_CONFIG} names no base model "
+                                "(base_model_name_or_path): load the base with minift.from_pretrained "
+                                "and add the adapter with minift.lora.load_adapter")
+    return base
+
+
+def load_adapted_model(directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                       device: str | torch.device | None = None, **config_overrides) -> CausalLM:
+    """The base model an adapter folder names, its vocabulary grown as the training grew it (the
+    folder's ``config.json``, when minift wrote one), the adapter added and merged into the
+    weights: a plain model computing what the adapted one computed."""
+    directory = Path(directory).expanduser()
+    base = from_pretrained(adapter_base_name(directory), dtype=dtype, **config_overrides)
+    if (directory / "config.json").exists():
+        vocab_size = config_from_json_file(directory / "config.json").vocab_size
+        if vocab_size > base.config.vocab_size:
+            base.resize_token_embeddings(vocab_size)  # the rows the training added ([PAD]), as it added them
+    model = merge_adapters(load_adapter(base, directory)).eval()
+    return model.to(device=device) if device is not None else model

@@ -83,15 +83,15 @@ class CausalLM(nn.Module):
         tensors (attention, the 4x-wide MLP). Same loss and gradients
         (tests/test_activation_checkpointing.py).
         Generation and no-grad evaluation are unaffected."""
-        if not hasattr(self.transformer, "activation_checkpointing"):
-            raise NotImplementedError(f"{type(self.transformer).__name__} does not run its blocks through "
+        if not hasattr(self.base_model, "activation_checkpointing"):
+            raise NotImplementedError(f"{type(self.base_model).__name__} does not run its blocks through "
                                       f"layers.run_block: activation checkpointing is not available")
-        self.transformer.activation_checkpointing = bool(enabled)
+        self.base_model.activation_checkpointing = bool(enabled)
         return self
 
     @property
     def activation_checkpointing(self) -> bool:
-        return bool(getattr(self.transformer, "activation_checkpointing", False))
+        return bool(getattr(self.base_model, "activation_checkpointing", False))
 
     # -- the forward contract ---------------------------------------------------------------
     @property

@@ -3,7 +3,8 @@
     one forward over [chosen rows; rejected rows]        (PairCollator, one padded batch)
     -> summed log-prob of each row's completion tokens    (SequenceLogProbs)
     -> the same for the reference: a frozen copy of the initial policy, or log-probs
-       precomputed once before training (no second model in memory, no second forward)
+       precomputed once before training (no second model in memory, no second forward), or with
+       LoRA the policy with its adapter off (no second model in memory)
     -> Δ = (chosen - ref_chosen) - (rejected - ref_rejected) -> per-pair loss (sigmoid / ipo / hinge)
     -> loss summed over pairs + TRL's metrics, summed; the loop divides both by the window's pairs
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora import adapters_disabled
 from ..models.layers import IGNORE_INDEX, is_right_padded
 from .config import LOSS_TYPES
 from .pairs import PairLoss
@@ -72,6 +74,20 @@ def dpo_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
 
 
 @torch.no_grad()
+def adapter_off_logps(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference of a LoRA policy: the same model (wrapped for DDP or FSDP, compiled or not) with
+    its adapter off (``lora.adapters_disabled``), in eval mode as a frozen reference runs: the base
+    model's log-probs, without a second copy of it in memory."""
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_disabled(model):
+            return model(**inputs)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def precompute_reference_logps(scorer: SequenceLogProbs, batches: list[dict], n_pairs: int, device: torch.device,
                                autocast) -> torch.Tensor:
     """[n_pairs, 2] reference log-probs (chosen, rejected) of every pair, in eval mode, once."""
@@ -100,6 +116,7 @@ class DPOObjective:
     label_smoothing: float = 0.0
     reference: SequenceLogProbs | None = None
     reference_logps: torch.Tensor | None = None
+    adapter_off_reference: bool = False  # LoRA: the policy itself with its adapter off (no second model)
 
     def reference_for(self, batch: dict, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference_logps is not None:
@@ -110,8 +127,11 @@ class DPOObjective:
 
     def __call__(self, model: nn.Module, batch: dict, device: torch.device) -> PairLoss:
         inputs = pair_inputs(batch, device)
+        if self.adapter_off_reference:  # first: under FSDP a no-grad forward between forward and backward
+            ref_chosen, ref_rejected = adapter_off_logps(model, inputs).chunk(2)
         chosen_logps, rejected_logps = model(**inputs).chunk(2)
-        ref_chosen, ref_rejected = self.reference_for(batch, inputs)
+        if not self.adapter_off_reference:
+            ref_chosen, ref_rejected = self.reference_for(batch, inputs)
         chosen_ratio = chosen_logps - ref_chosen.to(chosen_logps.dtype)
         rejected_ratio = rejected_logps - ref_rejected.to(rejected_logps.dtype)
         # ipo's per-token average: every completion token counted, as TRL's unshifted completion mask

@@ -24,6 +24,7 @@ from .. import checkpoint as ckpt
 from ..config import RunConfig, load_config
 from ..data import DataError, label_token_ids
 from ..hub import load_weights
+from ..lora import holds_adapter
 from ..orchestration import RunContext, Stage, run_stage
 from ..components import (build_loader, build_model, build_sampler, build_tokenizer, check_lengths, count_steps,
                           load_dataset_splits)
@@ -159,9 +160,14 @@ def build_reward_stage(ctx: RunContext) -> Stage:
 
 def dpo_objectives(d, parts: PairParts, scorer: SequenceLogProbs, ctx: RunContext):
     """The training objective and the held-out one. ``frozen``: a deep copy of the initial policy,
-    eval mode, no gradients (a second model in memory, a second forward per step). ``precomputed``:
-    the initial policy's log-probs of every pair, computed once now (2 floats per pair)."""
+    eval mode, no gradients (a second model in memory, a second forward per step); with LoRA the
+    policy itself with its adapter off, which is the initial policy while ``lora.bias = "none"``.
+    ``precomputed``: the initial policy's log-probs of every pair, computed once now (2 floats per pair)."""
     kwargs = dict(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing)
+    if d.reference == "frozen" and holds_adapter(parts.lm):  # LoRA: the reference is the adapter-off policy
+        ctx.say("dpo: the reference is the policy with its LoRA adapter off (no second model)")
+        objective = DPOObjective(**kwargs, adapter_off_reference=True)
+        return objective, objective
     if d.reference == "frozen":
         reference = SequenceLogProbs(copy.deepcopy(parts.lm)).eval().requires_grad_(False)
         objective = DPOObjective(**kwargs, reference=reference)
