@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 import torch
-from harness import shared_dir
 
 from minift.data import format_prompt
 from minift.hub import from_pretrained
 from minift.rl.generation import SamplingSettings, generate_completions, new_generator
-from harness import device_sync
 from minift.runtime import pick_device
 from minift.tokenizer import load_tokenizer
+
+from harness import device_sync, shared_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}

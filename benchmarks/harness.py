@@ -31,11 +31,18 @@ from typing import Any, Callable
 
 import torch
 
+from minift.components import (
+    build_loader,
+    build_model,
+    build_optimizer,
+    build_sampler,
+    build_scheduler,
+    build_tokenizer,
+    wrap_for_training,
+)
 from minift.config import load_config
 from minift.distributed import SINGLE_PROCESS
 from minift.finetune import build_collator, build_datasets, build_loss
-from minift.components import (build_loader, build_model, build_optimizer, build_sampler, build_scheduler, build_tokenizer,
-                          wrap_for_training)
 from minift.loop import Hooks, train
 from minift.metrics import throughput
 from minift.precision import Precision

@@ -28,8 +28,9 @@ import time
 import torch
 
 from minift.models.lm_loss import IGNORE_INDEX, fused_lm_loss_sum, lm_loss_sum, lm_loss_sum_all_positions
-from harness import device_sync
 from minift.runtime import high_water_rss
+
+from harness import device_sync
 
 PATHS = {
     "labelled": lambda h, w, y, v: lm_loss_sum(h, w, y, vocab_size=v),

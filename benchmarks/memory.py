@@ -58,8 +58,9 @@ from minift.distributed import Distributed
 from minift.lora import LoraSettings, apply_lora, trainable_parameters
 from minift.models import GPT2Config, build_model
 from minift.optim import make_adamw
-from harness import device_sync
 from minift.runtime import high_water_rss, keep_large_allocations
+
+from harness import device_sync
 
 ROWS = ("full", "lora", "full+ac", "lora+ac", "fsdp")
 FSDP_RANKS = 2

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from harness import shared_dir
-
 from minift.collate import Collator, PackingCollator, padding_efficiency
 from minift.data import load_splits, prepare_split
 from minift.sampling import LengthGroupedSampler, RandomSampler
 from minift.tokenizer import ensure_pad_token, load_tokenizer
+
+from harness import shared_dir
 
 
 def packing_efficiency(lengths, batches, row_length: int) -> tuple[float, float]:

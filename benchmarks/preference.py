@@ -73,10 +73,10 @@ def step_tokens(pairs, collator, batch_size: int, steps: int) -> list[int]:
 
 
 def run_minift(name: str, args, device) -> dict:
-    from minift.preference.dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
     from minift.loop import train
     from minift.optim import make_adamw, make_scheduler
-    from minift.preference.pairs import PairCollator, PairObjective, pair_batches
+    from minift.preference.dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
+    from minift.preference.pairs import PairCollator, pair_batches
     from minift.preference.reward import RewardModel, reward_loss
     from minift.sampling import SequentialSampler
 
@@ -109,8 +109,12 @@ def run_minift(name: str, args, device) -> dict:
 
 def run_trl(name: str, args, device) -> dict:
     import datasets
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast,
-                              TrainerCallback)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        PreTrainedTokenizerFast,
+        TrainerCallback,
+    )
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
     from minift.preference.pairs import PairCollator

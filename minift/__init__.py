@@ -2,13 +2,13 @@
 
 The public API, re-exported here and nothing else.
 """
-from .config import RunConfig, load_config
-from .hub import CheckpointError, from_pretrained
 from .collate import Collator
+from .config import RunConfig, load_config
 from .distributed import Distributed
+from .hub import CheckpointError, from_pretrained
 from .loop import Hooks, NextTokenLoss, TrainState, train
-from .precision import Precision
 from .models import GPT1LMHeadModel, GPT2Config, GPT2LMHeadModel, GPTConfig, build_model
+from .precision import Precision
 from .tokenizer import Tokenizer, load_tokenizer, resize_model_embeddings
 
 __version__ = "0.1.0"

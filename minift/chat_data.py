@@ -33,8 +33,15 @@ import datasets
 
 from .chat_template import CHATML, CHATML_TOKENS, ChatTemplateError, assistant_spans, load_template, render
 from .config import DataSection
-from .data import (DataError, SplitReport, TokenizedExamples, clean_split, format_example, missing_split,
-                   split_template)
+from .data import (
+    DataError,
+    SplitReport,
+    TokenizedExamples,
+    clean_split,
+    format_example,
+    missing_split,
+    split_template,
+)
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .models.layers import IGNORE_INDEX
 from .errors import InputError
+from .models.layers import IGNORE_INDEX
 
 OBJECTIVES = ("all", "completion", "assistant")  # every real token / after the prompt / assistant turns
 PADDINGS = ("longest", "max_length")  # dynamic / the classic recipe's fixed length

@@ -29,13 +29,20 @@ from .loop import Hooks, TrainState, skip_nonfinite, stop_on_nonfinite
 from .lora import apply_lora
 from .lora.peft_format import adapter_base_name, is_adapter_folder
 from .memory import check_memory
-from .models import CONFIG_CLASSES, build_model as build_random_model, config_from_json_file
+from .models import CONFIG_CLASSES, config_from_json_file
+from .models import build_model as build_random_model
 from .optim import make_adamw, make_scheduler, warmup_steps_for
 from .precision import dtype_of
 from .runtime import init_loader_worker, usable_cpus
 from .sampling import BatchSampler, make_sampler
-from .tokenizer import (TokenizerError, check_vocab_matches, ensure_pad_token, has_tokenizer_files,
-                        load_tokenizer, same_tokenizer)
+from .tokenizer import (
+    TokenizerError,
+    check_vocab_matches,
+    ensure_pad_token,
+    has_tokenizer_files,
+    load_tokenizer,
+    same_tokenizer,
+)
 
 SYNTHETIC = "synthetic"  # data.source / model.tokenizer: the offline default's own material
 

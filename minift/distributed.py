@@ -29,6 +29,7 @@ import torch.distributed as torch_dist
 
 from .errors import ResumeRefused
 
+
 @dataclass
 class Distributed:
     rank: int = 0

@@ -16,18 +16,24 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
-import torch
-
 from minift import checkpoint as ckpt
 from minift.collate import Collator, PackingCollator, padding_efficiency
+from minift.components import (
+    SYNTHETIC,
+    build_loader,
+    build_model,
+    build_sampler,
+    build_tokenizer,
+    count_steps,
+    data_seed,
+    load_dataset_splits,
+)
 from minift.config import RunConfig, RunConfigError
 from minift.data import SplitReport, TokenizedExamples, example_preparer
 from minift.evaluate import EvalData, EvalResult, eval_data_from_examples, evaluate
+from minift.label_smoothing import LabelSmoothedLoss
 from minift.loop import NextTokenLoss
 from minift.orchestration import RunContext, Stage, run_stage
-from minift.components import (SYNTHETIC, build_loader, build_model, build_sampler, build_tokenizer, count_steps,
-                          data_seed, load_dataset_splits)
-from minift.label_smoothing import LabelSmoothedLoss
 from minift.precision import Precision
 from minift.runtime import pick_device
 from minift.sampling import trainer_eval_batches

@@ -18,7 +18,8 @@ import torch
 
 from .errors import MiniftError, MissingFile
 from .models import CausalLM, build_model, config_from_json_file
-from .models.base import CONFIG_NAME, WEIGHTS_NAME as SAFE_WEIGHTS
+from .models.base import CONFIG_NAME
+from .models.base import WEIGHTS_NAME as SAFE_WEIGHTS
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
@@ -103,7 +104,11 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
         raise MissingFile(f"{name}: {what} (expected a checkpoint directory or a hub name)")
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError as err:  # pragma: no cover - huggingface_hub comes with datasets
         raise CheckpointError(f"{name}: not a local directory and huggingface_hub is not installed") from err
 

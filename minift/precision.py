@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 AUTOCAST_PRECISIONS = ("fp32", "bf16", "fp16")  # what train.precision may be (fp64 is a storage dtype only)
 

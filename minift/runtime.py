@@ -18,7 +18,7 @@ import os
 import random
 import signal
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch

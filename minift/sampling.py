@@ -16,6 +16,7 @@ import torch
 
 from .errors import InputError
 
+
 class BatchSampler:
     def __init__(self, n_examples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size <= 0:

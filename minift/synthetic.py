@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
-
 from collections import Counter
+from pathlib import Path
 
 from tokenizers import normalizers, pre_tokenizers
 

@@ -22,10 +22,11 @@ import os
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
 
-from .hub import TOKENIZER_FILES, resolve
 from .errors import InputError
+from .hub import TOKENIZER_FILES, resolve
 
 PAD_TOKEN = "[PAD]"
 GPT2_EOS = "<|endoftext|>"

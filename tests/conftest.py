@@ -5,7 +5,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from harness import REPO, shared_dir  # benchmarks/ is on pytest's path (setup.cfg)
+
+from harness import shared_dir  # benchmarks/ is on pytest's path (setup.cfg)
 
 SHARED = shared_dir()
 FIXTURES = SHARED / "fixtures"

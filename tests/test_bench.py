@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from harness import Row, gemm_peak_flops, markdown_table
 from minift.runtime import high_water_rss
 
 from conftest import REPO, SHARED, shared_path
+from harness import Row, gemm_peak_flops, markdown_table
 
 
 def _steps(times, real, padded, loss, sequences, **phases):

@@ -11,7 +11,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import REPO
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
@@ -21,6 +20,8 @@ from minift.collate import Collator, PackingCollator
 from minift.config import DataSection, RunConfigError, load_config
 from minift.data import DataError, example_preparer
 from minift.tokenizer import Tokenizer
+
+from conftest import REPO
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 SPECIAL = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
@@ -342,10 +343,11 @@ def test_smollm2_config_runs_on_a_stand_in(tmp_path):
     """configs/smollm2-tweets.toml as shipped, its hub checkpoint replaced by a tiny random Llama with a
     SmolLM2-like tokenizer (byte-level BPE + <|im_start|>/<|im_end|>), on the shared tweets."""
     import transformers
-    from conftest import shared_path
 
     import minift
     from minift.finetune import run
+
+    from conftest import shared_path
 
     stand_in = tmp_path / "smollm2-stand-in"
     backend = BackendTokenizer.from_file(str(shared_path("tokenizers", "gpt2", "tokenizer.json")))

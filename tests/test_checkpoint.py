@@ -8,13 +8,12 @@ import time
 
 import pytest
 import torch
+from helpers import cli_command, subprocess_env, tiny_config
 from safetensors.torch import load_file
 
 from minift import checkpoint as ckpt
 from minift import metrics
 from minift.finetune import run
-
-from helpers import cli_command, subprocess_env, tiny_config
 
 
 def _weights(path):

@@ -93,8 +93,8 @@ def test_help_explains_every_option_in_one_line_grouped_by_section(command):
 def test_compile_mode_reaches_torch_compile_and_bad_modes_are_refused(monkeypatch):
     import torch
 
-    from minift.distributed import SINGLE_PROCESS
     from minift.components import wrap_for_training
+    from minift.distributed import SINGLE_PROCESS
 
     with pytest.raises(RunConfigError, match="model.compile_mode 'fast'"):
         load_config(None, ["model.compile=true", "model.compile_mode=fast"])

@@ -7,8 +7,17 @@ import pytest
 
 import minift
 from minift.collate import Collator, padding_efficiency
-from minift.data import (DEFAULT_LABELS, DEFAULT_TEMPLATE, DataError, clean_split, label_token_ids, load_splits,
-                         prepare_split, split_template, tokenize_split)
+from minift.data import (
+    DEFAULT_LABELS,
+    DEFAULT_TEMPLATE,
+    DataError,
+    clean_split,
+    label_token_ids,
+    load_splits,
+    prepare_split,
+    split_template,
+    tokenize_split,
+)
 from minift.sampling import LengthGroupedSampler, RandomSampler
 
 from conftest import shared_path

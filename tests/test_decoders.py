@@ -497,11 +497,12 @@ def test_a_sharded_hub_checkpoint_fetches_its_shards(tmp_path, monkeypatch):
 def test_chat_recipe_compiled_on_the_static_path_has_no_graph_break(tmp_path):
     """configs/llama-chat-tiny.toml with model.compile (inductor) on packed rows: 0 graph breaks, the training
     graph plus at most one for evaluation."""
-    from conftest import REPO
     from torch._dynamo.utils import counters
 
     from minift.config import load_config
     from minift.finetune import run
+
+    from conftest import REPO
 
     torch._dynamo.reset()
     counters.clear()

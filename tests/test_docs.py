@@ -11,6 +11,7 @@ import re
 import sys
 
 import pytest
+
 from conftest import REPO, shared_path
 
 

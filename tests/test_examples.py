@@ -20,6 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from shell_blocks import (
+    Run,
+    Skip,
+    assert_prints,
+    bash_blocks,
+    environment,
+    has_policy,
+    policy_of,
+    run_commands,
+)
+from shell_blocks import repo_view as make_repo_view
+from test_hub import _make_hub_cache
 
 import minift
 from minift.cli import main as minift_main
@@ -27,10 +39,6 @@ from minift.config import load_config
 from minift.finetune import run
 
 from conftest import REPO, SHARED, shared_path
-from shell_blocks import (Run, Skip, assert_prints, bash_blocks, environment, has_policy, policy_of,
-                          run_commands)
-from shell_blocks import repo_view as make_repo_view
-from test_hub import _make_hub_cache
 
 EXAMPLES = REPO / "examples"
 OFFLINE = str(REPO / "configs" / "offline-default.toml")

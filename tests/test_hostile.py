@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from helpers import tiny_config
 from safetensors.torch import load_file, save_file
 
 from minift import checkpoint as ckpt
@@ -30,7 +31,6 @@ from minift.optim import lr_lambda
 from minift.run_dir import OutputDirBusy, claim_output_dir
 
 from conftest import REPO
-from helpers import tiny_config
 
 QUIET = dict(log=lambda *_: None)
 SMALL = ("train.max_steps=4", "train.checkpoint_every=2", "data.max_train_examples=64", "eval.max_examples=8",

@@ -6,8 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minift.models.lm_loss import (IGNORE_INDEX, LinearCrossEntropy, fused_lm_loss_sum, lm_loss_sum,
-                                   lm_loss_sum_all_positions)
+from minift.models.lm_loss import (
+    IGNORE_INDEX,
+    LinearCrossEntropy,
+    fused_lm_loss_sum,
+    lm_loss_sum,
+    lm_loss_sum_all_positions,
+)
 
 VOCAB, PADDED, WIDTH = 75, 128, 12
 

@@ -13,9 +13,9 @@ from minift.collate import Collator
 from minift.config import load_config
 from minift.finetune import run
 from minift.loop import Hooks, NextTokenLoss, NonFiniteLoss, skip_nonfinite, train
-from minift.precision import Precision
 from minift.models import GPT2Config, GPTConfig, build_model
 from minift.optim import decay_parameter_names, lr_lambda, make_adamw, make_scheduler, warmup_steps_for
+from minift.precision import Precision
 from minift.sampling import SequentialSampler
 
 from conftest import REPO, SHARED, shared_path

@@ -10,7 +10,6 @@ import numpy as np
 import peft_lora
 import pytest
 import torch
-from conftest import shared_path
 from peft_lora import CASES, TRACED, batch, initial_adapter, read_trace, run_minift, run_peft
 from torch import nn
 
@@ -32,6 +31,8 @@ from minift.lora import (
     trainable_parameters,
 )
 from minift.optim import make_adamw
+
+from conftest import shared_path
 
 TOLERANCE = 1e-5  # float32 on both sides; observed <= 4.6e-6 (final weights), <= 1.2e-7 (logits, grads)
 

@@ -7,7 +7,6 @@ benchmarks/ that it calls (followed through the names each module defines or imp
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from conftest import OPTIONAL_PACKAGES, REPO
 

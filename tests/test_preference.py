@@ -12,11 +12,18 @@ import torch
 
 from minift.config import RunConfigError
 from minift.data import DataError
-from minift.preference.dpo import DPOObjective, SequenceLogProbs, dpo_losses
 from minift.loop import Hooks, train
 from minift.models import GPTConfig, build_model
 from minift.optim import make_adamw, make_scheduler
-from minift.preference.pairs import PairCollator, PairObjective, TokenizedPairs, load_pairs, tokenize_pairs, tweet_pairs
+from minift.preference.dpo import DPOObjective, SequenceLogProbs, dpo_losses
+from minift.preference.pairs import (
+    PairCollator,
+    PairObjective,
+    TokenizedPairs,
+    load_pairs,
+    tokenize_pairs,
+    tweet_pairs,
+)
 from minift.preference.recipe import load_preference_config, run_dpo
 from minift.preference.reward import RewardModel, load_reward_model
 from minift.sampling import SequentialSampler

@@ -8,10 +8,19 @@ import re
 import subprocess
 
 import pytest
+from shell_blocks import (
+    Run,
+    Skip,
+    bash_blocks,
+    environment,
+    has_policy,
+    policy_of,
+    python_shim,
+    repo_view,
+    run_commands,
+)
 
 from conftest import REPO, SHARED, missing_reason, shared_path
-from shell_blocks import (Run, Skip, bash_blocks, environment, has_policy, policy_of, python_shim, repo_view,
-                          run_commands)
 
 README = REPO / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S)

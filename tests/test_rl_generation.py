@@ -12,7 +12,6 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import REPO, SHARED, shared_path
 
 from minift.data import DataError
 from minift.errors import InputError
@@ -33,6 +32,8 @@ from minift.rl.prompts import (
     tokenize_prompts,
     tweet_prompts,
 )
+
+from conftest import REPO, SHARED, shared_path
 
 PROMPTS = [[5, 17, 3, 42, 8, 9, 30], [11], [7, 7, 2, 40], [21, 22, 23, 24, 25, 26, 27, 28, 29, 31]]
 

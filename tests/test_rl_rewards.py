@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from conftest import shared_path
 
 from minift.errors import InputError
 from minift.models import GPT2Config, build_model
@@ -21,6 +20,8 @@ from minift.rl.rewards import (
     build_reward,
     label_match,
 )
+
+from conftest import shared_path
 
 USER_MODULE = "minift_user_rewards"
 USER_REWARDS = '''

@@ -164,7 +164,8 @@ def test_recipe_static_path_trains_and_exports_the_true_vocabulary(tmp_path):
     exported = minift.from_pretrained(tmp_path / "model")
     saved_vocab = json.loads((tmp_path / "model" / "config.json").read_text())["vocab_size"]
     assert exported.token_embedding.weight.shape[0] == exported.config.vocab_size == saved_vocab
-    from minift.finetune import build_model as recipe_model, build_tokenizer
+    from minift.finetune import build_model as recipe_model
+    from minift.finetune import build_tokenizer
 
     trained_shape = recipe_model(cfg, build_tokenizer(cfg), torch.device("cpu"))
     assert trained_shape.token_embedding.weight.shape[0] == -(-saved_vocab // 64) * 64 > saved_vocab

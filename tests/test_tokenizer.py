@@ -136,7 +136,8 @@ def test_model_and_tokenizer_save_pretrained_round_trip(tmp_path):
 
 
 def test_padding_without_a_pad_token_says_what_to_do():
-    from tokenizers import Tokenizer as Backend, models
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
 
     tok = minift.Tokenizer(Backend(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>")))
     with pytest.raises(TokenizerError, match="no pad token: call add_pad_token"):

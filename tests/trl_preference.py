@@ -54,11 +54,10 @@ def run_minift(stage: str, score_weight: torch.Tensor | None = None, reference: 
     """minift's loop on the setup. Returns (per-step records, final named parameters)."""
     import copy
 
-    from minift.preference.dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
     from minift.hub import from_pretrained
-    from minift.loop import train
-    from minift.loop import Hooks
+    from minift.loop import Hooks, train
     from minift.optim import make_adamw, make_scheduler
+    from minift.preference.dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
     from minift.preference.pairs import PairCollator, PairObjective, pair_batches
     from minift.preference.reward import RewardModel, reward_loss
     from minift.sampling import SequentialSampler
@@ -106,7 +105,7 @@ def _trl_args(config_cls, out_dir: Path, **extra):
 def run_trl(stage: str, out_dir: Path):
     """TRL on the setup. Returns (per-step logs, final named parameters, initial score weight)."""
     import datasets
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
     pairs, _ = minift_pairs()

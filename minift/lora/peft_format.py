@@ -28,8 +28,14 @@ from ..errors import MissingFile
 from ..hub import CheckpointError, from_pretrained, resolve, weights_present
 from ..models.base import CausalLM
 from ..models.config import config_from_json_file, read_json_object
-from .apply import (apply_lora, load_adapter_state_dict, lora_settings, merge_adapters, trainable_parameters,
-                    unwrap)
+from .apply import (
+    apply_lora,
+    load_adapter_state_dict,
+    lora_settings,
+    merge_adapters,
+    trainable_parameters,
+    unwrap,
+)
 from .modules import LoraLinear
 from .settings import LoraSettings, LoraSettingsError
 

@@ -21,10 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
 from ..errors import InputError
-from .layers import (Conv1D, LayerKV, RMSNorm, attention_bias, cached_attention_bias, is_right_padded,
-                     positions_from_mask)
+from .config import ModelConfig
+from .layers import (
+    Conv1D,
+    LayerKV,
+    RMSNorm,
+    attention_bias,
+    cached_attention_bias,
+    is_right_padded,
+    positions_from_mask,
+)
 from .lm_loss import LOSS_ROWS, LossOutput, fused_lm_loss_sum, lm_loss_sum, lm_loss_sum_all_positions
 
 WEIGHTS_NAME = "model.safetensors"

@@ -21,17 +21,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import checkpoint as ckpt
+from ..components import (
+    build_loader,
+    build_model,
+    build_sampler,
+    build_tokenizer,
+    check_lengths,
+    count_steps,
+    load_dataset_splits,
+)
 from ..config import RunConfig, load_config
 from ..data import DataError, label_token_ids
 from ..hub import load_weights
 from ..lora import holds_adapter
 from ..orchestration import RunContext, Stage, run_stage
-from ..components import (build_loader, build_model, build_sampler, build_tokenizer, check_lengths, count_steps,
-                          load_dataset_splits)
 from .config import TWEETS, PreferenceConfig
 from .dpo import DPOObjective, SequenceLogProbs, precompute_reference_logps
-from .pairs import (PairCollator, PairObjective, TokenizedPairs, append_eos_for, evaluate_pairs, load_pairs,
-                    pair_batches, tokenize_pairs, tweet_pairs)
+from .pairs import (
+    PairCollator,
+    PairObjective,
+    TokenizedPairs,
+    append_eos_for,
+    evaluate_pairs,
+    load_pairs,
+    pair_batches,
+    tokenize_pairs,
+    tweet_pairs,
+)
 from .reward import RewardModel, load_reward_weights, reward_loss
 
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
