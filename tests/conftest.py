@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import shared_dir  # benchmarks/ is on pytest's path (setup.cfg)
+from harness import REPO, shared_dir  # noqa: F401 (REPO: tests import it from here)
 
 SHARED = shared_dir()
 FIXTURES = SHARED / "fixtures"

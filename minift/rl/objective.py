@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import SINGLE_PROCESS, Distributed
+from ..lora import adapters_disabled
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -79,6 +80,22 @@ class CompletionLogProbs(nn.Module):
         logps = logp_all.gather(-1, input_ids[:, -n_completion:, None]).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logps, entropy
+
+
+class AdapterOffLogProbs(CompletionLogProbs):
+    """The reference of a LoRA policy: the policy itself with its adapter off, in eval mode for the
+    forward (what a frozen copy of the initial policy computes while ``lora.bias = "none"``), so no
+    second model is held. TRL's GRPOTrainer does the same with peft's ``disable_adapter``."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                n_completion: int) -> tuple[torch.Tensor, torch.Tensor]:
+        training = self.lm.training
+        self.lm.eval()
+        try:
+            with adapters_disabled(self.lm):
+                return super().forward(input_ids, attention_mask, position_ids, n_completion)
+        finally:
+            self.lm.train(training)
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:

@@ -6,7 +6,8 @@ train``, ``dpo`` and ``reward``.
     -> tokenizer + policy (dropout off) -> prompts (the tweets of [data], or a TRL prompt dataset),
        tokenized; too long for the model's positions: dropped and counted
     -> rewards (the label rule, reward model folders, ``module:function`` callables)
-    -> reference (a frozen copy of the initial policy; none when beta = 0)
+    -> reference (a frozen copy of the initial policy; with [lora] the policy with its adapter off;
+       none when beta = 0)
     -> the step source (``source.RoundSource``): each round sampled (or replayed), scored and laid out
        when its first micro-step comes; the loss object (``GRPOObjective`` / ``RLOOObjective``)
     -> orchestration.run_stage: AdamW + schedule, resume, held-out rewards before and after, loop.train,
@@ -36,12 +37,19 @@ from ..config import RunConfig, RunConfigError, load_config
 from ..data import DataError, load_splits
 from ..distributed import Distributed
 from ..evaluate import accuracy_and_macro_f1
+from ..lora import holds_adapter
 from ..orchestration import RunContext, Stage, run_stage
 from ..preference.recipe import without_dropout
 from .advantages import weighted_rewards
 from .config import STAGE_CONFIGS, TWEETS, RLSection
 from .generation import SamplingSettings, decode_completions, generate_completions, new_generator
-from .objective import CompletionLogProbs, GRPOObjective, RLOOObjective, finish_step_metrics
+from .objective import (
+    AdapterOffLogProbs,
+    CompletionLogProbs,
+    GRPOObjective,
+    RLOOObjective,
+    finish_step_metrics,
+)
 from .prompts import (
     LABEL_COLUMN,
     PromptSampler,
@@ -260,7 +268,10 @@ def build_grpo_stage(ctx: RunContext) -> Stage:
     say(f"rewards: {', '.join(f'{w:g} x {n}' for n, w in zip(rewards.names, rewards.weights.tolist()))}")
     scorer = CompletionLogProbs(lm, r.temperature)
     reference = None
-    if r.beta > 0:  # the initial policy, frozen (copied before any resume loads later weights)
+    if r.beta > 0 and holds_adapter(lm):  # LoRA: the policy with its adapter off, no second model
+        say("rl: the reference is the policy with its LoRA adapter off (no second model)")
+        reference = AdapterOffLogProbs(lm, r.temperature)
+    elif r.beta > 0:  # the initial policy, frozen (copied before any resume loads later weights)
         reference = CompletionLogProbs(copy.deepcopy(lm), r.temperature).eval().requires_grad_(False)
     maker = RoundMaker(lm, scorer, reference, round_settings(r, layout, cfg), sampling, prompts, sampler,
                        rewards, tokenizer, eos_ids, new_generator(t.seed + dist.rank, device), replay,
