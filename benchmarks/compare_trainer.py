@@ -23,7 +23,8 @@ def _transformers_tokenizer(model_type: str):
 
     # transformers 5.x: build from the folder; the vocab_file=/merges_file= constructor silently
     # builds a 1-token vocabulary.
-    cls = transformers.OpenAIGPTTokenizerFast if model_type == "openai-gpt" else transformers.GPT2TokenizerFast
+    cls = (transformers.OpenAIGPTTokenizerFast if model_type == "openai-gpt"
+           else transformers.GPT2TokenizerFast)
     tok = cls.from_pretrained(str(shared_dir() / "tokenizers" / TOKENIZER_OF[model_type]))
     if tok.pad_token is None:
         if model_type == "openai-gpt":
@@ -41,7 +42,8 @@ def _model(model_type: str, vocab_size: int, shape: str | None = None):
         config = transformers.LlamaConfig(vocab_size=vocab_size, **LLAMA_SHAPES[shape])
         return transformers.LlamaForCausalLM(config)
     if model_type == "openai-gpt":
-        config = transformers.OpenAIGPTConfig(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = transformers.OpenAIGPTConfig(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0,
+                                              attn_pdrop=0.0)
         return transformers.OpenAIGPTLMHeadModel(config)
     config = transformers.GPT2Config(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(config)
@@ -87,12 +89,14 @@ def run_trainer(id_: str, name: str, model_type: str, examples, *, max_length_pa
             ends.append(time.perf_counter())
 
     args = transformers.TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        max_steps=warmup + steps, learning_rate=5e-5, report_to="none", save_strategy="no", logging_strategy="no",
+        output_dir=output_dir, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, max_steps=warmup + steps, learning_rate=5e-5,
+        report_to="none", save_strategy="no", logging_strategy="no",
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), seed=seed, torch_compile=compile_model,
-        dataloader_num_workers=2 if torch.cuda.is_available() else 0,  # workers pay on a GPU, not on 2 CPU cores
-        train_sampling_strategy="group_by_length" if group_by_length else "random", length_column_name="length",
-        remove_unused_columns=False, bf16=precision == "bf16")
+        # workers pay on a GPU, not on 2 CPU cores
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        length_column_name="length", remove_unused_columns=False, bf16=precision == "bf16")
     model = _model(model_type, len(tok), shape)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate,
                                    callbacks=[StepTimes()])
@@ -119,30 +123,33 @@ def trainer_contenders(args) -> list[Contender]:
 
     def classic(args, round_index):
         with tempfile.TemporaryDirectory() as out:  # a classic step is 4 tweets padded to 512: slow on a CPU
-            return run_trainer("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", args.model_type,
-                               tokenized_tweets(args.model_type)[1], max_length_padding=True, batch_size=1,
-                               grad_accum=4, group_by_length=False, steps=max(1, args.steps // 2),
-                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index,
-                               shape=args.shape)
+            return run_trainer("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)",
+                               args.model_type, tokenized_tweets(args.model_type)[1],
+                               max_length_padding=True, batch_size=1, grad_accum=4, group_by_length=False,
+                               steps=max(1, args.steps // 2), warmup=args.warmup, output_dir=out,
+                               precision=args.precision, seed=round_index, shape=args.shape)
 
     def best(args, round_index):
         with tempfile.TemporaryDirectory() as out:
             return run_trainer(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)",
-                               args.model_type, tokenized_tweets(args.model_type)[1], max_length_padding=False,
-                               batch_size=half, grad_accum=2, group_by_length=True, steps=args.steps,
-                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index,
-                               shape=args.shape)
+                               args.model_type, tokenized_tweets(args.model_type)[1],
+                               max_length_padding=False, batch_size=half, grad_accum=2, group_by_length=True,
+                               steps=args.steps, warmup=args.warmup, output_dir=out, precision=args.precision,
+                               seed=round_index, shape=args.shape)
 
     def best_compiled(args, round_index):
         with tempfile.TemporaryDirectory() as out:
             return run_trainer("trainer-best-compile", f"Trainer at its best + torch_compile=True ({half}x2)",
-                               args.model_type, tokenized_tweets(args.model_type)[1], max_length_padding=False,
-                               batch_size=half, grad_accum=2, group_by_length=True, steps=args.steps,
-                               warmup=args.warmup, output_dir=out, precision=args.precision, seed=round_index,
-                               compile_model=True, shape=args.shape)
+                               args.model_type, tokenized_tweets(args.model_type)[1],
+                               max_length_padding=False, batch_size=half, grad_accum=2, group_by_length=True,
+                               steps=args.steps, warmup=args.warmup, output_dir=out, precision=args.precision,
+                               seed=round_index, compile_model=True, shape=args.shape)
 
-    contenders = [Contender("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", classic, memory=True),
-                  Contender(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)", best, memory=True)]
+    contenders = [Contender("trainer-classic", "Trainer, classic recipe (max_length 512, 1x4)", classic,
+                            memory=True),
+                  Contender(BEST, f"Trainer at its best (dynamic /8 + group_by_length, {half}x2)", best,
+                            memory=True)]
     if args.compile:
-        contenders.append(Contender("trainer-best-compile", "Trainer at its best + torch_compile=True", best_compiled))
+        contenders.append(Contender("trainer-best-compile", "Trainer at its best + torch_compile=True",
+                                    best_compiled))
     return contenders

@@ -49,7 +49,8 @@ max_examples = 32
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
@@ -63,7 +64,8 @@ def main() -> int:
             env = {**os.environ, "PYTHONPATH": str(REPO)}
             if nproc > 1:  # split the cores between the processes
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-            result = subprocess.run(launch + ["minift", "train", str(cfg)], env=env, capture_output=True, text=True)
+            result = subprocess.run(launch + ["minift", "train", str(cfg)], env=env, capture_output=True,
+                                    text=True)
             if result.returncode:
                 print(result.stderr[-3000:])
                 return 1
@@ -72,9 +74,10 @@ def main() -> int:
     print("| processes | sequences per step | real tok/s | median step s | peak MB (rank 0) |")
     print("|---|---|---|---|---|")
     for nproc, s in rows:
-        print(f"| {nproc} | {32 // nproc} x {nproc} | {s['real_tokens_per_s']:.1f} | {s['median_step_s']:.2f} | "
-              f"{s['peak_memory_mb']:.0f} |")
-    print(f"ratio {args.nproc} processes / 1: {rows[1][1]['real_tokens_per_s'] / rows[0][1]['real_tokens_per_s']:.2f}")
+        print(f"| {nproc} | {32 // nproc} x {nproc} | {s['real_tokens_per_s']:.1f} | "
+              f"{s['median_step_s']:.2f} | {s['peak_memory_mb']:.0f} |")
+    print(f"ratio {args.nproc} processes / 1: "
+          f"{rows[1][1]['real_tokens_per_s'] / rows[0][1]['real_tokens_per_s']:.2f}")
     return 0
 
 

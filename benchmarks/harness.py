@@ -79,7 +79,8 @@ def device_sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def gemm_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 9) -> float:
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+                    repeats: int = 9) -> float:
     """FLOP/s of the fastest of ``repeats`` n x n x n matmuls: the ceiling MFU is measured against.
     The best, not the median: on a shared machine a slow probe would inflate MFU past 100 %."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -190,8 +191,9 @@ def run_recipe(args, overrides: list[str], hot_path: dict | None = None, round_i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     train(wrap_for_training(cfg, model, SINGLE_PROCESS), optimizer, scheduler, loader,
-          total_steps=cfg.train.max_steps, grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
-          precision=Precision(cfg.train.precision, device), loss=build_loss(cfg), hooks=Hooks(log=records.append))
+          total_steps=cfg.train.max_steps, grad_accum=cfg.train.grad_accum,
+          max_grad_norm=cfg.train.max_grad_norm, precision=Precision(cfg.train.precision, device),
+          loss=build_loss(cfg), hooks=Hooks(log=records.append))
     return records[args.warmup:]
 
 
@@ -202,19 +204,23 @@ def minift_contenders(args) -> list[Contender]:
     half = [f"train.batch_size={n // 2}", "train.grad_accum=2"]
     specs = [("hot", f"minift (length-grouped {n}x1, fused AdamW)", hot, None, True)]
     if args.compile:  # length-grouped: dynamic shapes; packed: one shape, one graph (CUDA graphs on a GPU)
-        packed = [f"train.batch_size={n // 2}", "train.grad_accum=1", "data.sampler=packed", "model.compile=true"]
-        specs += [("compile", f"minift (length-grouped {n}x1, torch.compile)", hot + ["model.compile=true"], None,
-                   False),
-                  ("compile-packed", f"minift (packed {n // 2} rows x 128, torch.compile)", packed, None, False)]
+        packed = [f"train.batch_size={n // 2}", "train.grad_accum=1", "data.sampler=packed",
+                  "model.compile=true"]
+        specs += [("compile", f"minift (length-grouped {n}x1, torch.compile)", hot + ["model.compile=true"],
+                   None, False),
+                  ("compile-packed", f"minift (packed {n // 2} rows x 128, torch.compile)", packed, None,
+                   False)]
         if pick_device(args.device).type == "cuda":
-            specs.append(("compile-cudagraphs", f"minift (packed {n // 2} rows x 128, torch.compile reduce-overhead)",
+            specs.append(("compile-cudagraphs",
+                          f"minift (packed {n // 2} rows x 128, torch.compile reduce-overhead)",
                           packed + ["model.compile_mode=reduce-overhead"], None, False))
     if not args.quick:
-        specs += [("grouped-2x", f"minift (length-grouped {n // 2}x2)", half + ["data.sampler=length_grouped"],
+        specs += [("grouped-2x", f"minift (length-grouped {n // 2}x2)",
+                   half + ["data.sampler=length_grouped"], None, False),
+                  ("random-2x", f"minift (random order {n // 2}x2)", half + ["data.sampler=random"],
                    None, False),
-                  ("random-2x", f"minift (random order {n // 2}x2)", half + ["data.sampler=random"], None, False),
-                  ("forloop-adamw", f"minift (length-grouped {n}x1, for-loop AdamW)", hot + ["train.fused_adamw=no"],
-                   None, False),
+                  ("forloop-adamw", f"minift (length-grouped {n}x1, for-loop AdamW)",
+                   hot + ["train.fused_adamw=no"], None, False),
                   ("unfused-head", f"minift (length-grouped {n}x1, LM head + CE unfused)",
                    hot + ["model.fused_lm_head=false"], None, False),
                   ("lm-head-all", f"minift (length-grouped {n}x1, logits at every position, unfused)", hot,
@@ -329,7 +335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="timed optimizer steps per contender and round "
                         "(default 2; --quick: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each round")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds over all contenders (default 2; --quick: 1)")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved rounds over all contenders (default 2; --quick: 1)")
     parser.add_argument("--sequences-per-step", type=int, default=32,
                         help="sequences per optimizer step (32 suits a CPU; a GPU wants more)")
     parser.add_argument("--compile", action="store_true",
@@ -343,8 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "1 round of 1 warm-up + 2 steps")
     parser.add_argument("--only", metavar="ID", action="append", help="run only these contender ids")
     parser.add_argument("--warm-pass", action=argparse.BooleanOptionalAction, default=None,
-                        help="run each contender's steps once untimed before timing them, so every shape is warm "
-                             "(default: on CUDA)")
+                        help="run each contender's steps once untimed before timing them, so every shape "
+                             "is warm (default: on CUDA)")
     parser.add_argument("--profile", metavar="TRACE_JSON", help="also write a torch.profiler Chrome trace")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
                         help="folder for the JSON record and table")
@@ -382,14 +389,14 @@ def mfu_line(record: dict[str, Any]) -> str:
     for s in record["runs"]:
         flops = record.get("flops_per_token", 6 * record["n_params"])
         probe = flops * s["real_tokens_per_s"] / record["probe_gemm_flops"]
-        lines.append(f"- {s['name']}: MFU on real tokens {100 * s['mfu_real']:.1f} % ({record['peak_source']}), "
-                     f"{100 * probe:.1f} % of the GEMM probe")
+        lines.append(f"- {s['name']}: MFU on real tokens {100 * s['mfu_real']:.1f} % "
+                     f"({record['peak_source']}), {100 * probe:.1f} % of the GEMM probe")
     return "\n".join(lines)
 
 
 def markdown_table(summaries: list[dict[str, Any]], baseline: str | None = None) -> str:
-    head = ("| run | real tok/s | padded tok/s | loss tok/s | sequences/s | pad eff | median step s [min, max] "
-            "| data / fwd / bwd / opt s | MFU real / padded | peak MB* |")
+    head = ("| run | real tok/s | padded tok/s | loss tok/s | sequences/s | pad eff "
+            "| median step s [min, max] | data / fwd / bwd / opt s | MFU real / padded | peak MB* |")
     lines = [head, "|" + "---|" * 10]
     base = next((s for s in summaries if s["id"] == baseline), None)
     for s in summaries:
@@ -398,8 +405,9 @@ def markdown_table(summaries: list[dict[str, Any]], baseline: str | None = None)
         ratio = f" ({s['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x)" if base else ""
         if base and "mfu_real_local" in s and "mfu_real_local" in base:
             ratio = ratio[:-1] + f"; {s['mfu_real_local'] / base['mfu_real_local']:.2f}x at equal GEMM speed)"
-        lines.append(f"| {s['name']} | {s['real_tokens_per_s']:.1f}{ratio} | {s['padded_tokens_per_s']:.1f} | "
-                     f"{s['loss_tokens_per_s']:.1f} | {s['sequences_per_s']:.2f} | {s['padding_efficiency']:.3f} | "
+        lines.append(f"| {s['name']} | {s['real_tokens_per_s']:.1f}{ratio} | "
+                     f"{s['padded_tokens_per_s']:.1f} | {s['loss_tokens_per_s']:.1f} | "
+                     f"{s['sequences_per_s']:.2f} | {s['padding_efficiency']:.3f} | "
                      f"{s['median_step_s']:.2f} [{s['spread_step_s'][0]:.2f}, {s['spread_step_s'][1]:.2f}] | "
                      f"{phases} | {100 * s['mfu_real']:.1f}% / {100 * s['mfu_padded']:.1f}% | "
                      f"{'–' if s['peak_memory_mb'] is None else format(s['peak_memory_mb'], '.0f')} |")
@@ -417,12 +425,13 @@ def write_outputs(record: dict[str, Any], out_dir: str, baseline: str | None) ->
               f"{record.get('flops_per_token', 6 * record['n_params']) / 1e9:.2f} GFLOP per trained token), "
               f"{record['precision']}; "
               f"GEMM peak {record['peak_gemm_flops'] / 1e9:.1f} GFLOP/s -> ceiling "
-              f"{record['ceiling_real_tokens_per_s']:.1f} real tokens/s; {record['rounds']} interleaved rounds of "
+              f"{record['ceiling_real_tokens_per_s']:.1f} real tokens/s; "
+              f"{record['rounds']} interleaved rounds of "
               f"{record['warmup']} warm-up + {record['steps']} timed steps per contender")
     note = ("\n\n*peak MB: CUDA max_memory_allocated; on CPU the peak RSS of a fresh process running that "
             "contender alone (1 warm-up + 1 step, data loading included), – where not measured. "
-            "'at equal GEMM speed': the ratio of real tokens/s each divided by the median GEMM probe taken just "
-            "before and after that contender (the machine's speed drifts during a run).")
+            "'at equal GEMM speed': the ratio of real tokens/s each divided by the median GEMM probe "
+            "taken just before and after that contender (the machine's speed drifts during a run).")
     report = header + "\n\n" + table + note + "\n\n" + mfu_line(record)
     (out / f"bench-{stamp}.md").write_text(report + "\n")
     return report

@@ -74,8 +74,9 @@ def step(path, hidden, weight, labels, vocab):
 
 
 def variants(args):
-    out = {f"{name} ({'padded' if padded else 'vocab'} {-(-args.vocab // 64) * 64 if padded else args.vocab})":
-           (fn, padded) for name, fn in PATHS.items() for padded in (False, True)}
+    out = {f"{name} ({'padded' if padded else 'vocab'} "
+           f"{-(-args.vocab // 64) * 64 if padded else args.vocab})": (fn, padded)
+           for name, fn in PATHS.items() for padded in (False, True)}
     liger = liger_path()
     if liger is not None:
         out[f"liger (vocab {args.vocab})"] = (liger, False)
@@ -99,7 +100,8 @@ def peak_bytes(args, name: str) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1024, help="positions per batch (64 per sequence)")
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=40478)
@@ -128,7 +130,8 @@ def main(argv=None) -> None:
     base = statistics.median(seconds[next(iter(table))])
     print(f"LM head + CE, {args.rows} positions x {args.width} -> {args.vocab}, {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"| path | fwd+bwd s | vs first row | GFLOP/s (3 GEMMs) | peak MB above inputs ({args.memory_rows} rows) |")
+    print(f"| path | fwd+bwd s | vs first row | GFLOP/s (3 GEMMs) | "
+          f"peak MB above inputs ({args.memory_rows} rows) |")
     print("|---|---|---|---|---|")
     results = {}
     for name in table:

@@ -50,7 +50,8 @@ def timed(fn, q, k, v, repeats: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--time", type=int, default=128)
     parser.add_argument("--heads", type=int, default=12)
@@ -64,7 +65,8 @@ def main(argv=None) -> None:
     docs = document_ids(args.rows, args.time, g)
     bias = attention_bias(None, docs, args.time, q.device)
 
-    rows = {"sdpa causal (no documents)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    rows = {"sdpa causal (no documents)":
+                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
             "sdpa + document bias": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -72,7 +74,8 @@ def main(argv=None) -> None:
         def same_document_causal(b, h, q_idx, kv_idx):
             return (docs[b, q_idx] == docs[b, kv_idx]) & (kv_idx <= q_idx)
 
-        block_mask = create_block_mask(same_document_causal, args.rows, None, args.time, args.time, device="cpu")
+        block_mask = create_block_mask(same_document_causal, args.rows, None, args.time, args.time,
+                                       device="cpu")
         compiled = torch.compile(flex_attention)
 
         def flex(q, k, v):
@@ -84,7 +87,8 @@ def main(argv=None) -> None:
         rows["flex (compiled)"] = flex
     except Exception as err:  # flex needs a C++ compiler on CPU: say why the row is missing
         print(f"flex_attention unavailable here: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    print(f"packed attention {'forward' if args.forward_only else 'fwd+bwd'}, [{args.rows} x {args.heads} x {args.time} x {args.head_dim}], "
+    print(f"packed attention {'forward' if args.forward_only else 'fwd+bwd'}, "
+          f"[{args.rows} x {args.heads} x {args.time} x {args.head_dim}], "
           f"{torch.get_num_threads()} threads, {int(docs.max(1).values.add(1).sum())} documents")
     print("| path | first call s | median s | vs sdpa + bias |")
     print("|---|---|---|---|")

@@ -29,7 +29,8 @@ def packing_efficiency(lengths, batches, row_length: int) -> tuple[float, float]
     return real / padded, rows / len(batches)
 
 
-def efficiencies(batch_size: int = 32, tokenizer_name: str = "openai-gpt") -> tuple[str, list[tuple[str, float]]]:
+def efficiencies(batch_size: int = 32,
+                 tokenizer_name: str = "openai-gpt") -> tuple[str, list[tuple[str, float]]]:
     """(the train split's cleaning report, [(batching, padding efficiency)]) over one epoch of the
     real train tweets; docs/trainer-map.md quotes these (checked by tests/test_docs.py)."""
     tokenizer = ensure_pad_token(load_tokenizer(shared_dir() / "tokenizers" / tokenizer_name))
@@ -54,7 +55,8 @@ def efficiencies(batch_size: int = 32, tokenizer_name: str = "openai-gpt") -> tu
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tokenizer", default="openai-gpt", choices=["openai-gpt", "gpt2"])
     args = parser.parse_args()

@@ -51,14 +51,16 @@ def build(args, device):
 
     shared = Path(args.shared)
     tokenizer = ensure_pad_token(load_tokenizer(shared / "fixtures" / "tiny-openai-gpt"))
-    rows = datasets.load_dataset("json", data_files=str(shared / "data" / "tweet_sentiment_extraction" / "train.jsonl"),
+    rows = datasets.load_dataset("json", data_files=str(shared / "data" / "tweet_sentiment_extraction"
+                                                        / "train.jsonl"),
                                  split="train").select(range(args.pairs + 10))
     pairs = tweet_pairs(rows, "train", DEFAULT_TEMPLATE, DEFAULT_LABELS, "one", 0)
     tokenized, _ = tokenize_pairs(pairs, tokenizer, 128)
     tokenized.truncate(args.pairs)
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=128, n_embd=args.width, n_layer=args.layers,
-                       n_head=max(1, args.width // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, n_positions=128, n_embd=args.width,
+                       n_layer=args.layers, n_head=max(1, args.width // 64), resid_pdrop=0.0, embd_pdrop=0.0,
+                       attn_pdrop=0.0)
     lm = build_model(config)
     model_dir = Path(args.work_dir) / f"model-{args.layers}x{args.width}"
     if not (model_dir / "model.safetensors").exists():
@@ -88,23 +90,26 @@ def run_minift(name: str, args, device) -> dict:
     else:
         module = SequenceLogProbs(lm)
         if name.endswith("frozen"):
-            compute_loss = DPOObjective(reference=SequenceLogProbs(copy.deepcopy(lm)).eval().requires_grad_(False))
+            compute_loss = DPOObjective(
+                reference=SequenceLogProbs(copy.deepcopy(lm)).eval().requires_grad_(False))
         else:
             t0 = time.perf_counter()
-            logps = precompute_reference_logps(module, pair_batches(pairs, collator, args.batch_size), len(pairs),
-                                               device, torch.autocast(device.type, enabled=False))
+            logps = precompute_reference_logps(module, pair_batches(pairs, collator, args.batch_size),
+                                               len(pairs), device, torch.autocast(device.type, enabled=False))
             precompute_s = time.perf_counter() - t0
             compute_loss = DPOObjective(reference_logps=logps)
     optimizer = make_adamw(module, 1e-5, 0.0, fused="no")
     records: list[dict] = []
-    train(module, optimizer, make_scheduler(optimizer, "constant", args.steps), SequentialSampler(len(pairs),
-          args.batch_size), lambda s: torch.utils.data.DataLoader(pairs, batch_sampler=s, collate_fn=collator),
+    train(module, optimizer, make_scheduler(optimizer, "constant", args.steps),
+          SequentialSampler(len(pairs), args.batch_size),
+          lambda s: torch.utils.data.DataLoader(pairs, batch_sampler=s, collate_fn=collator),
           total_steps=args.steps, grad_accum=1, device=device, count_key="n_pairs", log=records.append,
           compute_loss=compute_loss)
     times = [r["step_time"] for r in records[args.warmup:]]
     tokens = [r["real_tokens"] for r in records[args.warmup:]]
-    return {"contender": name, "tokens_per_s": sum(tokens) / sum(times), "median_step_s": statistics.median(times),
-            "precompute_s": precompute_s, "peak_mb": peak_memory_mb(device), "loss_first": records[0]["loss"]}
+    return {"contender": name, "tokens_per_s": sum(tokens) / sum(times),
+            "median_step_s": statistics.median(times), "precompute_s": precompute_s,
+            "peak_mb": peak_memory_mb(device), "loss_first": records[0]["loss"]}
 
 
 def run_trl(name: str, args, device) -> dict:
@@ -136,10 +141,10 @@ def run_trl(name: str, args, device) -> dict:
             step_times.append(time.perf_counter() - self.t0)
 
     common = dict(output_dir=str(Path(args.work_dir) / name), per_device_train_batch_size=args.batch_size,
-                  gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=1e-5, lr_scheduler_type="constant",
-                  optim="adamw_torch", logging_steps=1, report_to="none", save_strategy="no",
-                  use_cpu=device.type == "cpu", train_sampling_strategy="sequential", disable_dropout=True,
-                  gradient_checkpointing=False, bf16=False, dataloader_num_workers=0)
+                  gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=1e-5,
+                  lr_scheduler_type="constant", optim="adamw_torch", logging_steps=1, report_to="none",
+                  save_strategy="no", use_cpu=device.type == "cpu", train_sampling_strategy="sequential",
+                  disable_dropout=True, gradient_checkpointing=False, bf16=False, dataloader_num_workers=0)
     t_pre = 0.0
     if name.startswith("trl-dpo"):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir))
@@ -157,20 +162,23 @@ def run_trl(name: str, args, device) -> dict:
         t_pre = time.perf_counter() - t0 if name.endswith("precomputed") else 0.0
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1)
-        data = datasets.Dataset.from_dict({"chosen_ids": [p + c for p, c in zip(pairs.prompt_ids, pairs.chosen_ids)],
+        data = datasets.Dataset.from_dict({"chosen_ids": [p + c for p, c in zip(pairs.prompt_ids,
+                                                                                pairs.chosen_ids)],
                                            "rejected_ids": [p + r for p, r in zip(pairs.prompt_ids,
                                                                                   pairs.rejected_ids)]})
         trainer = RewardTrainer(model=model, args=RewardConfig(**common, max_length=128), train_dataset=data,
                                 processing_class=hf_tokenizer, callbacks=[StepTimer()])
     trainer.train()
     times, timed_tokens = step_times[args.warmup:], tokens[args.warmup:]
-    return {"contender": name, "tokens_per_s": sum(timed_tokens) / sum(times), "median_step_s": statistics.median(times),
+    return {"contender": name, "tokens_per_s": sum(timed_tokens) / sum(times),
+            "median_step_s": statistics.median(times),
             "precompute_s": t_pre, "peak_mb": peak_memory_mb(device),
             "loss_first": next(r["loss"] for r in trainer.state.log_history if "loss" in r)}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contender", choices=CONTENDERS)
     parser.add_argument("--only", default="", help="comma-separated contenders (default: all)")
     parser.add_argument("--layers", type=int, default=4)
@@ -185,7 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default="runs/bench-preference")
     args = parser.parse_args(argv)
     args.steps = min(args.steps, args.pairs // args.batch_size)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.contender:
@@ -203,14 +212,16 @@ def main(argv=None) -> int:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(line))
-    print("| contender | tokens/s | median step (s) | precompute (s, once) | peak memory (MiB) | first loss |\n"
+    print("| contender | tokens/s | median step (s) | precompute (s, once) | peak memory (MiB) | "
+          "first loss |\n"
           "|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['contender']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} | {r['precompute_s']:.2f} | "
-              f"{r['peak_mb']:.0f} | {r['loss_first']:.4f} |")
+        print(f"| {r['contender']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} | "
+              f"{r['precompute_s']:.2f} | {r['peak_mb']:.0f} | {r['loss_first']:.4f} |")
     if rows:
         print(f"\ndevice {rows[0]['device']}, model {rows[0]['shape']} (layers x width), "
-              f"{rows[0]['pairs_per_step']} pairs/step, {rows[0]['timed_steps']} timed steps after {args.warmup} warm-up")
+              f"{rows[0]['pairs_per_step']} pairs/step, {rows[0]['timed_steps']} timed steps after "
+              f"{args.warmup} warm-up")
     return 0
 
 

@@ -22,7 +22,8 @@ import harness
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_arguments(parser)
     parser.add_argument("--no-trainer", action="store_true", help="skip the transformers side-by-side")
     args = parser.parse_args(argv)
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
     if args.memory_of:
         return harness.report_own_peak_memory(args, contenders)
     memory = None if args.no_isolated_memory else (
-        [sys.executable, __file__] + harness.forwarded_arguments(args) + (["--no-trainer"] if args.no_trainer else []))
+        [sys.executable, __file__] + harness.forwarded_arguments(args)
+        + (["--no-trainer"] if args.no_trainer else []))
     record = harness.run_benchmark(args, contenders, memory_command=memory)
     from compare_trainer import BEST
 

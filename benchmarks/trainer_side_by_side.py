@@ -62,7 +62,8 @@ class Columns:
     eval_loss: float = float("nan")
     eval_loss_per_target: float = float("nan")  # minift's own eval loss, for contrast
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    micro_steps: list[tuple[int, tuple, int, float]] = field(default_factory=list)  # Trainer: per training_step
+    # Trainer: per training_step
+    micro_steps: list[tuple[int, tuple, int, float]] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss) during training
     train_loss: float = float("nan")
     steps: int = 0  # optimizer steps run
@@ -75,8 +76,9 @@ def minift_settings(args, sampling: str, output_dir: str) -> dict:
     fixture = shared_dir() / "fixtures" / args.model
     return {
         "model": {"name": str(fixture), "config": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}},
-        "data": {"source": str(shared_dir() / "data" / "tweet_sentiment_extraction"), "sampler": SAMPLINGS[sampling],
-                 "max_train_examples": args.rows, "max_length": 64, "append_eos": "no"},
+        "data": {"source": str(shared_dir() / "data" / "tweet_sentiment_extraction"),
+                 "sampler": SAMPLINGS[sampling], "max_train_examples": args.rows, "max_length": 64,
+                 "append_eos": "no"},
         "train": {"compat": "trainer", "output_dir": output_dir, "seed": args.seed, "max_steps": args.steps,
                   "batch_size": args.batch_size, "grad_accum": args.grad_accum, "lr": args.lr,
                   "warmup_steps": args.warmup, "weight_decay": args.weight_decay, "log_every": args.log_every,
@@ -96,7 +98,8 @@ def run_minift(settings: dict) -> Columns:
     summary = finetune.run(cfg, log=lambda *_: None)
     out = Path(cfg.train.output_dir)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    cols = Columns(logged=[(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in records if "step_time" in r])
+    cols = Columns(logged=[(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in records
+                           if "step_time" in r])
     evals = [r for r in records if "eval" in r]
     last_eval = evals[-1]["eval"]
     cols.eval_loss = last_eval["loss"]
@@ -215,7 +218,8 @@ def minift_stage_numbers(settings: dict, step: int) -> dict:
         optimizer.step()  # no gradients yet: only the schedule moves
         scheduler.step()
     return {"window": window, "lengths": [[train.lengths[i] for i in b] for b in window], "n_items": n_items,
-            "n_targets": sum(b["n_loss_targets"] for b in batches), "first_tokens": sum(len(b) for b in window),
+            "n_targets": sum(b["n_loss_targets"] for b in batches),
+            "first_tokens": sum(len(b) for b in window),
             "micro_losses": micro_losses, "step_loss": sum(loss for _, loss in micro_losses),
             "grad_norm": float(norm), "lr": optimizer.param_groups[0]["lr"]}
 
@@ -227,8 +231,8 @@ def minift_stages(numbers: dict) -> list[str]:
               f"next-token targets + {numbers['first_tokens']} first tokens)")]
     lines += [f"micro-batch {shape}: loss_sum / {numbers['n_items']} = {loss:.7f}"
               for shape, loss in numbers["micro_losses"]]
-    lines.append(f"step loss = {numbers['step_loss']:.7f}; grad-norm before clipping {numbers['grad_norm']:.7f}; "
-                 f"lr {numbers['lr']:.6g}")
+    lines.append(f"step loss = {numbers['step_loss']:.7f}; "
+                 f"grad-norm before clipping {numbers['grad_norm']:.7f}; lr {numbers['lr']:.6g}")
     return lines
 
 
@@ -268,7 +272,8 @@ def compare(args, sampling: str) -> dict:
         "loss": max(abs(a[1] - b[1]) for a, b in zip(theirs.logged, mine.logged)),
         "lr": max(abs(a[2] - b[2]) for a, b in zip(theirs.logged, mine.logged)),
         "grad_norm": max(abs(a[3] - b[3]) / a[3] for a, b in zip(theirs.logged, mine.logged)),
-        "eval_loss": abs(theirs.eval_loss - mine.eval_loss), "weights": weight_diff, "weight_tensors": len(shared),
+        "eval_loss": abs(theirs.eval_loss - mine.eval_loss), "weights": weight_diff,
+        "weight_tensors": len(shared),
     }
     if stages:
         print_stages(theirs, stages, step=2)
@@ -379,7 +384,8 @@ def parse_args(argv=None):
     parser.add_argument("--sampling", nargs="*", default=list(SAMPLINGS), choices=list(SAMPLINGS))
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--rows", type=int, default=40, help="train rows (file order)")
-    parser.add_argument("--eval-rows", type=int, default=37, help="eval rows; not a multiple of the eval batch")
+    parser.add_argument("--eval-rows", type=int, default=37,
+                        help="eval rows; not a multiple of the eval batch")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, default=2)
@@ -388,7 +394,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--stages", action="store_true", help="also show step 2 stage by stage (needs --warmup 2)")
+    parser.add_argument("--stages", action="store_true",
+                        help="also show step 2 stage by stage (needs --warmup 2)")
     parser.add_argument("--features", nargs="*", default=None,
                         help="the feature rows to run (default: all; none with an empty list)")
     parser.add_argument("--epochs", type=float, default=3.0, help="the per-epoch rows' num_train_epochs")

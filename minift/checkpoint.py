@@ -59,7 +59,8 @@ def rng_state() -> dict[str, Any]:
     state = {
         "python": random.getstate(),
         "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -203,7 +204,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -222,13 +224,16 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest (no 'files' object)")
     for name, entry in files.items():
         if not name or name in (".", "..") or "/" in name or "\\" in name:
-            raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest (file name {name!r} is not a plain name)")
-        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+            raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest "
+                                    f"(file name {name!r} is not a plain name)")
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int
+                and isinstance(entry.get("sha256"), str)):
             raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest (files[{name!r}] must be "
                                     f"{{\"bytes\": int, \"sha256\": str}}, got {entry!r})")
     fingerprints = manifest.get("fingerprints", {})
     if not (isinstance(fingerprints, dict) and all(isinstance(v, str) for v in fingerprints.values())):
-        raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest (fingerprints must map names to strings)")
+        raise CheckpointCorrupt(f"{manifest_path}: unreadable manifest "
+                                f"(fingerprints must map names to strings)")
     return manifest
 
 
@@ -366,8 +371,8 @@ def save_training_state(output_dir: str | Path, state, parts: TrainingParts, dis
     optimizer = {} if dist.sharded else {"optimizer": parts.optimizer.state_dict()}  # FSDP: in the shards
     training_state = {**optimizer, "scheduler": parts.scheduler.state_dict(),
                       "precision": parts.precision.state_dict(), "rng": rng, "sampler": samplers,
-                      "train_state": state.state_dict(), "total_steps": total_steps, "world_size": dist.world_size,
-                      "sharded": dist.sharded, **(parts.extra_state or {})}
+                      "train_state": state.state_dict(), "total_steps": total_steps,
+                      "world_size": dist.world_size, "sharded": dist.sharded, **(parts.extra_state or {})}
     return save_checkpoint(output_dir, state.step, parts.model, training_state, run_config, keep=keep,
                            tokenizer=parts.tokenizer, fingerprints=fingerprints, log=log, protect=protect,
                            filled=filled)
@@ -389,8 +394,8 @@ def _write_shards(final: Path, parts: TrainingParts, dist) -> Path:
     return tmp
 
 
-def restore_training_state(path: Path, state, parts: TrainingParts, dist, keep_new_hyperparameters: bool = False
-                           ) -> None:
+def restore_training_state(path: Path, state, parts: TrainingParts, dist,
+                           keep_new_hyperparameters: bool = False) -> None:
     """Load what ``save_training_state`` wrote into ``parts`` and ``state`` (this rank's sampler
     position and RNG; a stage's ``extra_state`` tensors are overwritten in place). Refuses a checkpoint
     written by another number of ranks. ``keep_new_hyperparameters``: the optimizer's lr, betas,

@@ -31,7 +31,8 @@ def _load_for_inference(model_dir: str):
             data.template, data.labels = saved["template"], saved["labels"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise InputError(f"{run_config_path}: not a minift run config ({type(err).__name__}: {err}) — "
-                             f"remove it to use the default template and labels, or pass --template") from None
+                             f"remove it to use the default template and labels, or pass "
+                             f"--template") from None
     return model, tokenizer, data
 
 
@@ -72,8 +73,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume although settings that change the maths differ from the checkpoint's "
                              "(the new values are used and recorded)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in an output_dir that holds another run: the old run is moved aside "
-                             "to <output_dir>.previous-N, never deleted")
+                        help="start afresh in an output_dir that holds another run: the old run is moved "
+                             "aside to <output_dir>.previous-N, never deleted")
 
 
 def cmd_train(args) -> int:
@@ -116,8 +117,8 @@ def cmd_score(args) -> int:
         check_generation_args(args)
         check_best_of_n(args.n, args.max_new_tokens)
     ranked = rank_completions(args.model, args.prompt, args.candidates, policy=args.policy, n=args.n,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              seed=args.seed, progress=_sampling_progress)
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, seed=args.seed, progress=_sampling_progress)
     for reward, text in ranked:
         print(f"{reward:+.4f}\t{text!r}")
     return 0
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", parents=[common],
                            help="fine-tune as a TOML config says",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="options (set in the TOML file or with --set section.key=value):\n" + describe())
+                           epilog="options (set in the TOML file or with --set section.key=value):\n"
+                                  + describe())
     train.add_argument("config", nargs="?", help="TOML config (configs/*.toml); defaults when omitted")
     add_run_arguments(train)
     train.set_defaults(func=cmd_train)
@@ -253,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("dpo", "DPO on preference pairs as a TOML config says ([pairs], [dpo])"),
                        ("reward", "train a reward model on preference pairs ([pairs], [reward])")):
-        pref = sub.add_parser(name, parents=[common], help=text, formatter_class=argparse.RawDescriptionHelpFormatter,
+        pref = sub.add_parser(name, parents=[common], help=text,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="options (set in the TOML file or with --set section.key=value):\n"
                                      + describe(PreferenceConfig))
         pref.add_argument("config", help="TOML config (configs/dpo-tweets.toml, configs/reward-tweets.toml)")
@@ -270,17 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
         rl.add_argument("config", help=f"TOML config (configs/{name}-tweets.toml, configs/grpo-tiny.toml)")
         add_run_arguments(rl)
         rl.set_defaults(func=cmd_rl)
-    score = sub.add_parser("score", parents=[common], help="rank candidate completions of a prompt with a reward model")
+    score = sub.add_parser("score", parents=[common],
+                           help="rank candidate completions of a prompt with a reward model")
     score.add_argument("prompt", help='e.g. "what a lovely day sentiment:"')
     score.add_argument("candidates", nargs="*", help="completions (default: the model's configured labels)")
-    score.add_argument("--model", required=True, help="a reward model directory (<output_dir>/model of minift reward)")
-    score.add_argument("--policy", help="best-of-n: sample the candidates from this model (e.g. <output_dir>/model "
-                                        "of minift train or minift dpo) instead of taking them as arguments")
+    score.add_argument("--model", required=True,
+                       help="a reward model directory (<output_dir>/model of minift reward)")
+    score.add_argument("--policy",
+                       help="best-of-n: sample the candidates from this model (e.g. <output_dir>/model "
+                            "of minift train or minift dpo) instead of taking them as arguments")
     score.add_argument("--n", type=int, default=8,
                        help="best-of-n: how many continuations to sample (1 to 10000, in batches of 256)")
     score.add_argument("--max-new-tokens", type=int, default=8, help="best-of-n: tokens per continuation")
-    score.add_argument("--temperature", type=float, default=1.0, help="best-of-n: sampling temperature (0 = greedy)")
-    score.add_argument("--top-k", type=int, default=0, help="best-of-n: sample from the k likeliest tokens (0 = all)")
+    score.add_argument("--temperature", type=float, default=1.0,
+                       help="best-of-n: sampling temperature (0 = greedy)")
+    score.add_argument("--top-k", type=int, default=0,
+                       help="best-of-n: sample from the k likeliest tokens (0 = all)")
     score.add_argument("--seed", type=int, default=0, help="best-of-n: seed of the sampling")
     score.set_defaults(func=cmd_score)
     merge = sub.add_parser("merge", parents=[common],
@@ -288,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("model", help="a model folder holding an adapter (<output_dir>/model of a [lora] run)")
     merge.add_argument("output", help="a new folder for the merged model")
     merge.set_defaults(func=cmd_merge)
-    sub.add_parser("bench", help="throughput of the recipe: benchmarks/throughput.py --no-trainer (see benchmarks/)",
-                   add_help=False)
+    sub.add_parser("bench", help="throughput of the recipe: benchmarks/throughput.py --no-trainer "
+                                 "(see benchmarks/)", add_help=False)
     return parser
 
 
@@ -355,7 +363,8 @@ def error_line(err: BaseException) -> str:
     ``OSError`` with its file and what to do ("No space left on device" for a full disk)."""
     if isinstance(err, OSError) and not isinstance(err, MiniftError):
         where = f" ({err.filename})" if err.filename else ""
-        hint = {errno.ENOSPC: "free space or point train.output_dir at a larger disk, then rerun with --resume",
+        hint = {errno.ENOSPC: "free space or point train.output_dir at a larger disk, "
+                              "then rerun with --resume",
                 errno.EACCES: "check the permissions", errno.EROFS: "choose a writable train.output_dir"}
         return f"{err.strerror or err}{where} — {hint.get(err.errno, 'rerun with --debug for the traceback')}"
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())

@@ -74,8 +74,8 @@ class Collator:
             input_ids[row, :length] = ids
             attention_mask[row, :length] = 1
             labels[row, :length] = self.example_labels(example, ids)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "right_padded": True,
-                **batch_counts(input_ids, labels, n_real_tokens=sum(lengths))}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "right_padded": True, **batch_counts(input_ids, labels, n_real_tokens=sum(lengths))}
 
 
 def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
@@ -118,8 +118,9 @@ class PackingCollator(Collator):
         rows = pack_rows([len(e["input_ids"]) for e in examples], self.row_length)
         if self.rows_per_batch:
             if len(rows) > self.rows_per_batch:
-                raise InputError(f"{len(examples)} examples need {len(rows)} packed rows of {self.row_length} "
-                                 f"tokens; the batch has {self.rows_per_batch} (use sampling.PackedSampler)")
+                raise InputError(f"{len(examples)} examples need {len(rows)} packed rows of "
+                                 f"{self.row_length} tokens; the batch has {self.rows_per_batch} "
+                                 f"(use sampling.PackedSampler)")
             shape = (self.rows_per_batch, self.row_length)
         else:
             shape = (len(rows), self.padded_length(max(sum(len(examples[i]["input_ids"]) for i in row)

@@ -206,7 +206,8 @@ def build_sampler(cfg: RunConfig, examples, dist: Distributed = SINGLE_PROCESS) 
     if hasattr(examples, "prompt_length"):  # sequences (pairs always keep a completion token)
         check_something_to_learn(examples, cfg.data.objective, cfg.data.max_length)
     if t.compat == "trainer" and dist.enabled:
-        raise DataError("train.compat = \"trainer\" reproduces one-process Trainer runs; run it without torchrun")
+        raise DataError("train.compat = \"trainer\" reproduces one-process Trainer runs; "
+                        "run it without torchrun")
     global_rng = t.compat == "trainer" and cfg.data.sampler == "length_grouped"
     seed = t.seed if global_rng else data_seed(cfg)
     return make_sampler(cfg.data.sampler, examples.lengths, t.batch_size, seed, rank=dist.rank,

@@ -28,7 +28,8 @@ from .sampling import SAMPLERS
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 YES_NO_AUTO = ("auto", "yes", "no")
 DATA_FORMATS = ("text", "chat")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+# torch.compile's modes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class RunConfigError(InputError):
@@ -51,19 +52,25 @@ def yes_no_auto(default: str, help: str) -> Any:
 @dataclass
 class ModelSection:
     name: str = option("openai-gpt", 'hub name or local checkpoint directory; "random" = init from `config`')
-    tokenizer: str = option("", 'hub name or directory; "" = same as `name`; "synthetic" = the offline vocabulary')
+    tokenizer: str = option("", 'hub name or directory; "" = same as `name`; "synthetic" = the offline '
+                                'vocabulary')
     config: dict = option({}, "model config.json fields (random init) or overrides, e.g. { n_layer = 2 }")
     model_type: str = option("openai-gpt", 'architecture for name = "random": "openai-gpt", "gpt2", "llama", '
                                            '"qwen2", "qwen3" or "mistral"')
-    pad_token: str = option("auto", '"auto": keep the tokenizer\'s, else EOS, else add [PAD]; "eos"; or a token')
-    dtype: str = option("fp32", "storage dtype of the weights: fp32, bf16, fp16 or fp64 (or torch's spelling)")
-    compile: bool = option(False, "torch.compile the model (pair with data.sampler = \"packed\": one shape, one graph)")
-    compile_mode: str = option("default", 'torch.compile mode: "default", "reduce-overhead" (CUDA graphs: static '
-                                          'shapes only), "max-autotune", "max-autotune-no-cudagraphs"')
-    pad_vocab_to: int = option(64, "embedding/head rows rounded up to a multiple (GPU GEMM widths); 0 or 1 = off")
-    loss_rows: str = option("auto", '"labelled": LM head on labelled rows only; "all": fixed shapes, no host sync; '
-                                    '"auto": labelled on CPU, all under compile or on CUDA')
-    fused_lm_head: bool = option(True, "chunked LM head + cross-entropy with its own backward: no [tokens x vocab] logits kept")
+    pad_token: str = option("auto", '"auto": keep the tokenizer\'s, else EOS, else add [PAD]; '
+                                    '"eos"; or a token')
+    dtype: str = option("fp32", "storage dtype of the weights: fp32, bf16, fp16 or fp64 "
+                                "(or torch's spelling)")
+    compile: bool = option(False, "torch.compile the model (pair with data.sampler = \"packed\": one shape, "
+                                  "one graph)")
+    compile_mode: str = option("default", 'torch.compile mode: "default", "reduce-overhead" (CUDA graphs: '
+                                          'static shapes only), "max-autotune", "max-autotune-no-cudagraphs"')
+    pad_vocab_to: int = option(64, "embedding/head rows rounded up to a multiple (GPU GEMM widths); "
+                                   "0 or 1 = off")
+    loss_rows: str = option("auto", '"labelled": LM head on labelled rows only; "all": fixed shapes, no host '
+                                    'sync; "auto": labelled on CPU, all under compile or on CUDA')
+    fused_lm_head: bool = option(True, "chunked LM head + cross-entropy with its own backward: "
+                                       "no [tokens x vocab] logits kept")
     activation_checkpointing: bool = option(False, "keep only each block's input for backward and recompute "
                                                    "the rest there (less activation memory, ~1 more forward)")
 
@@ -81,7 +88,8 @@ class DataSection:
     source: str = option("mteb/tweet_sentiment_extraction", 'hub id, local dir/file/glob, or "synthetic"')
     train_split: str = option("train", "split to train on")
     eval_split: str = option("test", "split to evaluate on (unless validation_fraction > 0)")
-    validation_fraction: float = option(0.0, "> 0: carve a seeded validation split from train and evaluate on it")
+    validation_fraction: float = option(0.0, "> 0: carve a seeded validation split from train and evaluate "
+                                             "on it")
     text_column: str = option("text", "column holding the text")
     label_column: str = option("label_text", "column holding the label, one of `labels`")
     labels: list = option(["negative", "neutral", "positive"],
@@ -102,10 +110,12 @@ class DataSection:
     max_length: int = option(128, "truncate longer examples to this many tokens (<= the model's n_positions)")
     append_eos: str = yes_no_auto("auto", 'end every example with EOS: "auto" (when the tokenizer has one), '
                                           '"yes", "no"')
-    padding: str = option("longest", '"longest" in the batch, or "max_length" (the classic recipe, benchmarks only)')
+    padding: str = option("longest", '"longest" in the batch, or "max_length" (the classic recipe, '
+                                     'benchmarks only)')
     pad_to_multiple_of: int = option(0, "round padded lengths up to a multiple of this (0 = off)")
-    sampler: str = option("length_grouped", '"random", "sequential", "length_grouped" (less padding) or "packed" '
-                                            '(batch_size rows of max_length tokens: one shape, for compile/GPU)')
+    sampler: str = option("length_grouped", '"random", "sequential", "length_grouped" (less padding) or '
+                                            '"packed" (batch_size rows of max_length tokens: one shape, for '
+                                            'compile/GPU)')
     packing: bool = option(False, "concatenate examples into rows of max_length instead of padding")
     max_train_examples: int = option(0, "train on the first N kept examples (0 = all)")
     num_workers: int = option(0, "DataLoader worker processes (0 = load in the main process; at most the "
@@ -132,11 +142,14 @@ class TrainSection:
     max_grad_norm: float = option(1.0, "clip the gradient's global norm to this (0 = no clipping)")
     fused_adamw: str = yes_no_auto("auto", 'fused AdamW kernel: "auto" (where supported), "yes", "no"')
     precision: str = option("fp32", '"fp32", "bf16" or "fp16" (autocast; fp16 with a gradient scaler)')
-    loss_denominator: str = option("targets", '"targets" (next-token targets) or "trainer" (Trainer\'s count)')
-    compat: str = option("minift", '"trainer": every number a learner can see is Trainer\'s (see resolve_compat)')
+    loss_denominator: str = option("targets", '"targets" (next-token targets) or '
+                                              '"trainer" (Trainer\'s count)')
+    compat: str = option("minift", '"trainer": every number a learner can see is Trainer\'s '
+                                   '(see resolve_compat)')
     device: str = option("auto", '"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...')
     threads: int = option(0, "torch intra-op threads; 0 = leave torch's default")
-    keep_large_allocations: bool = option(True, "CPU: reuse big buffers instead of re-faulting them (runtime.py)")
+    keep_large_allocations: bool = option(True, "CPU: reuse big buffers instead of re-faulting them "
+                                                "(runtime.py)")
     log_every: int = option(1, "write a metrics.jsonl line every N optimizer steps")
     eval_every: int = option(0, "optimizer steps between evaluations; 0 = only before and after")
     checkpoint_every: int = option(0, "optimizer steps between checkpoints; 0 = only at the end")
@@ -144,7 +157,8 @@ class TrainSection:
     on_nonfinite: str = option("stop", '"stop" or "skip" a step whose loss is NaN/inf')
     progress: bool = option(True, "show a progress bar (only on a terminal; plain lines otherwise)")
     plot: bool = option(True, "write curves.png at the end (needs matplotlib)")
-    report_to: list = option([], 'also log the metrics to: ["tensorboard"] (pip install "minift[tensorboard]")')
+    report_to: list = option([], 'also log the metrics to: ["tensorboard"] (pip install '
+                                 '"minift[tensorboard]")')
     # Trainer's features, each as Trainer does it (docs/trainer-map.md)
     label_smoothing: float = option(0.0, "smooth the next-token targets: (1 - e) NLL + e mean_vocab(-log p) "
                                          "(Trainer's label_smoothing_factor; minift train only)")
@@ -226,7 +240,8 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     lora: LoraSection = field(default_factory=LoraSection)
-    stage: Any = None  # a stage's own sections (a dataclass whose fields are sections: [pairs], [dpo], [rl] ...)
+    # a stage's own sections (a dataclass whose fields are sections: [pairs], [dpo], [rl] ...)
+    stage: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """Every section by name, the stage's beside the common four (what run_config.json holds)."""
@@ -250,23 +265,28 @@ class RunConfig:
             (t.epochs > 0 or t.max_steps > 0, "train.epochs or train.max_steps must be positive"),
             (t.max_steps >= 0, "train.max_steps must be >= 0"),
             (math.isfinite(t.lr) and t.lr >= 0, f"train.lr must be a finite number >= 0, got {t.lr}"),
-            (t.warmup_steps >= 0 and 0 <= t.warmup_ratio < 1, "train.warmup_steps >= 0 and 0 <= warmup_ratio < 1"),
-            (t.weight_decay >= 0 and t.max_grad_norm >= 0, "train.weight_decay and max_grad_norm must be >= 0"),
+            (t.warmup_steps >= 0 and 0 <= t.warmup_ratio < 1,
+             "train.warmup_steps >= 0 and 0 <= warmup_ratio < 1"),
+            (t.weight_decay >= 0 and t.max_grad_norm >= 0,
+             "train.weight_decay and max_grad_norm must be >= 0"),
             (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1 and t.eps > 0, "train.beta1/beta2 in [0, 1), eps > 0"),
             (t.schedule in SCHEDULES, f"train.schedule {t.schedule!r}: one of {list(SCHEDULES)}"),
-            (t.precision in AUTOCAST_PRECISIONS, f"train.precision {t.precision!r}: one of {list(AUTOCAST_PRECISIONS)}"),
+            (t.precision in AUTOCAST_PRECISIONS,
+             f"train.precision {t.precision!r}: one of {list(AUTOCAST_PRECISIONS)}"),
             (self.model.dtype in DTYPES, f"model.dtype {self.model.dtype!r}: one of {list(DTYPES)}"),
             (self.model.pad_vocab_to >= 0, "model.pad_vocab_to must be >= 0"),
-            (self.model.loss_rows in ("auto", *LOSS_ROWS), f"model.loss_rows must be one of {['auto', *LOSS_ROWS]}"),
+            (self.model.loss_rows in ("auto", *LOSS_ROWS),
+             f"model.loss_rows must be one of {['auto', *LOSS_ROWS]}"),
             (t.fused_adamw in YES_NO_AUTO, f"train.fused_adamw must be one of {list(YES_NO_AUTO)}"),
-            (t.loss_denominator in ("targets", "trainer"), "train.loss_denominator must be targets or trainer"),
+            (t.loss_denominator in ("targets", "trainer"),
+             "train.loss_denominator must be targets or trainer"),
             (t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite must be stop or skip"),
             (self.model.compile_mode in COMPILE_MODES,
              f"model.compile_mode {self.model.compile_mode!r}: one of {list(COMPILE_MODES)}"),
             (t.compat in COMPAT_MODES, f"train.compat {t.compat!r}: minift or trainer"),
             (t.compat != "trainer" or d.sampler != "packed",
-             "train.compat = \"trainer\" reproduces Trainer, which has no packed sampler: use random, sequential "
-             "or length_grouped"),
+             "train.compat = \"trainer\" reproduces Trainer, which has no packed sampler: use random, "
+             "sequential or length_grouped"),
             (t.log_every > 0 and t.eval_every >= 0 and t.checkpoint_every >= 0 and t.keep_checkpoints > 0,
              "train.log_every and keep_checkpoints must be positive, eval_every/checkpoint_every >= 0"),
             (d.max_length > 0, "data.max_length must be positive"),
@@ -281,18 +301,20 @@ class RunConfig:
             (d.pad_to_multiple_of >= 0 and d.max_train_examples >= 0 and d.num_workers >= 0,
              "data.pad_to_multiple_of, max_train_examples, num_workers must be >= 0"),
             (0 <= d.validation_fraction < 1, "data.validation_fraction must be in [0, 1)"),
-            (len(d.labels) >= 2 and all(isinstance(x, str) for x in d.labels), "data.labels: two or more strings"),
+            (len(d.labels) >= 2 and all(isinstance(x, str) for x in d.labels),
+             "data.labels: two or more strings"),
             (all(isinstance(x, str) and x.strip() for x in d.labels),
              f"data.labels {d.labels}: a label must have a word in it (an empty label adds no token to "
              "score)"),
             (len(set(d.labels)) == len(d.labels),
-             f"data.labels {d.labels}: {sorted({x for x in d.labels if d.labels.count(x) > 1})} appear more than once "
-             f"— list each label once"),
+             f"data.labels {d.labels}: {sorted({x for x in d.labels if d.labels.count(x) > 1})} appear more "
+             f"than once — list each label once"),
             (not (unknown := template_fields(d.template) - TEMPLATE_FIELDS),
              f"data.template {d.template!r}: unknown field(s) {sorted(unknown)}; a template can use "
              f"{{text}} (the column data.text_column = {d.text_column!r}) and {{label}} (data.label_column = "
              f"{d.label_column!r})"),
-            (self.eval.batch_size > 0 and self.eval.max_examples >= 0, "eval.batch_size > 0, max_examples >= 0"),
+            (self.eval.batch_size > 0 and self.eval.max_examples >= 0,
+             "eval.batch_size > 0, max_examples >= 0"),
             (self.model.pad_token in ("auto", "eos") or self.model.pad_token.strip() != "",
              "model.pad_token must be auto, eos or a token"),
         ]
@@ -416,7 +438,8 @@ def template_fields(template: str) -> set[str]:
     try:
         return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as err:  # an unmatched brace
-        raise RunConfigError(f"data.template {template!r}: {err} (write a literal brace as {{{{ or }}}})") from None
+        raise RunConfigError(f"data.template {template!r}: {err} (write a literal brace as "
+                             f"{{{{ or }}}})") from None
 
 
 _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection,
@@ -474,7 +497,8 @@ def resolve_compat(raw: dict[str, Any]) -> dict[str, Any]:
     train = raw.get("train")
     if not isinstance(train, dict) or train.get("compat", "minift") != "trainer":
         return raw
-    resolved = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    resolved = {section: dict(values) if isinstance(values, dict) else values
+                for section, values in raw.items()}
     for (section, key), value in TRAINER_DEFAULTS.items():
         table = resolved.setdefault(section, {})
         if isinstance(table, dict):
@@ -482,8 +506,8 @@ def resolve_compat(raw: dict[str, Any]) -> dict[str, Any]:
     warmup = resolved["train"].get("warmup_steps")
     if isinstance(warmup, float) and 0 <= warmup < 1:
         if "warmup_ratio" in resolved["train"]:
-            raise RunConfigError("[train] warmup_steps < 1 is Trainer's warmup ratio under compat = \"trainer\"; "
-                                 "give it or warmup_ratio, not both")
+            raise RunConfigError("[train] warmup_steps < 1 is Trainer's warmup ratio under "
+                                 "compat = \"trainer\"; give it or warmup_ratio, not both")
         resolved["train"]["warmup_ratio"] = resolved["train"].pop("warmup_steps")
     elif isinstance(warmup, float) and warmup.is_integer():
         resolved["train"]["warmup_steps"] = int(warmup)  # Trainer's int(warmup_steps)
@@ -560,8 +584,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as err:
         raise RunConfigError(f"{path}: invalid TOML ({err})") from None
     except UnicodeDecodeError as err:
-        raise RunConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}) "
-                             f"— save the file as UTF-8") from None
+        raise RunConfigError(f"{path}: not UTF-8 text (byte {err.start}: "
+                             f"{err.object[err.start:err.start + 1]!r}) — save the file as UTF-8") from None
     except IsADirectoryError:
         raise RunConfigError(f"{path}: a directory, not a TOML file") from None
 

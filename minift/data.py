@@ -101,13 +101,13 @@ def _check_json_object(text: str, path: str, line_no: int) -> dict[str, Any]:
     try:
         row = json.loads(text)
     except json.JSONDecodeError as err:
-        hint = " — is it CSV? name the file .csv" if line_no == 1 and "," in text and text.lstrip()[:1] not in "{[" else \
-            " — fix or remove that line"
+        hint = " — is it CSV? name the file .csv" if line_no == 1 and "," in text \
+            and text.lstrip()[:1] not in "{[" else " — fix or remove that line"
         raise DataError(f"{path}: line {line_no} is not valid JSON ({err.msg} at column {err.colno}): "
                         f"{text.strip()[:60]!r}{hint}") from None
     if not isinstance(row, dict):
-        raise DataError(f"{path}: line {line_no} is a JSON {type(row).__name__}, not an object of column -> value "
-                        f"— one {{\"text\": ..., \"label_text\": ...}} object per line")
+        raise DataError(f"{path}: line {line_no} is a JSON {type(row).__name__}, not an object of column "
+                        f"-> value — one {{\"text\": ..., \"label_text\": ...}} object per line")
     return row
 
 
@@ -137,7 +137,8 @@ def _builder_for(paths: list[str]) -> str:
     suffixes = {Path(p).suffix.lower() for p in paths}
     builders = {_EXTENSION_BUILDERS.get(s) for s in suffixes}
     if None in builders or len(builders) != 1:
-        raise DataError(f"cannot read {paths}: use one of {sorted(_EXTENSION_BUILDERS)} files, all of one kind")
+        raise DataError(f"cannot read {paths}: use one of {sorted(_EXTENSION_BUILDERS)} files, "
+                        f"all of one kind")
     return builders.pop()
 
 
@@ -191,8 +192,8 @@ def load_splits(source: str = DEFAULT_DATASET, data_files: dict[str, str] | None
         if differences := _column_differences({p: c for p, c in columns.items() if c}):
             raise DataError(differences) from None
         where = files if files is not None else source
-        raise DataError(f"cannot load {where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                        ) from err
+        raise DataError(f"cannot load {where}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from err
     if not isinstance(dsd, datasets.DatasetDict):
         dsd = datasets.DatasetDict({"train": dsd})
     if "train" not in dsd:
@@ -220,7 +221,8 @@ def carve_validation(train: datasets.Dataset, fraction: float, seed: int, source
 
 # -- cleaning ---------------------------------------------------------------------------------------
 def clean_split(ds: datasets.Dataset, split: str, text_column: str = _DEFAULTS.text_column,
-                label_column: str = _DEFAULTS.label_column, labels: tuple[str, ...] = DEFAULT_LABELS) -> tuple[datasets.Dataset, SplitReport]:
+                label_column: str = _DEFAULTS.label_column,
+                labels: tuple[str, ...] = DEFAULT_LABELS) -> tuple[datasets.Dataset, SplitReport]:
     """Keep rows with usable text; a ``row`` column keeps each row's number in the source.
 
     Empty, whitespace-only and None texts are skipped and counted. A missing column, a text
@@ -353,7 +355,8 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, template: str, labels: tuple
                        desc="tokenizing")
     if report is not None:
         counts = tokenized.select_columns(["n_untruncated", "length", "prompt_length"]).to_dict()
-        n_untruncated, lengths, prompt_lengths = counts["n_untruncated"], counts["length"], counts["prompt_length"]
+        n_untruncated, lengths, prompt_lengths = (counts["n_untruncated"], counts["length"],
+                                                  counts["prompt_length"])
         report.truncated = sum(n > max_length for n in n_untruncated)
         report.tokens = sum(lengths)
         report.completion_lost = sum(p >= n for p, n in zip(prompt_lengths, lengths))

@@ -152,8 +152,8 @@ class Distributed:
         sharding, but the data order would not continue)."""
         if saved_world_size != self.world_size:
             raise ResumeRefused(f"checkpoint was written with world size {saved_world_size}, this run has "
-                               f"{self.world_size}: resume with --nproc-per-node {saved_world_size} (each rank's "
-                               f"sampler position and RNG state are per rank)")
+                               f"{self.world_size}: resume with --nproc-per-node {saved_world_size} "
+                               f"(each rank's sampler position and RNG state are per rank)")
 
     def shutdown(self) -> None:
         """Leave the process group; wait for the other ranks first unless an error is unwinding

@@ -176,7 +176,8 @@ def _label_scores_after(model, prompt: Sequence[int], label_ids: Sequence[Sequen
                         for i, lab in enumerate(label_ids)]).cpu()
 
 
-def accuracy_and_macro_f1(predicted: Sequence[int], gold: Sequence[int], n_classes: int) -> tuple[float, float]:
+def accuracy_and_macro_f1(predicted: Sequence[int], gold: Sequence[int],
+                          n_classes: int) -> tuple[float, float]:
     predicted, gold = list(predicted), list(gold)
     correct = sum(p == g for p, g in zip(predicted, gold))
     f1s = []

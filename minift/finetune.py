@@ -120,7 +120,8 @@ def build_stage(ctx: RunContext) -> Stage:
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, ctx.device)
     say(f"model: {cfg.model.name} ({type(model).__name__}, {model.num_parameters() / 1e6:.2f} M parameters), "
-        f"tokenizer: {tokenizer.source} ({tokenizer.vocab_size} ids, pad {tokenizer.pad_token!r} = {tokenizer.pad_id})")
+        f"tokenizer: {tokenizer.source} ({tokenizer.vocab_size} ids, "
+        f"pad {tokenizer.pad_token!r} = {tokenizer.pad_id})")
     data = build_datasets(cfg, tokenizer)
     for report in data.reports:
         say("data: " + report.line())
@@ -129,16 +130,17 @@ def build_stage(ctx: RunContext) -> Stage:
     loader = build_loader(cfg, data.train, sampler, collator, ctx.device)
     total_steps = count_steps(cfg, sampler)
     t = cfg.train
-    say(f"steps: {total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {ctx.dist.world_size} sequences "
-        f"each, {len(data.train)} examples; padding efficiency "
+    say(f"steps: {total_steps} optimizer steps, {t.batch_size} x {t.grad_accum} x {ctx.dist.world_size} "
+        f"sequences each, {len(data.train)} examples; padding efficiency "
         f"{padding_efficiency(data.train.lengths, sampler.batches(0), collator):.3f}"
         + (f"; {sampler.dropped_examples(0)} examples per epoch left out to give every rank equal batches"
            if sampler.dropped_examples(0) else ""))
-    return Stage("train", model=model, saved_model=model, loss=build_loss(cfg), batches=loader, sampler=sampler,
-                 total_steps=total_steps, tokenizer=tokenizer,
+    return Stage("train", model=model, saved_model=model, loss=build_loss(cfg), batches=loader,
+                 sampler=sampler, total_steps=total_steps, tokenizer=tokenizer,
                  evaluate=partial(evaluate_held_out, model, data.eval, ctx.precision, ctx.dist, cfg),
                  eval_line=eval_line,
-                 fingerprints=ckpt.fingerprints(tokenizer, zip(data.train.input_ids, data.train.prompt_length)),
+                 fingerprints=ckpt.fingerprints(tokenizer,
+                                                zip(data.train.input_ids, data.train.prompt_length)),
                  summary={"train_rows_skipped_empty": len(data.reports[0].skipped_empty),
                           "train_rows_truncated": data.reports[0].truncated})
 
@@ -156,8 +158,9 @@ def evaluate_only(cfg: RunConfig, model_name: str | None = None) -> EvalResult:
     if model_name:
         cfg.model.name = model_name
     if cfg.model.name == "random":
-        raise RunConfigError("minift eval: the config's model is \"random\", so there is no trained model to score "
-                                  "(each call would score a fresh random init) — pass --model <output_dir>/model or a hub name")
+        raise RunConfigError("minift eval: the config's model is \"random\", so there is no trained model to "
+                             "score (each call would score a fresh random init) — pass --model "
+                             "<output_dir>/model or a hub name")
     device = pick_device(cfg.train.device)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, device, training=False)

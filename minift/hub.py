@@ -135,7 +135,8 @@ def resolve(name_or_path: str | os.PathLike, want: tuple[str, ...], required: tu
             return snapshot
     offline = _offline()
     reason = "HF_HUB_OFFLINE is set" if offline else (
-        "not in the cache, and the hub is not reachable" if not hub_reachable() else "no such repo, or no network")
+        "not in the cache, and the hub is not reachable" if not hub_reachable()
+        else "no such repo, or no network")
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
     raise CheckpointError(
@@ -238,13 +239,14 @@ def load_weights(model: CausalLM, directory: Path) -> None:
     files = sorted({str(p) for p in origin.values()}) or [str(directory)]
     problems = []
     for key in expected.keys() - tensors.keys():
-        problems.append(f"missing key {key} (expected shape {tuple(expected[key].shape)}) in {', '.join(files)}")
+        problems.append(f"missing key {key} (expected shape {tuple(expected[key].shape)}) "
+                        f"in {', '.join(files)}")
     for key in tensors.keys() - expected.keys():
         problems.append(f"unexpected key {key} (shape {tuple(tensors[key].shape)}) in {origin[key]}")
     for key in tensors.keys() & expected.keys():
         if tensors[key].shape != expected[key].shape:
-            problems.append(f"shape mismatch for {key}: checkpoint {tuple(tensors[key].shape)} in {origin[key]}, "
-                            f"model expects {tuple(expected[key].shape)}")
+            problems.append(f"shape mismatch for {key}: checkpoint {tuple(tensors[key].shape)} "
+                            f"in {origin[key]}, model expects {tuple(expected[key].shape)}")
     if problems:
         raise CheckpointError(f"checkpoint {directory} does not match the model config:\n  "
                               + "\n  ".join(sorted(problems)))

@@ -78,7 +78,8 @@ class TrainState:
 class NextTokenLoss:
     """The fine-tuning objective: summed next-token cross-entropy of a micro-batch, and the
     count it is divided by over the whole step (``count_key`` of the collator's counts:
-    ``n_loss_targets``, the next-token targets, or ``n_label_tokens``, Trainer's count for GPT-1 and GPT-2)."""
+    ``n_loss_targets``, the next-token targets, or ``n_label_tokens``, Trainer's count for GPT-1
+    and GPT-2)."""
 
     count_key: str = "n_loss_targets"
 
@@ -106,9 +107,10 @@ def fail_if_mostly_skipped(state: TrainState) -> None:
     """Called once the run's outputs are written: a run that dropped more than half of its steps
     for a NaN/inf loss did not train, so it fails (exit 1) instead of reporting success."""
     if state.skipped_nonfinite * 2 > state.step:
-        raise NonFiniteLoss(f"{state.skipped_nonfinite} of {state.step} optimizer steps were skipped for a NaN/inf "
-                            f"loss (train.on_nonfinite = \"skip\") — lower train.lr, use train.precision = \"fp32\", "
-                            f"or check the data; the outputs are kept for inspection")
+        raise NonFiniteLoss(f"{state.skipped_nonfinite} of {state.step} optimizer steps were skipped for a "
+                            f"NaN/inf loss (train.on_nonfinite = \"skip\") — lower train.lr, "
+                            f"use train.precision = \"fp32\", or check the data; "
+                            f"the outputs are kept for inspection")
 
 
 @dataclass
@@ -210,7 +212,8 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
     step source like ``LoaderSteps``. ``model`` may be DDP-wrapped (``dist``); ``precision`` is fp32
     when None. The device is read every ``hooks.log_every`` steps (module docstring)."""
     precision = precision or Precision("fp32", next(model.parameters()).device)
-    loss_fn, state, hooks, device = loss or NextTokenLoss(), state or TrainState(), hooks or Hooks(), precision.device
+    loss_fn, state, hooks, device = (loss or NextTokenLoss(), state or TrainState(), hooks or Hooks(),
+                                     precision.device)
     steps = loader if hasattr(loader, "step_done") else LoaderSteps(loader, grad_accum)
     windows = prefetched(iter(steps), device) if getattr(steps, "prefetch", True) else iter(steps)  # RL: lazy
     params = [p for p in model.parameters() if p.requires_grad]
@@ -239,16 +242,16 @@ def train(model, optimizer, scheduler, loader, *, total_steps: int, grad_accum: 
         # 3. the update, skipped when the step's loss (summed over ranks) is not finite
         with timer("optimizer"):
             sums, counts = step_totals(loss_sum, metric_sums, window, n_counted, dist)
-            grad_norm, lr, overflow = guarded_step(optimizer, scheduler, precision.scaler, params, max_grad_norm,
-                                                   nonfinite=~torch.isfinite(sums[0]))
+            grad_norm, lr, overflow = guarded_step(optimizer, scheduler, precision.scaler, params,
+                                                   max_grad_norm, nonfinite=~torch.isfinite(sums[0]))
         state.step += 1
         state.skipped_overflow += overflow
         position = steps.step_done(window)  # the data position moves now
         epoch_end = position.pop("epoch_end", False)
         host = {"lr": lr, "overflow": overflow, **position,
                 "sequences": sum(b["input_ids"].shape[0] for b in window), "micro_batches": len(window)}
-        records.add(state.step, torch.cat([sums, grad_norm.double().reshape(1)]), list(metric_sums), counts, host,
-                    timer.take())
+        records.add(state.step, torch.cat([sums, grad_norm.double().reshape(1)]), list(metric_sums), counts,
+                    host, timer.take())
 
         # 4. hooks: read the pending steps back (one transfer) and log; maybe evaluate, checkpoint; epoch end
         evaluate_now, checkpoint_now = hooks.due(state.step, total_steps, epoch_end)

@@ -120,11 +120,13 @@ class MetricsLogger:
         throughput = record.get("real_tokens", 0) / max(record.get("step_time", 0.0), 1e-9)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{throughput:.0f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 tok_s=f"{throughput:.0f}")
             if self.bar.n >= self.total_steps:  # closed now, so no stale bar follows the summary
                 self.bar.close()
                 self.bar = None
-        elif self.plain_every and (record["step"] % self.plain_every == 0 or record["step"] == self.total_steps):
+        elif self.plain_every and (record["step"] % self.plain_every == 0
+                                   or record["step"] == self.total_steps):
             self.echo(f"step {record['step']}/{self.total_steps}: loss {record['loss']:.4f}, "
                       f"lr {record['lr']:.2e}, {throughput:.0f} tokens/s")
 
@@ -264,14 +266,17 @@ def rates(totals: dict[str, float]) -> dict[str, Any]:
     seconds = max(totals["seconds"], 1e-12)
     return {"timed_steps": totals["steps"], "real_tokens_per_s": totals["real_tokens"] / seconds,
             "padded_tokens_per_s": totals["padded_tokens"] / seconds,
-            "loss_tokens_per_s": totals["loss_tokens"] / seconds, "sequences_per_s": totals["sequences"] / seconds,
+            "loss_tokens_per_s": totals["loss_tokens"] / seconds,
+            "sequences_per_s": totals["sequences"] / seconds,
             "padding_efficiency": totals["real_tokens"] / max(1, totals["padded_tokens"])}
 
 
 def step_time_medians(step_records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median step and its spread, and the median of each phase (data / forward / backward / optimizer)."""
+    """The median step and its spread, and the median of each phase
+    (data / forward / backward / optimizer)."""
     step_times = [r["step_time"] for r in step_records]
-    out = {"median_step_s": statistics.median(step_times), "spread_step_s": [min(step_times), max(step_times)]}
+    out = {"median_step_s": statistics.median(step_times),
+           "spread_step_s": [min(step_times), max(step_times)]}
     for phase in ("data", "forward", "backward", "optimizer"):
         if all(f"{phase}_time" in r for r in step_records):
             out[f"{phase}_s"] = statistics.median(r[f"{phase}_time"] for r in step_records)

@@ -92,7 +92,8 @@ class Stage:
     tokenizer: Any
     evaluate: Callable[[], dict[str, Any]] | None = None  # held-out numbers (eval mode, no gradients)
     eval_line: Callable[[int, dict[str, Any]], str] = eval_line
-    fingerprints: dict[str, str] = field(default_factory=dict)  # sha256 of tokenizer and data: resume compares
+    # sha256 of tokenizer and data: resume compares
+    fingerprints: dict[str, str] = field(default_factory=dict)
     export: Callable[[Path], None] | None = None  # extra files of model/ (weights, tokenizer, config: always)
     extra_state: dict[str, Any] | None = None  # a stage's own checkpoint entries (tensors, restored in place)
     load_model_weights: Callable[[Any, Path], None] = load_weights  # the reward model has its own layout
@@ -124,8 +125,8 @@ def run_stage(cfg: RunConfig, build_stage: Callable[[RunContext], Stage], resume
     (also in ``summary.json``), or ``{"stopped_by": ...}`` after SIGINT/SIGTERM."""
     dist = Distributed.from_env()
     try:
-        with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite, enabled=dist.is_main,
-                              log=log, inputs=local_inputs(cfg)):
+        with claim_output_dir(cfg.train.output_dir, resume=bool(resume), overwrite=overwrite,
+                              enabled=dist.is_main, log=log, inputs=local_inputs(cfg)):
             ctx = set_up(cfg, dist, log)
             return _run(ctx, build_stage(ctx), resume, resume_with_changes)
     finally:
@@ -157,7 +158,8 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         if state.step > stage.total_steps:
             raise ResumeRefused(f"{resumed} is at step {state.step}, past this run's {stage.total_steps} "
                                 f"steps — raise train.max_steps (or epochs) above {state.step}")
-        trim_metrics(out_dir, state.step if resumed else -1, keep_evals_at_step=state.step < stage.total_steps)
+        trim_metrics(out_dir, state.step if resumed else -1,
+                     keep_evals_at_step=state.step < stage.total_steps)
 
     metrics = MetricsLogger(out_dir, stage.total_steps, initial_step=state.step, enabled=dist.is_main,
                             progress=cfg.train.progress, log_every=cfg.train.log_every, echo=say,
@@ -168,8 +170,8 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
         metrics.write({"step": state.step, "resume": str(resumed)})
     evaluate_at = partial(_evaluate_and_log, stage, metrics, dist)
     save = partial(ckpt.save_training_state, out_dir, parts=parts, dist=dist, run_config=run_config,
-                   total_steps=stage.total_steps, keep=cfg.train.keep_checkpoints, fingerprints=stage.fingerprints,
-                   log=say)
+                   total_steps=stage.total_steps, keep=cfg.train.keep_checkpoints,
+                   fingerprints=stage.fingerprints, log=say)
     saved, evaluated = {}, set()  # checkpoints written and evaluations run in this process, by step
 
     def checkpoint_at(state: TrainState):
@@ -202,7 +204,8 @@ def _run(ctx: RunContext, stage: Stage, resume, resume_with_changes: bool) -> di
             hook.remove()
         checkpoint = saved[state.step] if state.step in saved else checkpoint_at(state)
         if stop():
-            say(f"stopped by {stop.signal_name} at step {state.step}; checkpoint {checkpoint}; resume with --resume")
+            say(f"stopped by {stop.signal_name} at step {state.step}; checkpoint {checkpoint}; "
+                f"resume with --resume")
             return {"stopped_by": stop.signal_name, "step": state.step, "checkpoint": str(checkpoint)}
         best = _load_best_model(stage, state, ctx, selection) if cfg.train.load_best_model_at_end else None
         if best is not None or state.step not in evaluated:

@@ -105,8 +105,8 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool = Fal
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise OutputDirBusy(f"{output_dir} is in use by another minift run (pid {holder}) — wait for it to "
-                                f"finish, or set train.output_dir to another folder") from None
+            raise OutputDirBusy(f"{output_dir} is in use by another minift run (pid {holder}) — wait for it "
+                                f"to finish, or set train.output_dir to another folder") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         found = previous_run_files(output_dir)

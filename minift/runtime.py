@@ -94,7 +94,8 @@ def keep_large_allocations(threshold: int = 1 << 30) -> bool:
     except (OSError, AttributeError):  # musl or another libc
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    _applied = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold - 1))
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, threshold)) \
+        and bool(mallopt(_M_TRIM_THRESHOLD, 2 * threshold - 1))
     return _applied
 
 
@@ -129,7 +130,8 @@ def to_device(window: list[dict], device: torch.device) -> list[dict]:
     """The window's tensors on ``device`` (non-blocking from pinned memory); counts stay Python ints."""
     if device.type == "cpu":
         return window
-    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()} for b in window]
+    return [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+            for b in window]
 
 
 def prefetched(windows: Iterator[list[dict]], device: torch.device) -> Iterator[list[dict]]:

@@ -63,8 +63,9 @@ class BatchSampler:
         self.consumed = 0
 
     def state_dict(self) -> dict:
-        return {"kind": type(self).__name__, "epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
-                "batch_size": self.batch_size, "n_examples": self.n_examples, "world_size": self.world_size}
+        return {"kind": type(self).__name__, "epoch": self.epoch, "consumed": self.consumed,
+                "seed": self.seed, "batch_size": self.batch_size, "n_examples": self.n_examples,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict, allow_changes: bool = False) -> None:
         """The saved position. ``allow_changes`` (``--resume-with-changes``): a sampler of another kind,
@@ -217,7 +218,8 @@ class PackedSampler(BatchSampler):
         self.lengths = list(lengths)
         self.row_length = row_length
         if max(self.lengths) > row_length:
-            raise InputError(f"an example of {max(self.lengths)} tokens does not fit a packed row of {row_length}")
+            raise InputError(f"an example of {max(self.lengths)} tokens "
+                             f"does not fit a packed row of {row_length}")
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         batches: list[list[int]] = [[]]
@@ -251,7 +253,8 @@ def make_sampler(kind: str, lengths: Sequence[int], batch_size: int, seed: int =
     if kind == "packed":
         return PackedSampler(lengths, batch_size, seed, row_length, rank=rank, world_size=world_size)
     if order == "trainer" and kind == "length_grouped":
-        return TrainerLengthGroupedSampler(lengths, batch_size, grad_accum, seed, rank=rank, world_size=world_size)
+        return TrainerLengthGroupedSampler(lengths, batch_size, grad_accum, seed, rank=rank,
+                                           world_size=world_size)
     if kind == "length_grouped":
         return LengthGroupedSampler(lengths, batch_size, seed, rank=rank, world_size=world_size)
     samplers = TRAINER_SAMPLERS if order == "trainer" else SAMPLERS

@@ -15,16 +15,18 @@ from tokenizers import normalizers, pre_tokenizers
 
 LABELS = ("negative", "neutral", "positive")
 _WORDS = {
-    "positive": ["love", "great", "awesome", "happy", "amazing", "best", "fun", "glad", "excited", "wonderful",
-                 "thanks", "nice", "cool", "enjoyed", "beautiful"],
-    "negative": ["hate", "sad", "awful", "terrible", "worst", "bored", "tired", "sick", "miss", "angry", "sorry",
-                 "ugh", "broken", "lost", "hurts"],
+    "positive": ["love", "great", "awesome", "happy", "amazing", "best", "fun", "glad", "excited",
+                 "wonderful", "thanks", "nice", "cool", "enjoyed", "beautiful"],
+    "negative": ["hate", "sad", "awful", "terrible", "worst", "bored", "tired", "sick", "miss", "angry",
+                 "sorry", "ugh", "broken", "lost", "hurts"],
     "neutral": ["going", "today", "just", "watching", "reading", "working", "heading", "waiting", "thinking",
                 "eating", "listening", "home", "later", "tomorrow", "again"],
 }
 _SUBJECTS = ["the new phone", "this weather", "my morning", "the concert", "work", "the game", "my weekend",
-             "that movie", "the coffee", "school", "the trip", "my sister", "the show", "lunch", "the traffic"]
-_FILLERS = ["so", "really", "kinda", "just", "totally", "lol", "omg", "haha", "today", "right now", "tbh", "..."]
+             "that movie", "the coffee", "school", "the trip", "my sister", "the show", "lunch",
+             "the traffic"]
+_FILLERS = ["so", "really", "kinda", "just", "totally", "lol", "omg", "haha", "today", "right now", "tbh",
+            "..."]
 _PATTERNS = ["{w1} {s} {f}", "{s} is {f} {w1}", "{f} {w1} {s} {w2}", "i {w1} {s}", "{s} {w1} {w2} {f}",
              "@user {w1} {s}", "{s} ... {w1}", "{f} {s} {w1}!"]
 
@@ -35,8 +37,8 @@ def make_rows(n: int, seed: int) -> list[dict]:
     for i in range(n):
         label = rng.randrange(3)
         words = _WORDS[LABELS[label]]
-        text = rng.choice(_PATTERNS).format(w1=rng.choice(words), w2=rng.choice(words), s=rng.choice(_SUBJECTS),
-                                            f=rng.choice(_FILLERS))
+        text = rng.choice(_PATTERNS).format(w1=rng.choice(words), w2=rng.choice(words),
+                                            s=rng.choice(_SUBJECTS), f=rng.choice(_FILLERS))
         if rng.random() < 0.3:
             text = text.capitalize()
         rows.append({"id": f"syn{seed}-{i}", "text": text, "label": label, "label_text": LABELS[label]})

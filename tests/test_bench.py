@@ -46,7 +46,8 @@ def test_rounds_pool_their_steps():
 
 
 def test_ratio_at_equal_gemm_speed_corrects_for_drift():
-    """A contender timed while the machine ran twice as fast gets half the credit in the drift-corrected ratio."""
+    """A contender timed while the machine ran twice as fast gets half the credit in the drift-corrected
+    ratio."""
     slow = Row("base", "base", _steps([2.0], [200], [200], [200], [8]), local_peaks=[5e6, 7e6])
     fast = Row("fast", "fast", _steps([2.0], [300], [300], [300], [8]), local_peaks=[12e6, 12e6])
     summaries = [slow.summary(1000, 6e6), fast.summary(1000, 6e6)]
@@ -78,7 +79,9 @@ def test_peak_memory_of_a_child_is_its_own():
     ballast = torch.ones(400 * 2**20 // 4)  # 400 MB resident in this process
     ballast.add_(1)
     parent = high_water_rss()
-    child = subprocess.run([sys.executable, "-c", "from minift.runtime import high_water_rss as h; print(h())"],
-                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = subprocess.run([sys.executable, "-c",
+                            "from minift.runtime import high_water_rss as h; print(h())"],
+                           capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert parent > 400 * 2**20
     assert int(child.stdout) < parent - 300 * 2**20, (int(child.stdout), parent)

@@ -60,7 +60,8 @@ def test_packing_layout_by_hand():
 
 
 @pytest.mark.parametrize("config", [GPTConfig(vocab_size=100, n_positions=16, n_embd=16, n_layer=2, n_head=2),
-                                    GPT2Config(vocab_size=100, n_positions=16, n_embd=16, n_layer=2, n_head=2)])
+                                    GPT2Config(vocab_size=100, n_positions=16, n_embd=16, n_layer=2,
+                                               n_head=2)])
 @pytest.mark.parametrize("objective", ["all", "completion"])
 def test_packed_equals_each_example_alone(config, objective):
     torch.manual_seed(0)

@@ -60,8 +60,8 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
 
 
 def test_train_help_lists_every_option_with_its_default():
-    result = subprocess.run([sys.executable, "-m", "minift", "train", "--help"], capture_output=True, text=True,
-                            cwd=REPO)
+    result = subprocess.run([sys.executable, "-m", "minift", "train", "--help"], capture_output=True,
+                            text=True, cwd=REPO)
     assert result.returncode == 0
     for line in describe().splitlines():
         assert line.strip() in result.stdout
@@ -75,8 +75,8 @@ def test_help_explains_every_option_in_one_line_grouped_by_section(command):
     from minift.config import RunConfig
     from minift.preference.config import PreferenceConfig
 
-    result = subprocess.run([sys.executable, "-m", "minift", command, "--help"], capture_output=True, text=True,
-                            cwd=REPO)
+    result = subprocess.run([sys.executable, "-m", "minift", command, "--help"], capture_output=True,
+                            text=True, cwd=REPO)
     lines = result.stdout.splitlines()
     sections = [f for f in dataclasses.fields(RunConfig) if f.name != "stage"]
     if command == "dpo":  # the stage's own sections too

@@ -62,7 +62,8 @@ def test_padding_efficiency_length_grouping_vs_random_vs_max_length(real_train):
     random_batches = RandomSampler(len(examples), 32, seed=0).batches(0)
     eff_grouped = padding_efficiency(examples.lengths, grouped, collator)
     eff_random = padding_efficiency(examples.lengths, random_batches, collator)
-    eff_512 = padding_efficiency(examples.lengths, random_batches, Collator(40478, padding="max_length", max_length=512))
+    eff_512 = padding_efficiency(examples.lengths, random_batches,
+                                 Collator(40478, padding="max_length", max_length=512))
     assert eff_grouped >= 0.95
     assert 0.4 < eff_random < 0.6
     assert eff_512 == pytest.approx(sum(examples.lengths) / (512 * len(examples)))
@@ -118,14 +119,16 @@ def test_csv_glob_and_explicit_files(tmp_path):
     (tmp_path / "b.csv").write_text("text,label_text\nbye,negative\n")
     splits = load_splits(str(tmp_path / "*.csv"))
     assert sorted(splits["train"]["text"]) == ["bye", "hello"]
-    splits = load_splits("unused", data_files={"train": str(tmp_path / "a.csv"), "test": str(tmp_path / "b.csv")})
+    splits = load_splits("unused", data_files={"train": str(tmp_path / "a.csv"),
+                                               "test": str(tmp_path / "b.csv")})
     assert splits["test"]["text"] == ["bye"]
 
 
 def test_missing_column_lists_the_columns(tmp_path):
     _write(tmp_path, [{"tweet": "hi", "label_text": "neutral"}])
     splits = load_splits(str(tmp_path))
-    with pytest.raises(DataError, match=r"split 'train' has no column 'text'; columns are \['tweet', 'label_text'\]"):
+    with pytest.raises(DataError,
+                       match=r"split 'train' has no column 'text'; columns are \['tweet', 'label_text'\]"):
         clean_split(splits["train"], "train")
 
 

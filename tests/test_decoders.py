@@ -55,7 +55,7 @@ def _transformers_model(model_type: str, seed: int = 0, **fields):
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**{**SMALL, **fields}),
                                                           attn_implementation="eager")
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()

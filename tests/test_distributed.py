@@ -111,9 +111,11 @@ def test_dpo_on_two_ranks_equals_one_process_with_the_doubled_batch(tmp_path):
     """The preference stage runs the same loop: DPO (frozen reference) on 2 gloo ranks x 4 pairs equals one
     process with 8 pairs per micro-batch — weights, logged loss and rewards/* per step."""
     shared_path("data", "tweet_sentiment_extraction")
-    common = [str(REPO / "configs" / "dpo-tiny.toml"), "--set", f'model.tokenizer="{SHARED / "tokenizers" / "openai-gpt"}"',
-              "--set", f'data.source="{SHARED / "data" / "tweet_sentiment_extraction"}"', "--set", "train.max_steps=4",
-              "--set", "pairs.max_train_pairs=64", "--set", "pairs.max_eval_pairs=16"]
+    common = [str(REPO / "configs" / "dpo-tiny.toml"),
+              "--set", f'model.tokenizer="{SHARED / "tokenizers" / "openai-gpt"}"',
+              "--set", f'data.source="{SHARED / "data" / "tweet_sentiment_extraction"}"',
+              "--set", "train.max_steps=4", "--set", "pairs.max_train_pairs=64",
+              "--set", "pairs.max_eval_pairs=16"]
     for name, batch, nproc in (("single", 8, None), ("ddp", 4, 2)):
         result = _run(["dpo", *common, "--set", f'train.output_dir="{tmp_path / name}"',
                        "--set", f"train.batch_size={batch}"], nproc=nproc)

@@ -34,7 +34,8 @@ def test_every_row_cites_both_sides():
     start, end = trainer_map.table_span(lines)
     table = lines[start:end]
     assert len(table) == len(trainer_map.rows) >= 45
-    assert len(trainer_map.cited(TEXT)) == len(table), "a row lacks a transformers/accelerate or minift citation"
+    assert len(trainer_map.cited(TEXT)) == len(table), \
+        "a row lacks a transformers/accelerate or minift citation"
 
 
 def test_minift_citations_point_at_the_quoted_code():
@@ -66,7 +67,8 @@ def test_robustness_table_cites_tests_that_exist():
     cited = re.findall(r"`(tests/\w+\.py)::(\w+)`", text)
     assert len(cited) >= 30
     for path, name in cited:
-        assert f"def {name}(" in (REPO / path).read_text(), f"docs/robustness.md cites {path}::{name}, which is gone"
+        assert f"def {name}(" in (REPO / path).read_text(), \
+            f"docs/robustness.md cites {path}::{name}, which is gone"
 
 
 # -- the text around the tables: upstream lines and minift names -------------------------------------------
@@ -152,7 +154,8 @@ def test_trainer_map_padding_efficiencies_are_what_padding_py_measures():
     grouped = value["length-grouped, padded to the longest"]
     fixed = value["random batches, padded to 512 (classic recipe)"]
     number = r"(\d\.\d+)"
-    (low, batch, high), = re.findall(rf"efficiency from {number} \(random batches of (\d+)\) to {number}", TEXT)
+    (low, batch, high), = re.findall(rf"efficiency from {number} \(random batches of (\d+)\) to {number}",
+                                     TEXT)
     assert (low, int(batch), high) == (f"{random:.{len(low) - 2}f}", 32, f"{grouped:.{len(high) - 2}f}")
     (classic,) = re.findall(r"padding efficiency (\d\.\d+) on the real train split", TEXT)
     assert classic == f"{fixed:.{len(classic) - 2}f}"

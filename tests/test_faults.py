@@ -51,8 +51,8 @@ def test_signal_saves_at_the_next_step_boundary_and_exits_cleanly(tmp_path, refe
     assert 5 <= stopped_at < 20
     newest = ckpt.find_resumable(tmp_path, log=lambda *_: None)
     assert newest.name == f"checkpoint-{stopped_at}"
-    result = subprocess.run(cli_command(config, "--resume"), env=subprocess_env(), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(cli_command(config, "--resume"), env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _same(load_file(str(tmp_path / "checkpoint-20" / "model.safetensors")), reference)
 
@@ -81,8 +81,8 @@ def _kill_loop(tmp_path, reference, n_kills, seed):
         if newest is not None:  # whatever the kill left, what resume would take is complete
             ckpt.verify_checkpoint(newest)
     assert killed_mid_run == n_kills
-    result = subprocess.run(cli_command(config, "--resume"), env=subprocess_env(), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(cli_command(config, "--resume"), env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     # eval_every changes nothing in training: the reference (no periodic eval) must still match
     assert _same(load_file(str(tmp_path / "checkpoint-20" / "model.safetensors")), reference)

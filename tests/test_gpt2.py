@@ -37,7 +37,8 @@ def test_legacy_gpt2_buffers_are_ignored_not_confused_with_c_attn_bias(tmp_path)
 
 @pytest.mark.shared
 def test_gpt2_pads_with_eos_and_keeps_appended_eos_as_a_target():
-    cfg = load_config(REPO / "configs" / "gpt2-tweets.toml", [f'model.name="{shared_path("fixtures", "tiny-gpt2")}"'])
+    cfg = load_config(REPO / "configs" / "gpt2-tweets.toml",
+                      [f'model.name="{shared_path("fixtures", "tiny-gpt2")}"'])
     tok = build_tokenizer(cfg)
     assert tok.pad_id == tok.eos_id == 50256 and tok.vocab_size == 50257  # no [PAD] added, no resize
     from minift.collate import Collator

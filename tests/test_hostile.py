@@ -84,7 +84,8 @@ def test_corrupt_checkpoints_never_push_out_good_ones_and_half_deleted_ones_are_
     for step in (2, 4, 6):
         ckpt.save_checkpoint(tmp_path, step, model, {}, {}, keep=2, **QUIET)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-4"]
-    assert sorted(p.name for p in tmp_path.glob("corrupt-*")) == ["corrupt-checkpoint-18-1", "corrupt-checkpoint-20-1"]
+    assert sorted(p.name for p in tmp_path.glob("corrupt-*")) == ["corrupt-checkpoint-18-1",
+                                                                  "corrupt-checkpoint-20-1"]
     assert not list(tmp_path.glob(".deleting-*"))
     assert ckpt.find_resumable(tmp_path, **QUIET) == tmp_path / "checkpoint-6"
 
@@ -126,8 +127,8 @@ def test_a_second_run_on_a_held_folder_refuses_naming_the_holder(tmp_path):
             print("held", flush=True)
             time.sleep(60)
     """
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputDirBusy, match=f"in use by another minift run \\(pid {holder.pid}\\)"):
@@ -207,11 +208,13 @@ def test_resume_refuses_a_changed_tokenizer_and_the_checkpoint_carries_its_own(t
 
 # -- 8, 11: strict configs ----------------------------------------------------------------------------
 def test_unknown_model_config_keys_are_refused_naming_the_known_ones(fixtures_dir):
-    with pytest.raises(ConfigError, match=r"unknown key 'n_layers' for openai-gpt; known keys: \[.*'n_layer'"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown key 'n_layers' for openai-gpt; known keys: \[.*'n_layer'"):
         GPTConfig.from_dict({"n_layers": 8}, source="[model] config", strict=True)
     with pytest.raises(ConfigError, match="unknown key 'n_layers'"):
         hub.from_pretrained(fixtures_dir / "tiny-openai-gpt", n_layers=8)
-    assert GPTConfig.from_dict({"summary_type": "x"}).extra == {"summary_type": "x"}  # config.json stays lenient
+    # config.json stays lenient
+    assert GPTConfig.from_dict({"summary_type": "x"}).extra == {"summary_type": "x"}
 
 
 # -- 9: non-finite is loud ----------------------------------------------------------------------------------
@@ -265,8 +268,8 @@ def bad_data(tmp_path_factory):
 @pytest.mark.parametrize("args,message", [
     (["--set", "data.source=@/malformed"], "malformed/train.jsonl: line 2 is not valid JSON"),
     (["--set", "data.source=@/empty"], "empty/train.jsonl: empty (no rows)"),
-    (["--set", "data.source=@/csv"], "csv/train.jsonl: line 1 is not valid JSON (Expecting value at column 1): "
-                                     "'text,label_text' — is it CSV?"),
+    (["--set", "data.source=@/csv"], "csv/train.jsonl: line 1 is not valid JSON "
+                                     "(Expecting value at column 1): 'text,label_text' — is it CSV?"),
     (["@/latin1.toml"], "latin1.toml: not UTF-8 text (byte 24: b'\\xe9')"),
     (["--set", "data.template={foo} {text} {label}"], "unknown field(s) ['foo']; a template can use {text}"),
     (["--set", "model.dtype=bogus"], "model.dtype 'bogus'"),
@@ -311,7 +314,8 @@ def test_debug_shows_the_traceback(tmp_path, capsys, bad_data, monkeypatch):
         main(["train", str(bad_data / "latin1.toml"), "--debug"])
 
 
-@pytest.mark.parametrize("flags,message", [(["--temperature", "nan"], "--temperature nan: must be a finite number"),
+@pytest.mark.parametrize("flags,message", [(["--temperature", "nan"],
+                                            "--temperature nan: must be a finite number"),
                                            (["--top-k", "-3"], "--top-k -3: must be >= 0")])
 def test_generation_arguments_are_refused_before_loading(capsys, flags, message):
     code, err = cli(capsys, "generate", "hello", "--model", "/no/such/model", *flags)
@@ -350,14 +354,15 @@ def test_eval_refuses_a_random_model_and_names_the_model_it_scored(tmp_path, cap
 def test_disk_full_says_so_and_loses_no_earlier_checkpoint(tmp_path, capsys, finished):
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                            text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
     if result.returncode:
         pytest.skip(f"cannot mount a 4 MiB tmpfs to fill ({result.stderr.strip() or 'not root'})")
     try:
         code, err = cli(capsys, "train", REPO / "configs" / "offline-default.toml", *sum(
             (["--set", s] for s in (*SMALL[1:], f"train.output_dir={mount / 'run'}", "train.max_steps=20",
-                                    "train.checkpoint_every=1", "train.keep_checkpoints=20", "train.progress=false",
+                                    "train.checkpoint_every=1", "train.keep_checkpoints=20",
+                                    "train.progress=false",
                                     f"model.tokenizer={finished / 'synthetic' / 'tokenizer'}")), []))
         assert code == 1 and len(err) == 1 and "No space left on device" in err[0], err
         good = ckpt.list_checkpoints(mount / "run")
@@ -396,7 +401,8 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
     (["CONFIG", "--set", "train.output_dir="], 'train.output_dir is empty — name a folder ("." for this'),
     (["CONFIG", "--set", "data.source="], "data.source is empty"),
     (["CONFIG", "--set", "model.name="], "model.name is empty"),
-    (["CONFIG", "--set", "model.model_type=bert"], "model.model_type 'bert': one of ['gpt2', 'llama', 'mistral', 'openai-gpt', 'qwen2', 'qwen3']"),
+    (["CONFIG", "--set", "model.model_type=bert"], "model.model_type 'bert': one of ['gpt2', 'llama', "
+                                                   "'mistral', 'openai-gpt', 'qwen2', 'qwen3']"),
     (["CONFIG", "--set", "data.template={text:d} sentiment: {label}"],
      "{text:d} — a template field takes no format spec or conversion; write {text}"),
     (["CONFIG", "--set", "data.template={text!r} sentiment: {label}"], "{text!r} — a template field takes "
@@ -670,4 +676,5 @@ def test_overwrite_moves_only_a_runs_own_folder_even_as_dot(tmp_path, monkeypatc
     (run_dir / "README.md").unlink()
     with claim_output_dir(".", resume=False, overwrite=True, **QUIET):
         pass
-    assert (tmp_path / "work.previous-1" / "metrics.jsonl").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert (tmp_path / "work.previous-1" / "metrics.jsonl").exists() \
+        and not (run_dir / "metrics.jsonl").exists()

@@ -293,8 +293,9 @@ def test_append_eos_auto_is_trls_way_and_old_booleans_still_decide():
     padded = ensure_pad_token(load_tokenizer(shared_path("fixtures", "tiny-gpt2")), "[PAD]")  # pad != EOS
     no_eos = ensure_pad_token(load_tokenizer(shared_path("fixtures", "tiny-openai-gpt")))
     cases = [("auto", tokenizer, "dpo", True), ("auto", tokenizer, "reward", False),
-             ("auto", padded, "reward", True), ("auto", no_eos, "dpo", False), ("yes", tokenizer, "reward", True),
-             ("no", padded, "dpo", False), (True, tokenizer, "reward", True), (False, padded, "dpo", False)]
+             ("auto", padded, "reward", True), ("auto", no_eos, "dpo", False),
+             ("yes", tokenizer, "reward", True), ("no", padded, "dpo", False),
+             (True, tokenizer, "reward", True), (False, padded, "dpo", False)]
     for setting, tok, stage, expected in cases:
         assert append_eos_for(setting, tok, stage) == expected, (setting, tok.pad_token, stage)
 

@@ -30,7 +30,8 @@ def _copy_fixture(name, tmp_path):
 def _logits(model, name="tiny-openai-gpt"):
     ref = np.load(shared_path("fixtures", name, "reference_logits.npz"))
     with torch.no_grad():
-        return model(torch.from_numpy(ref["input_ids"]), attention_mask=torch.from_numpy(ref["attention_mask"]))
+        return model(torch.from_numpy(ref["input_ids"]),
+                     attention_mask=torch.from_numpy(ref["attention_mask"]))
 
 
 def _make_hub_cache(cache, repo_id, files_from):
@@ -63,7 +64,8 @@ def test_hub_names_resolve_through_the_cache(tmp_path, hub_repo):
             tok = minift.load_tokenizer(name)
             ref = np.load({str(ref)!r})
             with torch.no_grad():
-                logits = model(torch.from_numpy(ref["input_ids"]), attention_mask=torch.from_numpy(ref["attention_mask"]))
+                logits = model(torch.from_numpy(ref["input_ids"]),
+                               attention_mask=torch.from_numpy(ref["attention_mask"]))
             real = torch.from_numpy(ref["attention_mask"]).bool()
             print(name, float((logits - torch.from_numpy(ref["logits"]))[real].abs().max()), tok.pad_id)
     """)
@@ -190,7 +192,8 @@ def test_impossible_configs_are_refused(tmp_path, change, message):
 
 @pytest.mark.shared
 def test_dtype_and_overrides():
-    model = minift.from_pretrained(shared_path("fixtures", "tiny-openai-gpt"), dtype=torch.bfloat16, attn_pdrop=0.0)
+    model = minift.from_pretrained(shared_path("fixtures", "tiny-openai-gpt"), dtype=torch.bfloat16,
+                                   attn_pdrop=0.0)
     assert model.transformer.tokens_embed.weight.dtype == torch.bfloat16
     assert model.config.attn_pdrop == 0.0 and not model.training
 

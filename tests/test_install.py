@@ -14,8 +14,10 @@ from conftest import REPO
 @pytest.mark.slow  # a venv and an editable install: ~10 s
 def test_editable_install_imports_from_the_folder_that_holds_the_clone(tmp_path):
     venv = tmp_path / "venv"
-    # --system-site-packages: torch, the other dependencies, pip and setuptools are reused, nothing is downloaded
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # --system-site-packages: torch, the other dependencies, pip and setuptools are reused, nothing is
+    # downloaded
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                   check=True)
     python = str(venv / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     install = subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",

@@ -21,7 +21,8 @@ def _case(seed=0, batch=3, time=10):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(batch, time, WIDTH, dtype=torch.float64, generator=g)
     weight = torch.randn(PADDED, WIDTH, dtype=torch.float64, generator=g)
-    weight[VOCAB:] = torch.randn(PADDED - VOCAB, WIDTH, dtype=torch.float64, generator=g) * 5  # loud padding rows
+    # loud padding rows
+    weight[VOCAB:] = torch.randn(PADDED - VOCAB, WIDTH, dtype=torch.float64, generator=g) * 5
     labels = torch.randint(0, VOCAB, (batch, time), generator=g)
     labels[0, :4] = IGNORE_INDEX  # a prompt
     labels[2, 7:] = IGNORE_INDEX  # pads
@@ -47,8 +48,10 @@ PATHS = {
     "labelled": lambda h, w, y: lm_loss_sum(h, w, y, chunk_rows=7, vocab_size=VOCAB),
     "all": lambda h, w, y: lm_loss_sum_all_positions(h, w, y, vocab_size=VOCAB),
     "fused-all": lambda h, w, y: fused_lm_loss_sum(h, w, y, rows="all", vocab_size=VOCAB, chunk_rows=4),
-    "fused-labelled": lambda h, w, y: fused_lm_loss_sum(h, w, y, rows="labelled", vocab_size=VOCAB, chunk_rows=5),
-    "fused-one-chunk": lambda h, w, y: fused_lm_loss_sum(h, w, y, rows="all", vocab_size=VOCAB, chunk_rows=10_000),
+    "fused-labelled": lambda h, w, y: fused_lm_loss_sum(h, w, y, rows="labelled", vocab_size=VOCAB,
+                                                        chunk_rows=5),
+    "fused-one-chunk": lambda h, w, y: fused_lm_loss_sum(h, w, y, rows="all", vocab_size=VOCAB,
+                                                         chunk_rows=10_000),
 }
 
 
@@ -73,7 +76,8 @@ def test_fused_under_no_grad_computes_the_loss_only():
 
 
 def test_fused_under_bf16_autocast_is_close_to_the_autocast_plain_path():
-    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in _case(seed=2, batch=4, time=32))
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t
+                              for t in _case(seed=2, batch=4, time=32))
     results = []
     for fn in (PATHS["all"], PATHS["fused-all"]):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -92,7 +96,8 @@ def test_fused_keeps_no_logits_for_backward():
     hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
     for fn, holds_logits in ((PATHS["all"], True), (PATHS["fused-all"], False)):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.shape) or t,
+                                                      lambda t: t):
             fn(hidden, weight, labels)
         assert any(len(s) == 2 and s[-1] == PADDED for s in saved) == holds_logits, saved
 

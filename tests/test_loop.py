@@ -58,8 +58,8 @@ def _check_final_params(state_dict, trace):
 @pytest.mark.parametrize("denominator", ["n_label_tokens", "n_loss_targets"])
 def test_reproduces_the_trainer_trace(denominator):
     trace, examples = _trace()
-    model = minift.from_pretrained(shared_path("fixtures", "tiny-openai-gpt"), resid_pdrop=0.0, embd_pdrop=0.0,
-                                   attn_pdrop=0.0)
+    model = minift.from_pretrained(shared_path("fixtures", "tiny-openai-gpt"), resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0)
     assert decay_parameter_names(model) == trace["optimizer_param_groups"][0]["params"]
     optimizer = make_adamw(model, lr=1e-3, weight_decay=0.01, fused="yes")
     scheduler = make_scheduler(optimizer, "linear", total_steps=8, warmup_steps=2)
@@ -72,11 +72,13 @@ def test_reproduces_the_trainer_trace(denominator):
         # dividing by the targets instead of Trainer's N scales the whole gradient by N / targets
         scale = 1.0 if denominator == "n_label_tokens" else theirs["num_items_in_batch"] / targets
         assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"] * scale, rel=1e-4)
-        assert mine["loss_tokens"] == (theirs["num_items_in_batch"] if denominator == "n_label_tokens" else targets)
+        assert mine["loss_tokens"] == (theirs["num_items_in_batch"] if denominator == "n_label_tokens"
+                                       else targets)
         if denominator == "n_label_tokens":  # Trainer's logged column
             assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
         else:  # minift's default: the mean CE per target
-            assert mine["loss"] == pytest.approx(theirs["loss"] * theirs["num_items_in_batch"] / targets, abs=1e-4)
+            assert mine["loss"] == pytest.approx(theirs["loss"] * theirs["num_items_in_batch"] / targets,
+                                                 abs=1e-4)
     _check_final_params(model.state_dict(), trace)
 
 
@@ -113,7 +115,8 @@ def test_accumulation_equals_one_big_batch(dtype, atol):
         optimizer = make_adamw(model, lr=1e-2, weight_decay=0.1, fused="no")
         scheduler = make_scheduler(optimizer, "linear", total_steps=4, warmup_steps=1)
         records = []
-        train(model, optimizer, scheduler, _loader(examples, SequentialSampler(24, batch_size), Collator(pad_id=49)),
+        train(model, optimizer, scheduler,
+              _loader(examples, SequentialSampler(24, batch_size), Collator(pad_id=49)),
               total_steps=4, grad_accum=accum, max_grad_norm=0.5, hooks=Hooks(log=records.append))
         finals.append((model.state_dict(), records))
     (big, big_log) = finals[1]
@@ -121,7 +124,8 @@ def test_accumulation_equals_one_big_batch(dtype, atol):
         for key in big:
             torch.testing.assert_close(small[key], big[key], rtol=0, atol=atol)
         assert [r["loss"] for r in small_log] == pytest.approx([r["loss"] for r in big_log], abs=atol)
-        assert [r["grad_norm"] for r in small_log] == pytest.approx([r["grad_norm"] for r in big_log], rel=1e-5)
+        assert [r["grad_norm"] for r in small_log] == pytest.approx([r["grad_norm"] for r in big_log],
+                                                                    rel=1e-5)
 
 
 def _tiny_training(precision, steps=6, lr=1e-2, model=None):
@@ -132,7 +136,8 @@ def _tiny_training(precision, steps=6, lr=1e-2, model=None):
     optimizer = make_adamw(model, lr=lr)
     scheduler = make_scheduler(optimizer, "constant", steps)
     records = []
-    state = train(model, optimizer, scheduler, _loader(examples, SequentialSampler(32, 4), Collator(pad_id=59)),
+    state = train(model, optimizer, scheduler,
+                  _loader(examples, SequentialSampler(32, 4), Collator(pad_id=59)),
                   total_steps=steps, grad_accum=2, precision=Precision(precision, CPU),
                   hooks=Hooks(log=records.append))
     return model, before, records, state
@@ -184,8 +189,8 @@ def test_nonfinite_skip_counts_and_leaves_weights():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_adamw(model, lr=1e-2)
     state = train(model, optimizer, make_scheduler(optimizer, "constant", 2),
-                  _loader(examples, SequentialSampler(16, 4), Collator(pad_id=59)), total_steps=2, grad_accum=2,
-                  hooks=Hooks(on_nonfinite=skip_nonfinite))
+                  _loader(examples, SequentialSampler(16, 4), Collator(pad_id=59)), total_steps=2,
+                  grad_accum=2, hooks=Hooks(on_nonfinite=skip_nonfinite))
     assert state.skipped_nonfinite == 2 and state.step == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -224,11 +229,13 @@ def test_train_takes_a_plain_dataloader_of_labelled_batches():
     finals = []
     for loader in (_loader(examples, SequentialSampler(16, 4), collate),
                    torch.utils.data.DataLoader(examples, batch_size=4, collate_fn=lambda b: {
-                       k: v for k, v in collate(b).items() if k in ("input_ids", "attention_mask", "labels")})):
+                       k: v for k, v in collate(b).items()
+                       if k in ("input_ids", "attention_mask", "labels")})):
         torch.manual_seed(0)
         model = build_model(GPT2Config(vocab_size=60, n_positions=16, n_embd=16, n_layer=1, n_head=2))
         optimizer = make_adamw(model, lr=1e-2)
-        minift.train(model, optimizer, make_scheduler(optimizer, "constant", 3), loader, total_steps=3, grad_accum=2)
+        minift.train(model, optimizer, make_scheduler(optimizer, "constant", 3), loader, total_steps=3,
+                     grad_accum=2)
         finals.append(model.state_dict())
     for key in finals[0]:
         torch.testing.assert_close(finals[0][key], finals[1][key], rtol=0, atol=1e-6)
@@ -259,8 +266,8 @@ def test_nonfinite_step_is_skipped_with_either_optimizer(fused):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_adamw(model, lr=1e-2, weight_decay=0.1, fused=fused)
     state = train(model, optimizer, make_scheduler(optimizer, "constant", 3),
-                  _loader(examples, SequentialSampler(16, 4), Collator(pad_id=59)), total_steps=3, grad_accum=1,
-                  hooks=Hooks(on_nonfinite=skip_nonfinite, log_every=2))
+                  _loader(examples, SequentialSampler(16, 4), Collator(pad_id=59)), total_steps=3,
+                  grad_accum=1, hooks=Hooks(on_nonfinite=skip_nonfinite, log_every=2))
     assert state.skipped_nonfinite == 3 and state.step == 3
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]) or torch.isnan(before[key]).any(), key
@@ -295,8 +302,8 @@ def test_steps_that_do_not_log_read_nothing_back_from_the_device(monkeypatch):
         optimizer = make_adamw(model, lr=1e-2, fused="yes")
         records = []
         train(model, optimizer, make_scheduler(optimizer, "constant", steps),
-              _loader(examples, SequentialSampler(64, 4), Collator(pad_id=59)), total_steps=steps, grad_accum=2,
-              hooks=Hooks(log=records.append, log_every=4))
+              _loader(examples, SequentialSampler(64, 4), Collator(pad_id=59)), total_steps=steps,
+              grad_accum=2, hooks=Hooks(log=records.append, log_every=4))
         assert [r["step"] for r in records] == list(range(1, steps + 1))  # every step is still logged
         reads[steps] = list(calls)
     assert reads == {4: ["tolist"], 8: ["tolist", "tolist"]}

@@ -27,7 +27,8 @@ CASES = [  # checkpoint dir, reference dir, atol on real positions
 
 def _reference(name):
     ref = np.load(shared_path("fixtures", name, "reference_logits.npz"))
-    return {k: torch.from_numpy(ref[k]) for k in ("input_ids", "attention_mask", "logits", "loss", "n_loss_targets")}
+    return {k: torch.from_numpy(ref[k])
+            for k in ("input_ids", "attention_mask", "logits", "loss", "n_loss_targets")}
 
 
 @pytest.mark.shared
@@ -98,10 +99,12 @@ def _manual_gpt1_forward(model, ids):
             w = w * causal - 1e4 * (~causal)
             heads.append(torch.softmax(w, -1) @ vs)
         a = torch.cat(heads, -1) @ sd[p + "attn.c_proj.weight"] + sd[p + "attn.c_proj.bias"]
-        n = F.layer_norm(h + a, (cfg.n_embd,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], cfg.layer_norm_epsilon)
+        n = F.layer_norm(h + a, (cfg.n_embd,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"],
+                         cfg.layer_norm_epsilon)
         m = gelu_tanh(n @ sd[p + "mlp.c_fc.weight"] + sd[p + "mlp.c_fc.bias"])
         m = m @ sd[p + "mlp.c_proj.weight"] + sd[p + "mlp.c_proj.bias"]
-        h = F.layer_norm(n + m, (cfg.n_embd,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], cfg.layer_norm_epsilon)
+        h = F.layer_norm(n + m, (cfg.n_embd,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"],
+                         cfg.layer_norm_epsilon)
     return h @ sd["transformer.tokens_embed.weight"].T
 
 
@@ -223,7 +226,8 @@ def test_every_hot_path_setting_matches_transformers(loss_rows, attention, fused
 
 
 @pytest.mark.parametrize("config", [GPTConfig(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2),
-                                    GPT2Config(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2)],
+                                    GPT2Config(vocab_size=97, n_positions=16, n_embd=16, n_layer=2,
+                                               n_head=2)],
                          ids=["gpt1", "gpt2"])
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_hot_path_levers_keep_loss_and_gradients(config, padding):
@@ -274,8 +278,9 @@ def test_generate_with_kv_cache_equals_recomputing_the_prefix(config_cls, temper
     torch.manual_seed(0)
     model = build_model(config_cls(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4))
     prompt = [5, 17, 3, 42, 8]
-    runs = [model.generate(prompt, max_new_tokens=40, temperature=temperature, top_k=top_k, use_cache=use_cache,
-                           generator=torch.Generator().manual_seed(3)) for use_cache in (True, False)]
+    runs = [model.generate(prompt, max_new_tokens=40, temperature=temperature, top_k=top_k,
+                           use_cache=use_cache, generator=torch.Generator().manual_seed(3))
+            for use_cache in (True, False)]
     assert runs[0] == runs[1]
     assert runs[0][:5] == prompt and len(runs[0]) == 32  # stops when the sequence fills n_positions
 
@@ -287,12 +292,14 @@ def test_kv_cache_hidden_states_equal_the_full_forward():
     ids = torch.randint(0, 50, (1, 12))
     full = model.hidden_states(ids)
     cache = model.new_kv_cache()
-    parts = [model.hidden_states(ids[:, :5], kv_cache=cache), model.hidden_states(ids[:, 5:9], kv_cache=cache)]
+    parts = [model.hidden_states(ids[:, :5], kv_cache=cache),
+             model.hidden_states(ids[:, 5:9], kv_cache=cache)]
     parts += [model.hidden_states(ids[:, t:t + 1], kv_cache=cache) for t in range(9, 12)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
     model.set_hot_path(attention="eager")
     cache = model.new_kv_cache()
-    chunked = torch.cat([model.hidden_states(ids[:, :7], kv_cache=cache), model.hidden_states(ids[:, 7:], kv_cache=cache)], 1)
+    chunked = torch.cat([model.hidden_states(ids[:, :7], kv_cache=cache),
+                         model.hidden_states(ids[:, 7:], kv_cache=cache)], 1)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
 
 

@@ -45,7 +45,8 @@ class Modules:
         self.memo: dict[tuple[str, str], set[str]] = {}
 
     def _functions(self, module: str) -> dict[str, ast.FunctionDef]:
-        return {n.name: n for n in self.trees[module].body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        return {n.name: n for n in self.trees[module].body
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
     def _scope(self, module: str) -> dict[str, tuple[str, str]]:
         scope = {name: (module, name) for name in self._functions(module)}
@@ -54,7 +55,8 @@ class Modules:
                 scope.update({a.asname or a.name: (node.module, a.name) for a in node.names})
             elif isinstance(node, ast.Import):
                 for a in (a for a in node.names if a.name in self.trees):
-                    scope.update({f"{a.asname or a.name}.{fn}": (a.name, fn) for fn in self._functions(a.name)})
+                    scope.update({f"{a.asname or a.name}.{fn}": (a.name, fn)
+                                  for fn in self._functions(a.name)})
         return scope
 
     def needs(self, module: str, fn: ast.FunctionDef) -> set[str]:
@@ -86,7 +88,8 @@ def test_every_test_needing_an_optional_package_declares_it():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         module_marks = set()
         for node in tree.body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark"
+                                                    for t in node.targets):
                 module_marks |= {c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant)}
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):

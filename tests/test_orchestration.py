@@ -25,8 +25,8 @@ SMALL = ["pairs.max_train_pairs=16", "pairs.max_eval_pairs=8", "train.batch_size
 
 
 def _config(stage: str, out, *overrides):
-    return load_config(REPO / "configs" / f"{stage}-tiny.toml", [f'train.output_dir="{out}"', *SMALL, *overrides],
-                       stage=PreferenceConfig)
+    return load_config(REPO / "configs" / f"{stage}-tiny.toml",
+                       [f'train.output_dir="{out}"', *SMALL, *overrides], stage=PreferenceConfig)
 
 
 def _run(stage: str, cfg, **kwargs):
@@ -35,7 +35,8 @@ def _run(stage: str, cfg, **kwargs):
 
 def test_dpo_honours_model_compile(tmp_path, monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(type(model).__name__) or model)
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, mode=None: compiled.append(type(model).__name__) or model)
     _run("dpo", _config("dpo", tmp_path, "model.compile=true"))
     assert compiled == ["SequenceLogProbs"]  # the module the loop trains, compiled once
 
@@ -61,7 +62,8 @@ def half_write_then_die(self, directory):
     os.kill(os.getpid(), signal.SIGKILL)
 
 stage, out = sys.argv[1], sys.argv[2]
-cfg = load_config(f"configs/{stage}-tiny.toml", [f'train.output_dir="{out}"', *sys.argv[3:]], stage=PreferenceConfig)
+cfg = load_config(f"configs/{stage}-tiny.toml", [f'train.output_dir="{out}"', *sys.argv[3:]],
+                  stage=PreferenceConfig)
 build = recipe.build_dpo_stage if stage == "dpo" else recipe.build_reward_stage
 def build_and_break(ctx):
     parts = build(ctx)
@@ -76,8 +78,8 @@ def test_a_kill_during_export_leaves_the_previous_model_intact(tmp_path, stage):
     _run(stage, _config(stage, tmp_path))
     weights = tmp_path / "model" / "model.safetensors"
     before = hashlib.sha256(weights.read_bytes()).hexdigest()
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_EXPORT, stage, str(tmp_path), *SMALL], cwd=REPO,
-                            capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_EXPORT, stage, str(tmp_path), *SMALL],
+                            cwd=REPO, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr  # it did reach the export
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == before
     assert json.loads((tmp_path / "model" / "config.json").read_text())  # still the complete folder
@@ -86,7 +88,8 @@ def test_a_kill_during_export_leaves_the_previous_model_intact(tmp_path, stage):
 def test_resume_refuses_a_changed_pairs_file(tmp_path):
     data = tmp_path / "pairs"
     data.mkdir()
-    rows = [{"prompt": f"tweet {i} sentiment:", "chosen": " positive", "rejected": " negative"} for i in range(24)]
+    rows = [{"prompt": f"tweet {i} sentiment:", "chosen": " positive", "rejected": " negative"}
+            for i in range(24)]
 
     def write(rows):
         for split in ("train", "test"):
@@ -113,12 +116,14 @@ def test_dpo_warns_that_bf16_is_slow_on_a_cpu_without_it(tmp_path, monkeypatch):
 def test_a_resumed_run_summarises_the_whole_run(tmp_path):
     """The summary after a resume has the first step's loss, the evaluation before training and
     every step's tokens, as the uninterrupted run's does."""
-    straight = _run("dpo", _config("dpo", tmp_path / "straight", "train.max_steps=4", "eval.before_training=true"))
+    straight = _run("dpo", _config("dpo", tmp_path / "straight", "train.max_steps=4",
+                                   "eval.before_training=true"))
     _run("dpo", _config("dpo", tmp_path / "resumed", "train.max_steps=4", "eval.before_training=true",
                         "train.checkpoint_every=2"))
     (tmp_path / "resumed" / "summary.json").unlink()
-    resumed = _run("dpo", _config("dpo", tmp_path / "resumed", "train.max_steps=4", "eval.before_training=true",
-                                  "train.checkpoint_every=2"), resume=str(tmp_path / "resumed" / "checkpoint-2"))
+    resumed = _run("dpo", _config("dpo", tmp_path / "resumed", "train.max_steps=4",
+                                  "eval.before_training=true", "train.checkpoint_every=2"),
+                   resume=str(tmp_path / "resumed" / "checkpoint-2"))
     for key in ("first_loss", "last_loss", "eval_before", "eval_after", "steps", "skipped_nonfinite"):
         assert resumed[key] == straight[key], key
     assert resumed["resumed_at"] == [2] and straight["resumed_at"] == []

@@ -49,7 +49,8 @@ class CharTokenizer:
 
 
 def _pairs(rows):
-    return datasets.Dataset.from_dict({k: [r[i] for r in rows] for i, k in enumerate(("prompt", "chosen", "rejected"))})
+    return datasets.Dataset.from_dict({k: [r[i] for r in rows]
+                                       for i, k in enumerate(("prompt", "chosen", "rejected"))})
 
 
 # -- pairs ----------------------------------------------------------------------------------------------
@@ -58,10 +59,12 @@ def test_tweet_pairs_chosen_is_gold_rejected_is_wrong_and_seeded():
                                        "label_text": ["positive", "neutral", "neutral", "negative"]})
     labels = ["negative", "neutral", "positive"]
     one = tweet_pairs(rows, "train", "{text} sentiment: {label}", labels, "one", seed=3)
-    assert one["prompt"] == ["good day sentiment:", "meh sentiment:", "awful sentiment:"]  # empty row 2 skipped
+    # empty row 2 skipped
+    assert one["prompt"] == ["good day sentiment:", "meh sentiment:", "awful sentiment:"]
     assert one["chosen"] == [" positive", " neutral", " negative"]
     assert all(r != c and r.strip() in labels for r, c in zip(one["rejected"], one["chosen"]))
-    assert one["rejected"] == tweet_pairs(rows, "train", "{text} sentiment: {label}", labels, "one", seed=3)["rejected"]
+    assert one["rejected"] == tweet_pairs(rows, "train", "{text} sentiment: {label}", labels, "one",
+                                          seed=3)["rejected"]
     both = tweet_pairs(rows, "train", "{text} sentiment: {label}", labels, "both")
     assert both["row"] == [0, 0, 1, 1, 3, 3]
     assert both["rejected"][:2] == [" negative", " neutral"]
@@ -70,18 +73,22 @@ def test_tweet_pairs_chosen_is_gold_rejected_is_wrong_and_seeded():
 def test_tokenize_pairs_truncates_the_end_and_drops_prompts_that_fill_max_length():
     pairs = _pairs([("ab:", " xyz", " q"), ("abcdef:", " x", " y"), ("abcdefgh:", " x", " y")])
     tokenized, report = tokenize_pairs(pairs, CharTokenizer(), max_length=6)
-    # pair 0: prompt 3 tokens, room 3: " xyz" (4 tokens) loses its last token; pair 1: prompt 7 >= 6; pair 2 too
+    # pair 0: prompt 3 tokens, room 3: " xyz" (4 tokens) loses its last token; pair 1: prompt 7 >= 6;
+    # pair 2 too
     assert tokenized.prompt_ids == [[1, 2, 28]]
     assert tokenized.chosen_ids == [[27, 24, 25]] and tokenized.rejected_ids == [[27, 17]]
-    assert (report.pairs, report.truncated, report.dropped_long_prompt, report.dropped_rows) == (1, 1, 2, [1, 2])
+    assert (report.pairs, report.truncated, report.dropped_long_prompt,
+            report.dropped_rows) == (1, 1, 2, [1, 2])
     with_eos, _ = tokenize_pairs(pairs.select([0]), CharTokenizer(), max_length=20, append_eos=True)
     assert with_eos.chosen_ids == [[27, 24, 25, 26, 29]] and with_eos.rejected_ids == [[27, 17, 29]]
 
 
 def test_pair_collator_one_batch_chosen_then_rejected_completion_only_labels():
-    pairs = TokenizedPairs(prompt_ids=[[5, 6], [7]], chosen_ids=[[8], [9, 10]], rejected_ids=[[11, 12, 13], [14]])
+    pairs = TokenizedPairs(prompt_ids=[[5, 6], [7]], chosen_ids=[[8], [9, 10]],
+                           rejected_ids=[[11, 12, 13], [14]])
     batch = PairCollator(pad_id=0)([pairs[0], pairs[1]])
-    assert batch["input_ids"].tolist() == [[5, 6, 8, 0, 0], [7, 9, 10, 0, 0], [5, 6, 11, 12, 13], [7, 14, 0, 0, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 8, 0, 0], [7, 9, 10, 0, 0],
+                                           [5, 6, 11, 12, 13], [7, 14, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 8, -100, -100], [-100, 9, 10, -100, -100],
                                         [-100, -100, 11, 12, 13], [-100, 14, -100, -100, -100]]
     assert batch["attention_mask"].sum(1).tolist() == [3, 3, 5, 2]
@@ -90,7 +97,8 @@ def test_pair_collator_one_batch_chosen_then_rejected_completion_only_labels():
 
 
 def test_load_pairs_reads_trl_format_and_names_a_missing_column(tmp_path):
-    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a",
+                                                      "rejected": " b"}) + "\n")
     assert load_pairs(str(tmp_path))["train"]["chosen"] == [" a"]
     (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": " a"}) + "\n")
     with pytest.raises(DataError, match=r"lacks column\(s\) \['rejected'\]"):
@@ -98,7 +106,8 @@ def test_load_pairs_reads_trl_format_and_names_a_missing_column(tmp_path):
 
 
 def test_preference_config_sections_and_errors(tmp_path):
-    cfg, pref = load_preference_config(REPO / "configs" / "dpo-tiny.toml", ["dpo.beta=0.5", "pairs.rejected=both"])
+    cfg, pref = load_preference_config(REPO / "configs" / "dpo-tiny.toml",
+                                       ["dpo.beta=0.5", "pairs.rejected=both"])
     assert (pref.dpo.beta, pref.pairs.rejected, cfg.train.max_steps) == (0.5, "both", 6)
     with pytest.raises(RunConfigError, match=r"unknown key \[dpo\] betta"):
         load_preference_config(REPO / "configs" / "dpo-tiny.toml", ["dpo.betta=0.5"])
@@ -109,8 +118,8 @@ def test_preference_config_sections_and_errors(tmp_path):
 # -- DPO --------------------------------------------------------------------------------------------------
 def _tiny_lm(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    return build_model(GPTConfig(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                                 embd_pdrop=0.0, attn_pdrop=0.0)).to(dtype)
+    return build_model(GPTConfig(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).to(dtype)
 
 
 def _random_pairs(n, seed=0):
@@ -118,14 +127,16 @@ def _random_pairs(n, seed=0):
 
     def ids(lo, hi):
         return torch.randint(1, 39, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-    return TokenizedPairs([ids(1, 6) for _ in range(n)], [ids(1, 4) for _ in range(n)], [ids(1, 4) for _ in range(n)])
+    return TokenizedPairs([ids(1, 6) for _ in range(n)], [ids(1, 4) for _ in range(n)],
+                          [ids(1, 4) for _ in range(n)])
 
 
 def test_sequence_log_probs_equal_full_logits_sum_over_completion():
     lm = _tiny_lm()
     batch = PairCollator(pad_id=0)([_random_pairs(5)[i] for i in range(5)])
     got = SequenceLogProbs(lm)(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    logp = torch.log_softmax(lm(batch["input_ids"], batch["attention_mask"]), dim=-1)  # every position, float64
+    # every position, float64
+    logp = torch.log_softmax(lm(batch["input_ids"], batch["attention_mask"]), dim=-1)
     want = torch.zeros(10, dtype=torch.float64)
     for row in range(10):
         for t in range(1, batch["input_ids"].shape[1]):
@@ -144,7 +155,8 @@ def test_dpo_losses_match_the_formulas_in_float64(loss_type):
     for i in range(6):
         d = (pc[i] - rc[i]) - (pr[i] - rr[i])
         if loss_type == "sigmoid":
-            want = -(1 - eps) * math.log(1 / (1 + math.exp(-beta * d))) - eps * math.log(1 / (1 + math.exp(beta * d)))
+            want = -(1 - eps) * math.log(1 / (1 + math.exp(-beta * d))) \
+                - eps * math.log(1 / (1 + math.exp(beta * d)))
         elif loss_type == "hinge":
             want = max(0.0, 1 - beta * float(d))
         else:
@@ -166,7 +178,8 @@ def _dpo_run(batch_size, accum, reference):
     optimizer = make_adamw(module, 1e-2, 0.0, fused="no")
     records = []
     train(module, optimizer, make_scheduler(optimizer, "constant", 3),
-          torch.utils.data.DataLoader(pairs, batch_sampler=SequentialSampler(12, batch_size), collate_fn=PairCollator(0)),
+          torch.utils.data.DataLoader(pairs, batch_sampler=SequentialSampler(12, batch_size),
+                                      collate_fn=PairCollator(0)),
           total_steps=3, grad_accum=accum, max_grad_norm=0.5, loss=PairObjective(objective),
           hooks=Hooks(log=records.append))
     return lm.state_dict(), records
@@ -178,7 +191,8 @@ def test_dpo_accumulation_equals_one_big_batch_and_precomputed_equals_frozen():
         small, small_log = _dpo_run(batch_size, accum, reference)
         for key in big:
             torch.testing.assert_close(small[key], big[key], rtol=0, atol=1e-10)
-        for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):  # the loop sums the loss in float32
+        # the loop sums the loss in float32
+        for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
             assert [r[name] for r in small_log] == pytest.approx([r[name] for r in big_log], abs=1e-6)
     assert big_log[0]["rewards/chosen"] != 0.0  # the reference differs from the policy: real rewards logged
 
@@ -260,7 +274,7 @@ def test_against_trl_live(tmp_path, stage):
         torch.testing.assert_close(mine, their_params[name], rtol=0, atol=atol)
 
 
-# -- the recipe -------------------------------------------------------------------------------------------------
+# -- the recipe ----------------------------------------------------------------------------------------------
 def test_dpo_recipe_resume_is_bit_exact_with_precomputed_reference(tmp_path):
     def config(out, steps_override=()):
         return load_preference_config(REPO / "configs" / "dpo-tiny.toml", [
@@ -320,7 +334,8 @@ def test_best_of_n_ranks_sampled_continuations_by_their_reward():
     assert sorted(text for _, text in ranked) == sorted(expected)
     rewards = [r for r, _ in ranked]
     assert rewards == sorted(rewards, reverse=True)
-    again = score_texts(reward_model, [tok.encode(f"{prompt} {text}".rstrip()) for _, text in ranked], tok.pad_id, "cpu")
+    again = score_texts(reward_model, [tok.encode(f"{prompt} {text}".rstrip()) for _, text in ranked],
+                        tok.pad_id, "cpu")
     assert again.tolist() == pytest.approx(rewards, abs=1e-6)
     greedy = policy.generate(prompt_ids, max_new_tokens=6, temperature=0)
     assert policy.generate_many(prompt_ids, 3, max_new_tokens=6, temperature=0) == [greedy] * 3

@@ -51,13 +51,15 @@ def test_fixed_rows_refuse_a_batch_that_does_not_fit():
 def test_packed_rows_equal_each_document_alone_float64(config_cls):
     """Per-document logits and summed loss equal the unpacked ones; positions restart per document."""
     torch.manual_seed(0)
-    model = build_model(config_cls(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2)).double().eval()
+    model = build_model(config_cls(vocab_size=97, n_positions=16, n_embd=16, n_layer=2,
+                                   n_head=2)).double().eval()
     examples = _examples(7, seed=1)
     packed = PackingCollator(pad_id=P, row_length=16, rows_per_batch=6, objective="completion")(examples)
     doc_starts = (packed["position_ids"] == 0) & (packed["document_ids"] >= 0)
     assert int(doc_starts.sum()) == len(examples)  # positions restart at every document
     with torch.no_grad():
-        logits = model(packed["input_ids"], position_ids=packed["position_ids"], document_ids=packed["document_ids"])
+        logits = model(packed["input_ids"], position_ids=packed["position_ids"],
+                       document_ids=packed["document_ids"])
         packed_out = model(**model_inputs(packed, "cpu"))
         alone_sum = 0.0
         for r in range(packed["input_ids"].shape[0]):
@@ -78,7 +80,8 @@ def test_packed_rows_equal_each_document_alone_float64(config_cls):
 def test_no_attention_across_documents():
     """Changing one document's tokens leaves every other document's logits exactly unchanged."""
     torch.manual_seed(0)
-    model = build_model(GPT2Config(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2)).double().eval()
+    model = build_model(GPT2Config(vocab_size=97, n_positions=16, n_embd=16, n_layer=2,
+                                   n_head=2)).double().eval()
     examples = _examples(5, seed=2, longest=6)
     batch = PackingCollator(pad_id=P, row_length=16, rows_per_batch=2)(examples)
     docs = batch["document_ids"]
@@ -108,14 +111,15 @@ def _compiled_epoch(loss_rows: str, fused_head: bool, backend: str = "aot_eager"
     loader = DataLoader(examples, batch_sampler=sampler,
                         collate_fn=PackingCollator(pad_id=P, row_length=16, rows_per_batch=2))
     torch.manual_seed(0)
-    model = build_model(GPTConfig(vocab_size=97, n_positions=16, n_embd=16, n_layer=2, n_head=2)).pad_vocab(64)
+    model = build_model(GPTConfig(vocab_size=97, n_positions=16, n_embd=16, n_layer=2,
+                                  n_head=2)).pad_vocab(64)
     model.set_hot_path(loss_rows=loss_rows, fused_head=fused_head)
     optimizer = make_adamw(model, 1e-3, 0.0, (0.9, 0.999), 1e-8, "no")
     steps = len(sampler)
     torch._dynamo.reset()
     counters.clear()
-    train(torch.compile(model, backend=backend), optimizer, make_scheduler(optimizer, "constant", steps, 0), loader,
-          total_steps=steps)
+    train(torch.compile(model, backend=backend), optimizer, make_scheduler(optimizer, "constant", steps, 0),
+          loader, total_steps=steps)
     return {k: dict(v) for k, v in counters.items()}, steps
 
 
@@ -199,10 +203,10 @@ def test_the_gpu_recipe_runs_on_cpu_with_compile_holding(tmp_path):
     counters.clear()
     cfg = load_config(REPO / "configs" / "openai-gpt-tweets-gpu.toml", [
         "train.device=cpu", "train.precision=fp32", "model.name=random", "model.tokenizer=synthetic",
-        "model.config.n_positions=64", "model.config.n_embd=32", "model.config.n_layer=1", "model.config.n_head=2",
-        "data.source=synthetic", "data.max_length=64", "data.num_workers=0", "train.batch_size=4",
-        "train.max_steps=6", "train.log_every=3", f'train.output_dir="{tmp_path}"', "train.progress=false",
-        "train.plot=false", "eval.max_examples=32"])
+        "model.config.n_positions=64", "model.config.n_embd=32", "model.config.n_layer=1",
+        "model.config.n_head=2", "data.source=synthetic", "data.max_length=64", "data.num_workers=0",
+        "train.batch_size=4", "train.max_steps=6", "train.log_every=3", f'train.output_dir="{tmp_path}"',
+        "train.progress=false", "train.plot=false", "eval.max_examples=32"])
     summary = run(cfg, log=lambda *_: None)
     assert summary["steps"] == 6 and summary["last_loss"] < summary["first_loss"]
     assert not counters.get("graph_break"), dict(counters["graph_break"])

@@ -113,7 +113,8 @@ def test_call_pads_like_transformers(checkpoint):
     lists = tok(texts)
     assert lists["input_ids"] == tok.encode_batch(texts) and [sum(m) for m in lists["attention_mask"]] == \
         ref["attention_mask"].sum(1).tolist()
-    assert tok(texts[0]) == {"input_ids": tok.encode(texts[0]), "attention_mask": [1] * len(tok.encode(texts[0]))}
+    assert tok(texts[0]) == {"input_ids": tok.encode(texts[0]),
+                             "attention_mask": [1] * len(tok.encode(texts[0]))}
     with pytest.raises(TokenizerError, match="padding=True"):
         tok(texts, return_tensors="pt")  # ragged rows
 

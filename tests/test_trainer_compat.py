@@ -24,7 +24,8 @@ LENGTHS = [random.Random(5).randint(2, 70) for _ in range(403)]
 # -- settings ----------------------------------------------------------------------------------------
 def test_compat_fills_trainers_defaults_but_keeps_what_the_user_wrote():
     minift_defaults = from_dict({})
-    trainer = from_dict({"train": {"compat": "trainer", "grad_accum": 4}, "data": {"sampler": "length_grouped"}})
+    trainer = from_dict({"train": {"compat": "trainer", "grad_accum": 4},
+                         "data": {"sampler": "length_grouped"}})
     assert (minift_defaults.train.seed, minift_defaults.train.epochs, minift_defaults.data.sampler) == \
         (0, 1.0, "length_grouped")
     assert (trainer.train.seed, trainer.train.epochs, trainer.train.log_every, trainer.eval.batch_size) == \
@@ -86,8 +87,10 @@ def test_length_grouped_indices_equal_transformers():
 
     for seed, n, batch_size in [(0, 403, 4), (1, 403, 32), (2, 17, 8), (3, 1000, 1)]:
         lengths = LENGTHS[:n] if n <= len(LENGTHS) else [random.Random(seed).randint(1, 99) for _ in range(n)]
-        theirs = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed))
-        assert trainer_length_grouped_indices(lengths, batch_size, torch.Generator().manual_seed(seed)) == theirs
+        theirs = get_length_grouped_indices(lengths, batch_size,
+                                            generator=torch.Generator().manual_seed(seed))
+        assert trainer_length_grouped_indices(lengths, batch_size,
+                                              torch.Generator().manual_seed(seed)) == theirs
 
 
 # -- evaluation ----------------------------------------------------------------------------------------
@@ -122,7 +125,8 @@ def test_trainer_eval_loss_divides_each_batch_by_its_count_and_weights_by_sequen
     first = sum(c[0] for c in ce[:3]) / sum(len(r) for r in rows[:3])  # unshifted count: every real token
     second = sum(c[0] for c in ce[3:]) / sum(len(r) for r in rows[3:])
     assert result.loss == pytest.approx((3 * first + 2 * second) / 5, rel=1e-6)
-    assert token_weighted.loss == pytest.approx(sum(c[0] for c in ce) / sum(len(r) - 1 for r in rows), rel=1e-6)
+    assert token_weighted.loss == pytest.approx(sum(c[0] for c in ce) / sum(len(r) - 1 for r in rows),
+                                                rel=1e-6)
     assert result.perplexity == pytest.approx(token_weighted.perplexity)  # perplexity stays per target
     assert trainer_eval_loss([(6.0, 3, 1), (1.0, 1, 3)]) == pytest.approx((2.0 + 3 * 1.0) / 4)
 
@@ -133,7 +137,8 @@ def test_trainer_eval_batches_are_length_grouped_with_their_own_seed():
     assert plain == [list(range(s, min(s + 8, 37))) for s in range(0, 37, 8)]
     grouped = trainer_eval_batches(lengths, 8, seed=5, group_by_length=True)
     expected = trainer_length_grouped_indices(lengths, 8, torch.Generator().manual_seed(5))
-    assert [i for b in grouped for i in b] == expected and grouped == trainer_eval_batches(lengths, 8, 5, True)
+    assert [i for b in grouped for i in b] == expected \
+        and grouped == trainer_eval_batches(lengths, 8, 5, True)
 
 
 # -- logging ---------------------------------------------------------------------------------------------
@@ -171,7 +176,8 @@ def test_compat_run_logs_trainers_window_means_of_the_shared_trace(tmp_path):
     assert [r["lr"] for r in logged] == pytest.approx([trace[3]["learning_rate"], trace[7]["learning_rate"]],
                                                       rel=1e-9)
     evals = [r["eval"] for r in records if "eval" in r]
-    assert len(evals) == 1 and evals[0]["loss"] < math.log(evals[0]["perplexity"])  # Trainer's count is larger
+    # Trainer's count is larger
+    assert len(evals) == 1 and evals[0]["loss"] < math.log(evals[0]["perplexity"])
 
 
 # -- the whole run, beside Trainer ------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def run_minift(stage: str, score_weight: torch.Tensor | None = None, reference: 
 
     torch.manual_seed(SETUP["seed"])
     pairs, tokenizer = minift_pairs()
-    lm = from_pretrained(FIXTURES / SETUP["checkpoint"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).to(dtype)
+    lm = from_pretrained(FIXTURES / SETUP["checkpoint"], resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0).to(dtype)
     collator = PairCollator(tokenizer.pad_id)
     cpu = torch.device("cpu")
     if stage == "dpo":
@@ -85,7 +86,8 @@ def run_minift(stage: str, score_weight: torch.Tensor | None = None, reference: 
     scheduler = make_scheduler(optimizer, "constant", SETUP["steps"])
     sampler = SequentialSampler(len(pairs), SETUP["batch_size"], seed=SETUP["seed"])
     records: list[dict] = []
-    train(module, optimizer, scheduler, torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=collator),
+    train(module, optimizer, scheduler,
+          torch.utils.data.DataLoader(pairs, batch_sampler=sampler, collate_fn=collator),
           total_steps=SETUP["steps"], grad_accum=SETUP["grad_accum"], max_grad_norm=SETUP["max_grad_norm"],
           loss=PairObjective(compute_loss), hooks=Hooks(log=records.append))
     params = dict((module.lm if stage == "dpo" else module).named_parameters())
@@ -97,9 +99,10 @@ def _trl_args(config_cls, out_dir: Path, **extra):
     return config_cls(output_dir=str(out_dir), per_device_train_batch_size=SETUP["batch_size"],
                       gradient_accumulation_steps=SETUP["grad_accum"], max_steps=SETUP["steps"],
                       learning_rate=SETUP["lr"], lr_scheduler_type="constant", weight_decay=0.0,
-                      max_grad_norm=SETUP["max_grad_norm"], optim="adamw_torch", logging_steps=1, report_to="none",
-                      save_strategy="no", use_cpu=True, seed=SETUP["seed"], train_sampling_strategy="sequential",
-                      disable_dropout=True, dataloader_num_workers=0, gradient_checkpointing=False, bf16=False, **extra)
+                      max_grad_norm=SETUP["max_grad_norm"], optim="adamw_torch", logging_steps=1,
+                      report_to="none", save_strategy="no", use_cpu=True, seed=SETUP["seed"],
+                      train_sampling_strategy="sequential", disable_dropout=True, dataloader_num_workers=0,
+                      gradient_checkpointing=False, bf16=False, **extra)
 
 
 def run_trl(stage: str, out_dir: Path):
@@ -125,12 +128,14 @@ def run_trl(stage: str, out_dir: Path):
                                                             max_length=SETUP["max_length"]),
                                train_dataset=data, processing_class=tokenizer)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(FIXTURES / SETUP["checkpoint"]), num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(str(FIXTURES / SETUP["checkpoint"]),
+                                                                   num_labels=1)
         score_weight = model.score.weight.detach().clone()
         data = datasets.Dataset.from_dict({
             "chosen_ids": [p + c for p, c in zip(pairs.prompt_ids, pairs.chosen_ids)],
             "rejected_ids": [p + r for p, r in zip(pairs.prompt_ids, pairs.rejected_ids)]})
-        trainer = RewardTrainer(model=model, args=_trl_args(RewardConfig, out_dir, max_length=SETUP["max_length"]),
+        trainer = RewardTrainer(model=model,
+                                args=_trl_args(RewardConfig, out_dir, max_length=SETUP["max_length"]),
                                 train_dataset=data, processing_class=tokenizer)
     trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]

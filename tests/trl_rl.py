@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "benchmarks"))  # conftest imports the harness from there
 
-from conftest import FIXTURES, TWEETS
+from conftest import FIXTURES, TWEETS  # noqa: E402
 
 TRACE = HERE / "data" / "trl_rl_trace.json"
 SETUP = {"checkpoint": "tiny-gpt2", "n_prompts": 24, "min_prompt_tokens": 3, "max_prompt_tokens": 12,

@@ -270,7 +270,8 @@ class CausalLM(nn.Module):
     # -- parameters -------------------------------------------------------------------------
     def num_parameters(self) -> int:
         """Distinct parameters (the tied head counted once, padding rows of the vocabulary not counted)."""
-        padding = sum(self.padded_head_weight.shape[0] - self.config.vocab_size for _ in self.vocab_weight_keys())
+        padding = sum(self.padded_head_weight.shape[0] - self.config.vocab_size
+                      for _ in self.vocab_weight_keys())
         return sum(p.numel() for p in self.parameters()) - padding * self.config.n_embd
 
     @torch.no_grad()
@@ -355,7 +356,8 @@ class CausalLM(nn.Module):
         get this model's zero padding rows back."""
         padded_rows = self.padded_head_weight.shape[0]
         tensors = {k: torch.cat([v, v.new_zeros(padded_rows - v.shape[0], *v.shape[1:])])
-                   if k in self.vocab_weight_keys() and v.shape[0] < padded_rows else v for k, v in tensors.items()}
+                   if k in self.vocab_weight_keys() and v.shape[0] < padded_rows else v
+                   for k, v in tensors.items()}
         self.load_state_dict(tensors, strict=True, assign=assign)
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -69,7 +69,8 @@ class ModelConfig:
 
     @classmethod
     def refuse_unknown(cls, key: str, source: str) -> None:
-        raise ConfigError(f"{source}: unknown key {key!r} for {cls.model_type}; known keys: {cls.field_names()}")
+        raise ConfigError(f"{source}: unknown key {key!r} for {cls.model_type}; "
+                          f"known keys: {cls.field_names()}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         for key in changes:
@@ -113,13 +114,15 @@ class ModelConfig:
         final_norm = 2 * d if self.model_type == "gpt2" else 0
         return self.vocab_size * d + self.n_positions * d + self.n_layer * per_block + final_norm + head
 
-    def check_fits(self, available_bytes: int | None, bytes_per_parameter: int = 4, source: str = "config") -> None:
+    def check_fits(self, available_bytes: int | None, bytes_per_parameter: int = 4,
+                   source: str = "config") -> None:
         """Refuse, before anything is allocated, a model whose weights alone exceed ``available_bytes``."""
         needed = self.parameter_count() * bytes_per_parameter
         if available_bytes is not None and needed > available_bytes:
-            raise ConfigError(f"{source}: n_layer={self.n_layer}, n_embd={self.n_embd}, vocab_size={self.vocab_size} "
-                              f"make {self.parameter_count() / 1e6:,.0f} M parameters ({needed / 2**30:,.1f} GiB), "
-                              f"more than the {available_bytes / 2**30:,.1f} GiB of memory available — "
+            raise ConfigError(f"{source}: n_layer={self.n_layer}, n_embd={self.n_embd}, "
+                              f"vocab_size={self.vocab_size} make {self.parameter_count() / 1e6:,.0f} M "
+                              f"parameters ({needed / 2**30:,.1f} GiB), more than the "
+                              f"{available_bytes / 2**30:,.1f} GiB of memory available — "
                               f"check the config's sizes")
 
     @property

@@ -45,7 +45,8 @@ class GPT1Transformer(nn.Module):
         h = self.drop(self.tokens_embed(input_ids) + self.positions_embed(position_ids))
         for i, block in enumerate(self.h):
             layer_cache = None if kv_cache is None else kv_cache[i]
-            h = run_block(block, h, attn_bias, layer_cache=layer_cache, checkpointed=self.activation_checkpointing)
+            h = run_block(block, h, attn_bias, layer_cache=layer_cache,
+                          checkpointed=self.activation_checkpointing)
         return h
 
 

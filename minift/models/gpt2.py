@@ -47,7 +47,8 @@ class GPT2Transformer(nn.Module):
         h = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
             layer_cache = None if kv_cache is None else kv_cache[i]
-            h = run_block(block, h, attn_bias, layer_cache=layer_cache, checkpointed=self.activation_checkpointing)
+            h = run_block(block, h, attn_bias, layer_cache=layer_cache,
+                          checkpointed=self.activation_checkpointing)
         return self.ln_f(h)
 
 

@@ -76,7 +76,8 @@ def lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.T
     loss_dtype = loss_dtype_for(hidden.dtype)
     loss_sum = hidden.new_zeros((), dtype=loss_dtype)
     for start in range(0, n_targets, chunk_rows):
-        logits = mask_padded_vocab(F.linear(rows[start:start + chunk_rows], head_weight).to(loss_dtype), vocab_size)
+        logits = mask_padded_vocab(F.linear(rows[start:start + chunk_rows], head_weight).to(loss_dtype),
+                                   vocab_size)
         loss_sum = loss_sum + F.cross_entropy(logits, target_ids[start:start + chunk_rows], reduction="sum")
     if n_targets == 0:
         # keep the graph connected so backward() works on a batch with nothing to predict
@@ -94,8 +95,8 @@ def lm_loss_sum_all_positions(hidden: torch.Tensor, head_weight: torch.Tensor, l
     return LossOutput(loss_sum, (targets != IGNORE_INDEX).sum())
 
 
-def fused_lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, rows: str = "all",
-                      vocab_size: int | None = None, chunk_rows: int = 1024) -> LossOutput:
+def fused_lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                      rows: str = "all", vocab_size: int | None = None, chunk_rows: int = 1024) -> LossOutput:
     """``LinearCrossEntropy`` over the rows ``rows`` selects (see ``shifted_rows``). The head
     runs in the autocast dtype when autocast is on (as ``F.linear`` would), the softmax in fp32.
     ``chunk_rows``: 1024 rows of a 40k vocabulary are 166 MB of fp32 logits at a time."""
@@ -104,8 +105,8 @@ def fused_lm_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: t
     compute_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                      else head_weight.dtype)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or head_weight.requires_grad)
-    loss_sum = LinearCrossEntropy.apply(x, head_weight, targets, vocab_size or head_weight.shape[0], chunk_rows,
-                                        compute_dtype, needs_grad)
+    loss_sum = LinearCrossEntropy.apply(x, head_weight, targets, vocab_size or head_weight.shape[0],
+                                        chunk_rows, compute_dtype, needs_grad)
     count = int(targets.shape[0]) if rows == "labelled" else (targets != IGNORE_INDEX).sum()
     return LossOutput(loss_sum, count)
 
@@ -130,7 +131,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_x = torch.empty_like(x) if needs_grad else None
             # a frozen head (LoRA) needs no [vocab x width] gradient: one GEMM per chunk less
             weight_grad = needs_grad and weight.requires_grad
-            grad_w = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if weight_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=loss_dtype,
+                                 device=weight.device) if weight_grad else None
             for start in range(0, x.shape[0], chunk_rows):
                 xc = x[start:start + chunk_rows].to(compute_dtype)
                 tc = targets[start:start + chunk_rows]

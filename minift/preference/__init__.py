@@ -12,8 +12,9 @@
 import importlib
 
 _PUBLIC = {"DPOObjective": "dpo", "SequenceLogProbs": "dpo", "dpo_losses": "dpo", "PairCollator": "pairs",
-           "PairLoss": "pairs", "PairObjective": "pairs", "TokenizedPairs": "pairs", "evaluate_pairs": "pairs",
-           "load_pairs": "pairs", "tokenize_pairs": "pairs", "tweet_pairs": "pairs", "PreferenceConfig": "config",
+           "PairLoss": "pairs", "PairObjective": "pairs", "TokenizedPairs": "pairs",
+           "evaluate_pairs": "pairs", "load_pairs": "pairs", "tokenize_pairs": "pairs",
+           "tweet_pairs": "pairs", "PreferenceConfig": "config",
            "load_preference_config": "recipe", "run_dpo": "recipe", "run_reward": "recipe",
            "RewardModel": "reward", "load_reward_model": "reward"}
 __all__ = list(_PUBLIC)

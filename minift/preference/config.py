@@ -56,7 +56,8 @@ class PreferenceConfig:
                   (d.beta > 0, "dpo.beta must be > 0"),
                   (d.loss_type in LOSS_TYPES, f"dpo.loss_type {d.loss_type!r}: one of {LOSS_TYPES}"),
                   (0 <= d.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)"),
-                  (d.label_smoothing == 0 or d.loss_type == "sigmoid", "dpo.label_smoothing applies to sigmoid only"),
+                  (d.label_smoothing == 0 or d.loss_type == "sigmoid",
+                   "dpo.label_smoothing applies to sigmoid only"),
                   (d.reference in REFERENCES, f"dpo.reference {d.reference!r}: one of {REFERENCES}")]
         for ok, message in checks:
             if not ok:

@@ -36,7 +36,8 @@ class SequenceLogProbs(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
         mask = None if is_right_padded(attention_mask) else attention_mask  # right padding: causal is enough
         hidden = self.lm.hidden_states(input_ids, mask)
         targets = labels[:, 1:]
@@ -60,15 +61,18 @@ def dpo_losses(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor,
 
     sigmoid: -(1-ε) log σ(βΔ) - ε log σ(-βΔ)        (DPO; ε = label_smoothing, cDPO)
     hinge:   max(0, 1 - βΔ)                          (SLiC)
-    ipo:     (Δ_c/n_c - Δ_r/n_r - 1/(2β))²           (IPO, log-ratios averaged per completion token as TRL does)
+    ipo:     (Δ_c/n_c - Δ_r/n_r - 1/(2β))²           (IPO, log-ratios averaged per completion token
+                                                      as TRL does)
     """
     delta = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid":
-        return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+        return (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+                - label_smoothing * F.logsigmoid(-beta * delta))
     if loss_type == "hinge":
         return torch.relu(1 - beta * delta)
     if loss_type == "ipo":
-        per_token = (chosen_logratios / chosen_tokens.clamp(min=1)) - (rejected_logratios / rejected_tokens.clamp(min=1))
+        per_token = (chosen_logratios / chosen_tokens.clamp(min=1)) \
+            - (rejected_logratios / rejected_tokens.clamp(min=1))
         return (per_token - 1 / (2 * beta)) ** 2
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
@@ -88,8 +92,8 @@ def adapter_off_logps(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torc
 
 
 @torch.no_grad()
-def precompute_reference_logps(scorer: SequenceLogProbs, batches: list[dict], n_pairs: int, device: torch.device,
-                               autocast) -> torch.Tensor:
+def precompute_reference_logps(scorer: SequenceLogProbs, batches: list[dict], n_pairs: int,
+                               device: torch.device, autocast) -> torch.Tensor:
     """[n_pairs, 2] reference log-probs (chosen, rejected) of every pair, in eval mode, once."""
     was_training = scorer.training
     scorer.eval()
@@ -108,8 +112,9 @@ def precompute_reference_logps(scorer: SequenceLogProbs, batches: list[dict], n_
 @dataclass
 class DPOObjective:
     """The DPO objective (``loop.train`` gets it wrapped in ``PairObjective``): ``model`` is the
-    (possibly DDP-wrapped) SequenceLogProbs of the policy. Exactly one of ``reference`` (frozen SequenceLogProbs, eval mode) and
-    ``reference_logps`` ([n_pairs, 2], indexed by the batch's ``pair_index``) is set."""
+    (possibly DDP-wrapped) SequenceLogProbs of the policy. Exactly one of ``reference`` (frozen
+    SequenceLogProbs, eval mode) and ``reference_logps`` ([n_pairs, 2], indexed by the batch's
+    ``pair_index``) is set."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -118,7 +123,8 @@ class DPOObjective:
     reference_logps: torch.Tensor | None = None
     adapter_off_reference: bool = False  # LoRA: the policy itself with its adapter off (no second model)
 
-    def reference_for(self, batch: dict, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_for(self, batch: dict,
+                      inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference_logps is not None:
             ref = self.reference_logps[batch["pair_index"]].to(inputs["input_ids"].device)
             return ref[:, 0], ref[:, 1]
@@ -139,9 +145,11 @@ class DPOObjective:
         chosen_tokens, rejected_tokens = (inputs["labels"] != IGNORE_INDEX).sum(1).chunk(2)
         losses = dpo_losses(chosen_ratio, rejected_ratio, self.beta, self.loss_type, self.label_smoothing,
                             chosen_tokens, rejected_tokens)
-        chosen_rewards, rejected_rewards = self.beta * chosen_ratio.detach(), self.beta * rejected_ratio.detach()
+        chosen_rewards, rejected_rewards = (self.beta * chosen_ratio.detach(),
+                                            self.beta * rejected_ratio.detach())
         metrics = {"rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
                    "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
                    "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-                   "logps/chosen": chosen_logps.detach().sum(), "logps/rejected": rejected_logps.detach().sum()}
+                   "logps/chosen": chosen_logps.detach().sum(),
+                   "logps/rejected": rejected_logps.detach().sum()}
         return PairLoss(losses.sum(), metrics)

@@ -78,8 +78,9 @@ def load_pairs(source: str, seed: int = 0, validation_fraction: float = 0.0) -> 
     return splits
 
 
-def tweet_pairs(split: datasets.Dataset, name: str, template: str, labels: Sequence[str], rejected: str = "one",
-                seed: int = 0, text_column: str = "text", label_column: str = "label_text") -> datasets.Dataset:
+def tweet_pairs(split: datasets.Dataset, name: str, template: str, labels: Sequence[str],
+                rejected: str = "one", seed: int = 0, text_column: str = "text",
+                label_column: str = "label_text") -> datasets.Dataset:
     """Pairs from labelled texts: prompt ``"{text} sentiment:"``, chosen ``" {gold}"``, rejected
     ``" {wrong}"``. ``rejected="one"``: one wrong label per row, drawn with ``seed``; ``"both"``:
     a pair for every wrong label. Empty texts are skipped as ``minift train`` skips them."""
@@ -124,7 +125,8 @@ class TokenizedPairs:
     @property
     def lengths(self) -> list[int]:
         """The longer sequence of each pair (what the batch pads to)."""
-        return [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)]
+        return [len(p) + max(len(c), len(r))
+                for p, c, r in zip(self.prompt_ids, self.chosen_ids, self.rejected_ids)]
 
     def truncate(self, n: int) -> None:
         self.prompt_ids, self.chosen_ids, self.rejected_ids = (
@@ -222,7 +224,8 @@ class PairCollator:
                 "n_padded_tokens": input_ids.numel()}
 
 
-def pair_batches(pairs: TokenizedPairs, collator: PairCollator, batch_size: int, limit: int = 0) -> list[dict]:
+def pair_batches(pairs: TokenizedPairs, collator: PairCollator, batch_size: int,
+                 limit: int = 0) -> list[dict]:
     """Sequential batches over the first ``limit`` pairs (all when 0): for evaluation and precompute."""
     n = len(pairs) if not limit else min(limit, len(pairs))
     return [collator([pairs[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]

@@ -142,8 +142,8 @@ def build_pair_parts(ctx: RunContext, disable_dropout: bool, stage: str) -> Pair
     sampler = build_sampler(cfg, train_pairs, ctx.dist)
     loader = build_loader(cfg, train_pairs, sampler, collator, ctx.device)
     ctx.say(f"pairs: {len(train_pairs)} train, {len(eval_pairs)} held out")
-    return PairParts(lm, tokenizer, train_pairs, pair_batches(eval_pairs, collator, cfg.eval.batch_size), collator,
-                     sampler, loader, count_steps(cfg, sampler))
+    return PairParts(lm, tokenizer, train_pairs, pair_batches(eval_pairs, collator, cfg.eval.batch_size),
+                     collator, sampler, loader, count_steps(cfg, sampler))
 
 
 def build_dpo_stage(ctx: RunContext) -> Stage:
@@ -153,8 +153,9 @@ def build_dpo_stage(ctx: RunContext) -> Stage:
     scorer = SequenceLogProbs(parts.lm)
     objective, eval_objective = dpo_objectives(d, parts, scorer, ctx)
     reference_logps = getattr(objective, "reference_logps", None)
-    return Stage("dpo", model=scorer, saved_model=parts.lm, loss=PairObjective(objective), batches=parts.loader,
-                 sampler=parts.sampler, total_steps=parts.total_steps, tokenizer=parts.tokenizer,
+    return Stage("dpo", model=scorer, saved_model=parts.lm, loss=PairObjective(objective),
+                 batches=parts.loader, sampler=parts.sampler, total_steps=parts.total_steps,
+                 tokenizer=parts.tokenizer,
                  evaluate=partial(evaluate_pairs, eval_objective, scorer, parts.eval_batches, ctx.device,
                                   ctx.precision.autocast()),
                  fingerprints=pair_fingerprints(parts.tokenizer, parts.train_pairs),
@@ -166,8 +167,9 @@ def build_reward_stage(ctx: RunContext) -> Stage:
     """The backbone with a scalar head (``RewardModel``) trains and is saved."""
     parts = build_pair_parts(ctx, ctx.cfg.stage.reward.disable_dropout, "reward")
     model = RewardModel(parts.lm, parts.tokenizer.pad_id)
-    return Stage("reward", model=model, saved_model=model, loss=PairObjective(reward_loss), batches=parts.loader,
-                 sampler=parts.sampler, total_steps=parts.total_steps, tokenizer=parts.tokenizer,
+    return Stage("reward", model=model, saved_model=model, loss=PairObjective(reward_loss),
+                 batches=parts.loader, sampler=parts.sampler, total_steps=parts.total_steps,
+                 tokenizer=parts.tokenizer,
                  evaluate=partial(evaluate_pairs, reward_loss, model, parts.eval_batches, ctx.device,
                                   ctx.precision.autocast()),
                  fingerprints=pair_fingerprints(parts.tokenizer, parts.train_pairs),
@@ -190,7 +192,8 @@ def dpo_objectives(d, parts: PairParts, scorer: SequenceLogProbs, ctx: RunContex
         return objective, objective
     autocast, batch_size = ctx.precision.autocast(), ctx.cfg.eval.batch_size
     train_batches = pair_batches(parts.train_pairs, parts.collator, batch_size)
-    train_ref = precompute_reference_logps(scorer, train_batches, len(parts.train_pairs), ctx.device, autocast)
+    train_ref = precompute_reference_logps(scorer, train_batches,
+                                           len(parts.train_pairs), ctx.device, autocast)
     eval_ref = precompute_reference_logps(scorer, parts.eval_batches,
                                           sum(b["n_pairs"] for b in parts.eval_batches), ctx.device, autocast)
     ctx.say(f"dpo: reference log-probs precomputed for {len(parts.train_pairs)} train and {len(eval_ref)} "

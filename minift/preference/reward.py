@@ -29,7 +29,8 @@ from ..models.base import CONFIG_NAME, WEIGHTS_NAME, CausalLM
 from ..models.config import read_json_object
 from .pairs import PairLoss, append_eos_for
 
-SEQUENCE_CLASSIFIERS = {"openai-gpt": "OpenAIGPTForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+SEQUENCE_CLASSIFIERS = {"openai-gpt": "OpenAIGPTForSequenceClassification",
+                        "gpt2": "GPT2ForSequenceClassification"}
 
 
 class RewardModel(nn.Module):
@@ -86,7 +87,8 @@ def load_reward_model(name_or_path: str | Path) -> RewardModel:
         raise CheckpointError(f"{directory}: a reward model has num_labels = 1, config.json has "
                               f"{len(raw['id2label'])} labels")
     with torch.device("meta"):
-        model = RewardModel(build_model(config_from_json_file(directory / CONFIG_NAME)), raw.get("pad_token_id"))
+        model = RewardModel(build_model(config_from_json_file(directory / CONFIG_NAME)),
+                            raw.get("pad_token_id"))
     load_reward_weights(model, directory, assign=True)
     return model.eval()
 
@@ -98,14 +100,17 @@ def load_reward_weights(model: RewardModel, directory: Path, assign: bool = Fals
     expected = model.state_dict()
     for key in model.vocab_keys & tensors.keys():
         rows, padded_rows = tensors[key].shape[0], expected[key].shape[0]
-        if rows == model.config.vocab_size < padded_rows and tensors[key].shape[1:] == expected[key].shape[1:]:
-            tensors[key] = torch.cat([tensors[key], tensors[key].new_zeros(padded_rows - rows, *tensors[key].shape[1:])])
+        if rows == model.config.vocab_size < padded_rows \
+                and tensors[key].shape[1:] == expected[key].shape[1:]:
+            tensors[key] = torch.cat([tensors[key],
+                                      tensors[key].new_zeros(padded_rows - rows, *tensors[key].shape[1:])])
     problems = [f"missing key {k}" for k in expected.keys() - tensors.keys()]
     problems += [f"unexpected key {k} in {origin[k]}" for k in tensors.keys() - expected.keys()]
     problems += [f"shape mismatch for {k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)}"
                  for k in tensors.keys() & expected.keys() if tensors[k].shape != expected[k].shape]
     if problems:
-        raise CheckpointError(f"{directory} is not a reward model of this config:\n  " + "\n  ".join(sorted(problems)))
+        raise CheckpointError(f"{directory} is not a reward model of this config:\n  "
+                              + "\n  ".join(sorted(problems)))
     model.load_state_dict(tensors, strict=True, assign=assign)
 
 
@@ -118,7 +123,8 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> PairLoss:
 
 
 def reward_loss(model: nn.Module, batch: dict, device: torch.device) -> PairLoss:
-    """The reward-model objective (wrapped in ``PairObjective`` for ``loop.train``): rewards of [chosen; rejected] rows in one forward."""
+    """The reward-model objective (wrapped in ``PairObjective`` for ``loop.train``): rewards of
+    [chosen; rejected] rows in one forward."""
     rewards = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
     return bradley_terry(*rewards.float().chunk(2))
 
@@ -176,7 +182,8 @@ def saved_run_config(model_dir: str | Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: not a minift run config ({err}) — remove it, or pass the completions") from None
+        raise InputError(f"{path}: not a minift run config ({err}) — remove it, or "
+                         f"pass the completions") from None
     if not isinstance(config, dict):
         raise InputError(f"{path}: not a minift run config (a JSON {type(config).__name__}) — remove it, or "
                          "pass the completions")

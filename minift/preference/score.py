@@ -43,9 +43,9 @@ def label_completions(model_dir: str, run_config: dict) -> list[str]:
     return [completion.format(label=label) for label in data["labels"]]
 
 
-def rank_completions(model_dir: str, prompt: str, completions: list[str], policy: str | None = None, n: int = 8,
-                     max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-                     progress: Callable[[int, int], None] = lambda done, total: None
+def rank_completions(model_dir: str, prompt: str, completions: list[str], policy: str | None = None,
+                     n: int = 8, max_new_tokens: int = 8, temperature: float = 1.0, top_k: int = 0,
+                     seed: int = 0, progress: Callable[[int, int], None] = lambda done, total: None
                      ) -> list[tuple[float, str]]:
     """``(reward, completion)`` pairs, best first."""
     if policy:

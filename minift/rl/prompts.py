@@ -63,7 +63,8 @@ def load_prompt_dataset(source: str, split: str = "train", seed: int = 0) -> dat
 
 
 def checked_prompt_split(dataset: datasets.Dataset, source: str, split: str) -> datasets.Dataset:
-    """``dataset`` when it is a prompt-only split (a ``prompt`` column of plain text), else one line why not."""
+    """``dataset`` when it is a prompt-only split (a ``prompt`` column of plain text), else one line
+    why not."""
     if PROMPT_COLUMN not in dataset.column_names:
         raise DataError(f"{source}: split {split!r} has no {PROMPT_COLUMN!r} column (TRL's prompt-only "
                         f"format); columns are {dataset.column_names}")

@@ -99,8 +99,9 @@ class RewardModelReward:
     preference pairs encode ``prompt + chosen`` the same way), encoded by the reward model's own
     tokenizer, with its EOS appended when the training appended it (``append_eos``: None reads the
     folder's ``run_config.json``: ``preference.reward.trained_with_eos``). The score is read at the last
-    real token (the attention mask, as ``minift reward`` trains it). A sequence longer than the reward model's positions keeps
-    its start (the end is cut, as the pairs were truncated); ``truncated`` counts them."""
+    real token (the attention mask, as ``minift reward`` trains it). A sequence longer than the reward
+    model's positions keeps its start (the end is cut, as the pairs were truncated); ``truncated``
+    counts them."""
 
     def __init__(self, spec: str, device: torch.device | str = "cpu", batch_size: int = 64,
                  append_eos: bool | None = None, dtype: torch.dtype | None = None):
