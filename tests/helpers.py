@@ -1,7 +1,11 @@
 """A tiny, fast run config on the project's own synthetic data (no shared material)."""
 from __future__ import annotations
 
+import pytest
+
+from minift import metrics
 from minift.config import load_config
+from minift.finetune import run
 
 from conftest import REPO
 
@@ -27,10 +31,31 @@ def cli_command(config, *extra):
                 sets += ["--set", f"{section}.{key}={json.dumps(value)}"]
     for key, value in config.model.config.items():
         sets += ["--set", f"model.config.{key}={json.dumps(value)}"]
-    return [sys.executable, "-m", "minift", "train", str(REPO / "configs" / "offline-default.toml"), *sets, *extra]
+    return [sys.executable, "-m", "minift", "train", str(REPO / "configs" / "offline-default.toml"), *sets,
+            *extra]
 
 
 def subprocess_env():
     import os
 
     return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+class Crash(Exception):
+    pass
+
+
+def run_until_crash(config, step: int, monkeypatch) -> None:
+    """Run ``config`` (``minift train``) and crash (an exception) when the loop logs optimizer step
+    ``step``."""
+    original_call = metrics.MetricsLogger.__call__
+
+    def crash_at(self, record):
+        if record.get("step") == step:
+            raise Crash()
+        original_call(self, record)
+
+    monkeypatch.setattr(metrics.MetricsLogger, "__call__", crash_at)
+    with pytest.raises(Crash):
+        run(config, log=lambda *_: None)
+    monkeypatch.setattr(metrics.MetricsLogger, "__call__", original_call)

@@ -8,11 +8,10 @@ import time
 
 import pytest
 import torch
-from helpers import cli_command, subprocess_env, tiny_config
+from helpers import cli_command, run_until_crash, subprocess_env, tiny_config
 from safetensors.torch import load_file
 
 from minift import checkpoint as ckpt
-from minift import metrics
 from minift.finetune import run
 
 
@@ -33,28 +32,9 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-class Crash(Exception):
-    pass
-
-
-def _run_until_crash(config, step: int, monkeypatch) -> None:
-    """Run ``config`` and crash (an exception) when the loop logs optimizer step ``step``."""
-    original_call = metrics.MetricsLogger.__call__
-
-    def crash_at(self, record):
-        if record.get("step") == step:
-            raise Crash()
-        original_call(self, record)
-
-    monkeypatch.setattr(metrics.MetricsLogger, "__call__", crash_at)
-    with pytest.raises(Crash):
-        run(config, log=lambda *_: None)
-    monkeypatch.setattr(metrics.MetricsLogger, "__call__", original_call)
-
-
 def test_resume_after_a_crash_mid_epoch_is_bit_identical(tmp_path, uninterrupted, monkeypatch):
     """Crash at step 11 (13 steps per epoch; the last checkpoint is step 9, mid-epoch), resume."""
-    _run_until_crash(tiny_config(tmp_path, "train.checkpoint_every=3"), 11, monkeypatch)
+    run_until_crash(tiny_config(tmp_path, "train.checkpoint_every=3"), 11, monkeypatch)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-6"]
     state = ckpt.load_training_state(tmp_path / "checkpoint-9")
     assert state["sampler"][0]["consumed"] == 18 and state["sampler"][0]["epoch"] == 0
@@ -74,7 +54,8 @@ def test_resume_after_a_crash_mid_epoch_is_bit_identical(tmp_path, uninterrupted
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupted):
     config = tiny_config(tmp_path, "train.checkpoint_every=3")
     env = subprocess_env()
-    proc = subprocess.Popen(cli_command(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_command(config), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     metrics = tmp_path / "metrics.jsonl"
     while time.time() < deadline:
@@ -84,7 +65,8 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, uninterrupt
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.find_resumable(tmp_path, log=lambda *_: None) is not None
-    result = subprocess.run(cli_command(config, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cli_command(config, "--resume"), env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     _assert_bitwise_equal(_weights(tmp_path / "checkpoint-20"), _weights(uninterrupted / "checkpoint-20"))
 
@@ -127,7 +109,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, uninterrupted, mon
     out = _copy_run(uninterrupted, tmp_path / "run")
     before = ckpt.list_checkpoints(out)
 
-    class Model:
+    class Model(torch.nn.Module):  # a model whose save fails as a full disk makes it fail
         def save_pretrained(self, path):
             path.mkdir()
             raise OSError(28, "No space left on device")
@@ -144,10 +126,12 @@ def test_keep_last_k(tmp_path, uninterrupted):
 
 
 def test_the_packed_static_path_resumes_bit_identically(tmp_path, monkeypatch):
-    """data.sampler = "packed" (fixed-shape batches): crash at step 7, resume from step 6, same weights at 8."""
+    """data.sampler = "packed" (fixed-shape batches): crash at step 7, resume from step 6, same weights
+    at 8."""
     overrides = ("data.sampler=packed", "train.batch_size=2", "train.checkpoint_every=3", "train.max_steps=8")
     run(tiny_config(tmp_path / "full", *overrides), log=lambda *_: None)
-    _run_until_crash(tiny_config(tmp_path / "resumed", *overrides), 7, monkeypatch)
+    run_until_crash(tiny_config(tmp_path / "resumed", *overrides), 7, monkeypatch)
     assert ckpt.list_checkpoints(tmp_path / "resumed")[0].name == "checkpoint-6"
     run(tiny_config(tmp_path / "resumed", *overrides), resume=True, log=lambda *_: None)
-    _assert_bitwise_equal(_weights(tmp_path / "resumed" / "checkpoint-8"), _weights(tmp_path / "full" / "checkpoint-8"))
+    _assert_bitwise_equal(_weights(tmp_path / "resumed" / "checkpoint-8"),
+                          _weights(tmp_path / "full" / "checkpoint-8"))

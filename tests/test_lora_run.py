@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from fitting_helpers import base_folder, run_config
+from helpers import run_until_crash
 from safetensors.torch import load_file
 from torch import nn
 
 import minift
 from minift import checkpoint as ckpt
-from minift import metrics
 from minift.cli import main
 from minift.finetune import run
 from minift.lora import LoraSettings, adapters_disabled, apply_lora, trainable_parameters
@@ -24,25 +24,6 @@ from conftest import REPO
 
 LORA = ("lora.r=4", "lora.alpha=8", "lora.dropout=0.1")
 TARGETS = ('lora.target_modules=["c_attn", "c_proj"]', "train.checkpoint_every=3")
-
-
-class Crash(Exception):
-    pass
-
-
-def _run_until_crash(config, step, monkeypatch):
-    """Run ``config`` and crash when the loop logs optimizer step ``step`` (tests/test_checkpoint.py)."""
-    original = metrics.MetricsLogger.__call__
-
-    def crash_at(self, record):
-        if record.get("step") == step:
-            raise Crash()
-        original(self, record)
-
-    monkeypatch.setattr(metrics.MetricsLogger, "__call__", crash_at)
-    with pytest.raises(Crash):
-        run(config, log=lambda *_: None)
-    monkeypatch.setattr(metrics.MetricsLogger, "__call__", original)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +47,7 @@ def test_checkpoints_hold_the_adapter_and_resume_bit_identically(lora_run, tmp_p
     assert len(state["optimizer"]["state"]) == len(adapter)  # AdamW's moments of the adapter only
     # crash at step 5 (the newest checkpoint is step 3: dropout's RNG and the data position are replayed)
     config = run_config(tmp_path, base, *LORA, *TARGETS)
-    _run_until_crash(config, 5, monkeypatch)
+    run_until_crash(config, 5, monkeypatch)
     run(config, resume=True, log=lambda *_: None)
     resumed = load_file(str(tmp_path / "checkpoint-8" / ckpt.ADAPTER_STATE))
     assert all(torch.equal(resumed[k], adapter[k]) for k in adapter)

@@ -59,6 +59,8 @@ def test_the_intro_sends_learners_to_how_trainer_works_first():
 HUB = ("needs the Hugging Face hub (openai-gpt, mteb/tweet_sentiment_extraction); the next command runs it "
        "on local copies")
 NO_HUB_RUN = "needs runs/openai-gpt-tweets/model, the model of the hub job (configs/openai-gpt-tweets.toml)"
+GPT2_LOCAL = ("configs/gpt2-tweets.toml --set model.name=../shared/fixtures/tiny-gpt2 "
+              "--set data.source=../shared/data/tweet_sentiment_extraction")
 SMALL_JOB = "--set train.max_steps=2 --set data.max_train_examples=64 --set eval.max_examples=32"
 POLICIES = [
     (r"^python3 -m venv |^python3 -m pip install ",
@@ -76,7 +78,7 @@ POLICIES = [
      Skip("needs the Hugging Face hub (HuggingFaceTB/SmolLM2-135M); configs/llama-chat-tiny.toml runs the "
           "same chat path offline")),
     (r"^python3 -m minift train --help", Run()),
-    (r"^torchrun --nproc-per-node 4 ",
+    (r"^torchrun --nproc-per-node 4 -m minift train configs/openai-gpt-tweets",
      Skip(HUB.split(";")[0] + "; tests/test_distributed.py runs minift train under torchrun on 2 CPUs")),
     (r"^torchrun --nnodes 2 ", Skip("needs two machines")),
     (r"^python3 benchmarks/throughput\.py",
@@ -99,6 +101,21 @@ POLICIES = [
     (r"^cp -r runs/sft-400 runs/sft-500", Run()),
     (r"^python3 -m minift eval configs/openai-gpt-tweets\.toml --model runs/(sft-500|dpo-100)/", Run()),
     (r"^python3 -m minift (dpo|reward) configs/\w+-tweets\.toml --set model\.name=runs/sft-400/", Run()),
+    (r"^python3 -m minift train configs/gpt2-tweets\.toml ",
+     Run(replace={"configs/gpt2-tweets.toml": GPT2_LOCAL}, extra=SMALL_JOB)),
+    (r"^python3 -m minift (predict|merge) .*runs/gpt2-tweets/model", Run()),
+    (r"^python3 -m minift (grpo|rloo) configs/grpo-tiny\.toml|^python3 -m minift grpo --help", Run()),
+    (r"^python3 -m minift (grpo|rloo) configs/(grpo|rloo)-tweets\.toml",
+     Run(replace={"-tweets.toml": "-tweets.toml --set data.source=../shared/data/tweet_sentiment_extraction"},
+         extra="--set train.max_steps=2 --set data.max_train_examples=64 --set eval.max_examples=16")),
+    (r"^python3 benchmarks/rl_tweets\.py +#",
+     Skip("a benchmark: the full-size SFT, DPO, reward model and RL runs, hours on a CPU; the next "
+          "command runs at a smaller size")),
+    (r"^python3 benchmarks/rl_tweets\.py --sft-steps",
+     Run(extra="--sft-steps 4 --rl-steps 2 --train-tweets 64 --pairs 16 --eval 16 --out bench-results")),
+    (r"^torchrun --nproc-per-node 4 -m minift train configs/gpt2-tweets\.toml --set train\.distributed=fsdp",
+     Skip("4 ranks of the whole tweets job; tests/test_fsdp.py runs FSDP on 2 gloo ranks against one "
+          "process")),
 ]
 # The preference block's runs take minutes: the same commands with these --set values divided by 100
 # (SFT 4 + 1 steps on 80 tweets, DPO and the reward model 1 step on 16 pairs, evaluations on 10 tweets).
@@ -139,7 +156,7 @@ def run_block(index: int, view) -> str:
     needs = {p for c in runnable for p in policy_of(c, POLICIES).requires}
     if missing_reason(needs):
         pytest.skip(missing_reason(needs))
-    if "../shared" in block.text or "S=../shared" in block.text:
+    if "../shared" in block.text + "".join(policy_of(c, POLICIES).command(c.text) for c in runnable):
         shared_path("fixtures")
     result = run_commands(block.commands, POLICIES, folder, environment(REPO, SHARED, bin_dir), timeout=1800)
     assert result.returncode == 0, f"README.md block at line {block.line} failed:\n{result.stdout[-4000:]}"
@@ -157,8 +174,10 @@ def test_readme_shell_block_runs(index, view):
     block = SHELL_BLOCKS[index]
     if "runs/offline-default/model" in block.text and not (view[0] / "runs/offline-default/model").exists():
         run_block(block_index("minift train configs/offline-default.toml"), view)  # the model it uses
+    if "runs/sft-400/model" in block.text and not (view[0] / "runs/sft-400/model").exists():
+        run_block(block_index("train.output_dir=runs/sft-400"), view)  # the model the RL runs start from
     output = run_block(index, view)
-    if "minift predict" in block.text:
+    if "minift predict --model runs/offline-default/model" in block.text:
         check_predict_and_generate(output)
     if "runs/sft-500" in block.text:
         check_resumed_sft(view[0], output)

@@ -4,6 +4,7 @@ through the whole recipe against TRL's GRPOTrainer / RLOOTrainer (live, or their
 bad input refused in one line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,9 +17,9 @@ import torch
 from trl_rl import SETTINGS, STEP_KEYS, TRACE, config, eos_ids, prompts, weight_digest
 
 from minift import checkpoint as ckpt
-from minift import orchestration
 from minift.hub import from_pretrained
-from minift.rl.recipe import load_rl_config, run_rl
+from minift.orchestration import run_stage
+from minift.rl.recipe import build_grpo_stage, load_rl_config, run_rl
 from minift.rl.replay import ReplayRound, write_replay
 
 from conftest import FIXTURES, REPO, shared_path
@@ -59,11 +60,14 @@ def replay_overrides(setting: dict, tmp_path, completions) -> list[str]:
 
 def run_recipe_replay(setting: dict, tmp_path, completions, monkeypatch) -> tuple[list[dict], dict]:
     """The recipe on recorded completions: its logged step records (TRL's names) and final weights."""
-    if setting["optimizer"] == "sgd":  # the optimizer component swapped, as a user would swap it
-        monkeypatch.setattr(orchestration, "build_optimizer",
-                            lambda cfg, model: torch.optim.SGD(model.parameters(), lr=cfg.train.lr))
     cfg = load_rl_config(None, replay_overrides(setting, tmp_path, completions), setting["trainer"])
-    run_rl(cfg, **QUIET)
+    if setting["optimizer"] == "sgd":  # the stage's optimizer component swapped, as a user would swap it
+        def sgd(cfg, model):
+            return torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+
+        run_stage(cfg, lambda ctx: dataclasses.replace(build_grpo_stage(ctx), build_optimizer=sgd), **QUIET)
+    else:
+        run_rl(cfg, **QUIET)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if "step_time" in r]
     params = dict(from_pretrained(tmp_path / "run" / "model").named_parameters())

@@ -104,6 +104,15 @@ def model_inputs(batch: dict, device: torch.device) -> dict:
     return inputs
 
 
+def completion_forward(model: nn.Module, batch: dict, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training forward of both objectives: the policy's per-token log-probs and entropies of the
+    micro-batch's completions, each 0 where the completion mask is 0, and that mask (as their dtype)."""
+    logps, entropy = model(**model_inputs(batch, device))
+    mask = batch["completion_mask"].to(device=device, dtype=logps.dtype)
+    return masked(logps, mask), masked(entropy, mask), mask
+
+
 @torch.no_grad()
 def completion_logps(scorer: CompletionLogProbs, batch: dict, rows_per_forward: int, device: torch.device,
                      autocast=None) -> torch.Tensor:
@@ -221,9 +230,7 @@ class GRPOObjective:
         return 1
 
     def __call__(self, model: nn.Module, batch: dict, device: torch.device) -> RLLoss:
-        logps, entropy = model(**model_inputs(batch, device))
-        mask = batch["completion_mask"].to(device=device, dtype=logps.dtype)
-        logps, entropy = masked(logps, mask), masked(entropy, mask)
+        logps, entropy, mask = completion_forward(model, batch, device)
         advantages = batch["advantages"].to(device=device, dtype=logps.dtype)[:, None]
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old.to(device=device, dtype=logps.dtype)
@@ -281,9 +288,7 @@ class RLOOObjective:
         return 1
 
     def __call__(self, model: nn.Module, batch: dict, device: torch.device) -> RLLoss:
-        logps, entropy = model(**model_inputs(batch, device))
-        mask = batch["completion_mask"].to(device=device, dtype=logps.dtype)
-        logps, entropy = masked(logps, mask), masked(entropy, mask)
+        logps, entropy, mask = completion_forward(model, batch, device)
         old = batch["old_logps"].to(device=device, dtype=logps.dtype)
         advantages = batch["advantages"].to(device=device, dtype=logps.dtype)
         coef = torch.exp((logps * mask).sum(1) - (old * mask).sum(1))
