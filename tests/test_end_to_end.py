@@ -85,6 +85,7 @@ def test_eval_command_scores_the_trained_model(offline_run):
     assert report["accuracy"] == summary["eval_after"]["accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_short_real_run_tiny_checkpoint_real_tweets(tmp_path):
     cfg = load_config(REPO / "configs" / "openai-gpt-tweets.toml", [

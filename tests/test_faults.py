@@ -37,7 +37,8 @@ def _wait_for_steps(path, n, timeout=120):
 
 
 # SIGINT takes the same path as SIGTERM (StopRequest handles both): the default suite runs one
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the default suite keeps one kill + resume: test_checkpoint.py's SIGKILL
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_at_the_next_step_boundary_and_exits_cleanly(tmp_path, reference, sig):
     config = tiny_config(tmp_path, "train.checkpoint_every=3")
     proc = subprocess.Popen(cli_command(config), env=subprocess_env(), stdout=subprocess.PIPE,

@@ -48,6 +48,7 @@ def test_gpt2_pads_with_eos_and_keeps_appended_eos_as_a_target():
     assert batch["labels"].tolist() == [[10, 11, 50256], [12, 50256, -100]]  # the real EOS is trained on
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_short_real_run_tiny_gpt2(tmp_path):
     cfg = load_config(REPO / "configs" / "gpt2-tweets.toml", [

@@ -53,7 +53,8 @@ def _run_offline(cache, code):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("hub_repo", ["openai-community/openai-gpt", "openai-gpt"])
+@pytest.mark.parametrize("hub_repo", ["openai-community/openai-gpt",
+                                      pytest.param("openai-gpt", marks=pytest.mark.slow)])
 def test_hub_names_resolve_through_the_cache(tmp_path, hub_repo):
     _make_hub_cache(tmp_path / "hub", hub_repo, shared_path("fixtures", "tiny-openai-gpt"))
     ref = shared_path("fixtures", "tiny-openai-gpt", "reference_logits.npz")

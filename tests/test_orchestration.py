@@ -73,7 +73,7 @@ recipe.run_stage(cfg, build_and_break, resume=True, log=lambda *_: None)
 """
 
 
-@pytest.mark.parametrize("stage", ["dpo", "reward"])
+@pytest.mark.parametrize("stage", ["dpo", pytest.param("reward", marks=pytest.mark.slow)])
 def test_a_kill_during_export_leaves_the_previous_model_intact(tmp_path, stage):
     _run(stage, _config(stage, tmp_path))
     weights = tmp_path / "model" / "model.safetensors"
