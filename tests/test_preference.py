@@ -220,6 +220,63 @@ def test_reward_model_saved_by_minift_loads_in_transformers(tmp_path, fixture):
         torch.testing.assert_close(load_reward_model(tmp_path)(ids, mask), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.requires("transformers")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_a_llama_family_reward_model_loads_in_transformers_and_back(tmp_path, family):
+    """The backbone saved under ``model.*`` with ``score.weight``, as ``LlamaForSequenceClassification``
+    (and its Qwen2 / Qwen3 / Mistral kin) hold it: the same scores in transformers and after minift
+    reloads it."""
+    from transformers import AutoModelForSequenceClassification
+
+    from minift.models import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config, build_model
+
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                 tie_word_embeddings=False)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+              "mistral": MistralConfig}[family]
+    torch.manual_seed(0)
+    lm = build_model(config(**shape, **({"head_dim": 8} if family == "qwen3" else {})))
+    pad = 63
+    rm = RewardModel(lm, pad).eval()
+    rm.save_pretrained(tmp_path)
+    theirs = AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    assert type(theirs).__name__ == f"{config.architecture[:-len('ForCausalLM')]}ForSequenceClassification"
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 10, 11, pad, pad], [12, pad, pad, pad, pad]])
+    mask = (torch.arange(5)[None] < torch.tensor([[5], [3], [1]])).long()
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        torch.testing.assert_close(rm(ids, mask), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(load_reward_model(tmp_path)(ids, mask), want, rtol=0, atol=1e-5)
+
+
+def test_minift_reward_trains_a_llama_shaped_backbone(tmp_path):
+    """``minift reward`` on a Llama-family model: trains, and the model/ it exports scores as the model
+    in its last checkpoint does (``minift score`` and the RL stage's reward load it so)."""
+    from fitting_helpers import base_folder, run_config
+
+    from minift.components import build_model, build_tokenizer
+    from minift.preference.recipe import run_reward
+    from minift.preference.reward import load_reward_weights
+
+    cfg = run_config(tmp_path / "reward", base_folder(None, "llama"), "train.max_steps=2",
+                     "train.checkpoint_every=2", "pairs.max_train_pairs=16", "pairs.max_eval_pairs=8",
+                     path=REPO / "configs" / "reward-tiny.toml")
+    summary = run_reward(cfg, log=lambda *_: None)
+    assert summary["steps"] == 2
+    tokenizer = build_tokenizer(cfg)
+    lm = build_model(cfg, tokenizer, torch.device("cpu"), say=lambda *_: None)
+    trained = RewardModel(lm, tokenizer.pad_id)
+    load_reward_weights(trained, tmp_path / "reward" / "checkpoint-2")
+    ids = torch.randint(0, tokenizer.pad_id, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported = load_reward_model(tmp_path / "reward" / "model")
+        assert json.loads((tmp_path / "reward" / "model" / "config.json").read_text())["architectures"] == [
+            "LlamaForSequenceClassification"]
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(exported(ids, mask), trained.eval()(ids, mask), rtol=0, atol=0)
+
+
 # -- against TRL --------------------------------------------------------------------------------------------
 def _compare_steps(stage, mine, theirs):
     """float32 on both sides, same ids, same order: per-step values agree to float32 rounding of sums

@@ -118,7 +118,7 @@ def _check_causal_lm(model: nn.Module, targets: list[str], saved: list[str]) -> 
         raise LoraSettingsError("[lora] target_modules: lm_head — minift's LM head runs inside the loss "
                                 "(chunked or fused with the cross-entropy) from its weight, so a LoRA update "
                                 "there would never run; put lm_head in modules_to_save instead")
-    embedding = f"transformer.{model.token_embedding_name}"
+    embedding = f"{model.base_model_prefix}.{model.token_embedding_name}"
     if model.lm_head is None and embedding in saved:
         raise LoraSettingsError(f"[lora] modules_to_save: {embedding} is the token embedding the tied LM "
                                 f"head reads; training a copy would untie them (peft keeps the head on the "

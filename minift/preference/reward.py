@@ -1,13 +1,14 @@
-"""The reward model: a GPT backbone with a scalar head on the last real token, trained with the
-Bradley–Terry loss on preference pairs.
+"""The reward model: a language model's backbone with a scalar head on the last real token, trained
+with the Bradley–Terry loss on preference pairs.
 
     hidden = backbone(prompt + completion)          (the LM's transformer, no LM head)
     reward = score(hidden at the row's last real token)   (Linear(n_embd, 1), no bias)
     loss   = -log σ(r_chosen - r_rejected), summed over pairs; pairwise accuracy = P(r_chosen > r_rejected)
 
-The weights are saved in transformers' ``OpenAIGPTForSequenceClassification`` /
-``GPT2ForSequenceClassification`` layout with ``num_labels = 1`` (``transformer.*`` + ``score.weight``,
-``pad_token_id`` in config.json), so ``AutoModelForSequenceClassification`` loads what minift saves.
+The weights are saved in transformers' ``…ForSequenceClassification`` layout of the family
+(``OpenAIGPT…`` / ``GPT2…``: ``transformer.*``; ``Llama…``, ``Qwen2…``, ``Qwen3…``, ``Mistral…``:
+``model.*``) with ``num_labels = 1``, ``score.weight`` and ``pad_token_id`` in config.json, so
+``AutoModelForSequenceClassification`` loads what minift saves.
 transformers finds "the last real token" as the last id that is not ``pad_token_id``; minift uses
 the attention mask. They agree while no real token is the pad id: the tweet pairs end on the label
 (no EOS appended), so with GPT-2's pad = EOS nothing is lost.
@@ -33,19 +34,28 @@ SEQUENCE_CLASSIFIERS = {"openai-gpt": "OpenAIGPTForSequenceClassification",
                         "gpt2": "GPT2ForSequenceClassification"}
 
 
+def sequence_classifier(config) -> str:
+    """transformers' sequence-classification class of the family (``LlamaForCausalLM`` ->
+    ``LlamaForSequenceClassification``)."""
+    if config.model_type in SEQUENCE_CLASSIFIERS:
+        return SEQUENCE_CLASSIFIERS[config.model_type]
+    return config.architecture.replace("ForCausalLM", "ForSequenceClassification")
+
+
 class RewardModel(nn.Module):
-    """``transformer`` (shared with the ``CausalLM`` it is built from) + ``score`` head."""
+    """The backbone under the name transformers gives it (``transformer`` for GPT-1/GPT-2, ``model``
+    for the Llama family; shared with the ``CausalLM`` it is built from) + ``score`` head."""
 
     def __init__(self, lm: CausalLM, pad_token_id: int | None):
         super().__init__()
         self.config = lm.config
-        self.transformer = lm.transformer
+        self.add_module(lm.base_model_prefix, lm.base_model)
         self._hidden_states = lm.hidden_states  # the LM's forward up to the head (mask, positions, blocks)
         self.score = nn.Linear(lm.config.n_embd, 1, bias=False, device=lm.token_embedding.weight.device,
                                dtype=lm.token_embedding.weight.dtype)
         self.pad_token_id = pad_token_id
         # the embedding may hold padding rows past the vocabulary (CausalLM.pad_vocab): saved without them
-        self.vocab_keys = {k for k in lm.vocab_weight_keys() if k.startswith("transformer.")}
+        self.vocab_keys = {k for k in lm.vocab_weight_keys() if k.startswith(f"{lm.base_model_prefix}.")}
         nn.init.normal_(self.score.weight, std=lm.config.initializer_range)  # transformers' init of the head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -61,13 +71,13 @@ class RewardModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.json (sequence-classification architecture, num_labels 1, pad_token_id) +
-        model.safetensors with ``transformer.*`` and ``score.weight``."""
+        model.safetensors with the backbone's keys and ``score.weight``."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()
-        config.update(architectures=[SEQUENCE_CLASSIFIERS[self.config.model_type]], id2label={"0": "LABEL_0"},
+        config.update(architectures=[sequence_classifier(self.config)], id2label={"0": "LABEL_0"},
                       label2id={"LABEL_0": 0}, pad_token_id=self.pad_token_id)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(self.state_dict_for_save(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -94,7 +104,7 @@ def load_reward_model(name_or_path: str | Path) -> RewardModel:
 
 
 def load_reward_weights(model: RewardModel, directory: Path, assign: bool = False) -> None:
-    """Copy ``transformer.*`` + ``score.weight`` from ``directory``; every key must match (the
+    """Copy the backbone + ``score.weight`` from ``directory``; every key must match (the
     vocabulary rows get the model's zero padding rows back, as ``CausalLM`` loads them)."""
     tensors, origin = read_state_dict(Path(directory))
     expected = model.state_dict()
