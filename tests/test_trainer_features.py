@@ -397,7 +397,8 @@ def test_features_side_by_side_on_settings_drawn_at_random():
     argv = ["--sampling", *(str(x) for pair in drawn.items() for x in pair)]
     args = sbs.parse_args(argv)
     for name, feature in sbs.features(args).items():
-        _assert_row_matches(f"{name} {argv}", sbs.compare_feature(args, feature))
+        # weights within 3e-5: a drawn NEFTune alpha up to 15 adds float32 noise to every step (seen: 1.1e-5)
+        _assert_row_matches(f"{name} {argv}", sbs.compare_feature(args, feature), tolerance=3e-5)
 
 
 # -- exact resume with the new state -------------------------------------------------------------------
@@ -409,7 +410,7 @@ def _weights(path):
 @pytest.mark.parametrize("compat", [False, True])
 def test_resume_with_best_model_early_stopping_and_neftune_is_bit_identical(tmp_path, monkeypatch, compat):
     """Crash mid-run, resume: the same weights, best checkpoint, early stop and noise as one run."""
-    from test_checkpoint import _run_until_crash
+    from helpers import run_until_crash
 
     from minift.finetune import run
 
@@ -421,7 +422,7 @@ def test_resume_with_best_model_early_stopping_and_neftune_is_bit_identical(tmp_
                  *(["train.compat=trainer", "train.seed=0", "train.grad_accum=2", "train.log_every=1",
                     "eval.batch_size=32", "train.checkpoint_every=0"] if compat else [])]
     full = run(tiny_config(tmp_path / "full", *overrides), log=lambda *_: None)
-    _run_until_crash(tiny_config(tmp_path / "resumed", *overrides), 6, monkeypatch)  # 4 steps per epoch
+    run_until_crash(tiny_config(tmp_path / "resumed", *overrides), 6, monkeypatch)  # 4 steps per epoch
     resumed = run(tiny_config(tmp_path / "resumed", *overrides), resume=True, log=lambda *_: None)
     assert full["steps"] == resumed["steps"] == 12
     assert full.get("early_stopped") and resumed.get("early_stopped")
