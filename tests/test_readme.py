@@ -91,7 +91,9 @@ POLICIES = [
      Skip("a benchmark: full-size openai-gpt steps under torchrun, minutes on a CPU; "
           "tests/test_distributed.py runs the recipe under torchrun")),
     (r"^benchmarks/gpu\.sh", Skip("needs a CUDA GPU")),
-    (r"^python3 benchmarks/trainer_side_by_side\.py ", Run(requires=("transformers", "accelerate"))),
+    # the feature rows (--features, all by default) run one by one in tests/test_trainer_features.py
+    (r"^python3 benchmarks/trainer_side_by_side\.py ",
+     Run(requires=("transformers", "accelerate"), extra="--features")),
     (r"^cp minift/finetune\.py my_recipe\.py$|^python3 my_recipe\.py ", Run()),
     (r"^python3 -m minift (dpo|reward) configs/(dpo|reward)-tweets\.toml +#", Skip(NO_HUB_RUN)),
     (r"^python3 -m minift score ",

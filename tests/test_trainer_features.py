@@ -384,7 +384,8 @@ def test_feature_side_by_side_with_trainer(name):
 @pytest.mark.slow
 @pytest.mark.requires("transformers")
 def test_features_side_by_side_on_settings_drawn_at_random():
-    """Every row again, on settings no other test uses: drawn anew each run (printed on failure)."""
+    """Four rows again, on settings no other test uses: rows and settings drawn anew each run (printed
+    on failure); every row runs on the fixed settings above."""
     shared_path("fixtures", "tiny-openai-gpt")
     sbs = _side_by_side()
     draw = random.Random(os.urandom(8))
@@ -396,7 +397,9 @@ def test_features_side_by_side_on_settings_drawn_at_random():
              "--warmup": draw.randint(0, 3)}
     argv = ["--sampling", *(str(x) for pair in drawn.items() for x in pair)]
     args = sbs.parse_args(argv)
-    for name, feature in sbs.features(args).items():
+    rows = sbs.features(args)
+    for name in draw.sample(sorted(rows), 4):
+        feature = rows[name]
         # weights within 3e-5: a drawn NEFTune alpha up to 15 adds float32 noise to every step (seen: 1.1e-5)
         _assert_row_matches(f"{name} {argv}", sbs.compare_feature(args, feature), tolerance=3e-5)
 
