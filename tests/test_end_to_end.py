@@ -54,6 +54,7 @@ def test_piped_output_is_plain_lines(offline_run):
     assert all(line.startswith(("  ", "checkpoint: ", "plot written", "no plot")) for line in after_summary)
 
 
+@pytest.mark.slow  # two fresh processes; the default suite runs both in-process (test_lora_run.py)
 def test_predict_and_generate_on_the_trained_model(offline_run):
     out, _ = offline_run
     env = {**os.environ, "PYTHONPATH": str(REPO)}
