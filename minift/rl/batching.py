@@ -30,13 +30,13 @@ POSITIONS = ("padded", "real")
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [N, L], mask [N, L]): each row right-aligned, pads on the left."""
+    """(ids [N, L], mask [N, L]): each row right-aligned, pads on the left (rows: lists or tensors)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row)
+        if len(row):
+            ids[i, width - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
             mask[i, width - len(row):] = 1
     return ids, mask
 

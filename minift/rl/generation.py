@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from .batching import left_pad
 
 
 @dataclass(frozen=True)
@@ -168,19 +169,6 @@ def new_generator(seed: int, device: torch.device | str = "cpu") -> torch.Genera
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts as [B, P] ids and attention mask, padding on the left."""
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, prompt in enumerate(prompt_ids):
-        if len(prompt):
-            ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def check_prompts(prompt_ids: Sequence[Sequence[int]], n_positions: int, max_completion_length: int) -> None:
     """Every prompt has a token, and room for ``max_completion_length`` more within the model's positions."""
     if not prompt_ids:
@@ -223,7 +211,7 @@ def _generate_chunk(model, prompt_ids, settings: SamplingSettings, eos_ids, pad_
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: prefill the left-padded prompts, then a token per row per step. Returns the tokens
     [B, steps] (pad after a row's EOS) and their log-probs [B, steps]."""
-    ids, mask = left_pad(prompt_ids, pad_id, device)
+    ids, mask = (t.to(device) for t in left_pad(prompt_ids, pad_id))
     padded = not bool(mask.all())  # read once: appended tokens are real, so this never changes
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=device)
     seen = None
