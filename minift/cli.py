@@ -65,7 +65,7 @@ def check_resume_path(command: str, path: Path, config: str | None) -> None:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every training command shares (train, dpo, reward)."""
+    """The options every training command shares (train, dpo, reward, grpo, rloo, and run_script's)."""
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue from the newest intact checkpoint in output_dir, or from CHECKPOINT")
@@ -76,6 +76,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start afresh in an output_dir that holds another run: the old run is moved "
                              "aside to <output_dir>.previous-N, never deleted")
 
+
+
+def add_training_command(sub, common: argparse.ArgumentParser, name: str, text: str, options: str,
+                         config_help: str, func, optional: bool = False) -> None:
+    """A training command: its TOML config (``optional``: the defaults when omitted), the options
+    ``describe`` lists for its sections, and ``add_run_arguments``."""
+    parser = sub.add_parser(name, parents=[common], help=text,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="options (set in the TOML file or with --set section.key=value):\n"
+                                   + options)
+    parser.add_argument("config", nargs="?" if optional else None, help=config_help)
+    add_run_arguments(parser)
+    parser.set_defaults(func=func)
 
 def cmd_train(args) -> int:
     from .finetune import run
@@ -219,14 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # --debug after the command as well as before it
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    train = sub.add_parser("train", parents=[common],
-                           help="fine-tune as a TOML config says",
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="options (set in the TOML file or with --set section.key=value):\n"
-                                  + describe())
-    train.add_argument("config", nargs="?", help="TOML config (configs/*.toml); defaults when omitted")
-    add_run_arguments(train)
-    train.set_defaults(func=cmd_train)
+    add_training_command(sub, common, "train", "fine-tune as a TOML config says", describe(),
+                         "TOML config (configs/*.toml); defaults when omitted", cmd_train, optional=True)
 
     ev = sub.add_parser("eval", parents=[common],
                            help="loss, perplexity and label accuracy of a model on the eval split")
@@ -255,24 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("dpo", "DPO on preference pairs as a TOML config says ([pairs], [dpo])"),
                        ("reward", "train a reward model on preference pairs ([pairs], [reward])")):
-        pref = sub.add_parser(name, parents=[common], help=text,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog="options (set in the TOML file or with --set section.key=value):\n"
-                                     + describe(PreferenceConfig))
-        pref.add_argument("config", help="TOML config (configs/dpo-tweets.toml, configs/reward-tweets.toml)")
-        add_run_arguments(pref)
-        pref.set_defaults(func=cmd_preference)
+        add_training_command(sub, common, name, text, describe(PreferenceConfig),
+                             "TOML config (configs/dpo-tweets.toml, configs/reward-tweets.toml)",
+                             cmd_preference)
     from .rl.config import STAGE_CONFIGS
 
     for name, text in (("grpo", "GRPO: sample completions, score them, clipped policy updates ([rl])"),
                        ("rloo", "RLOO: as grpo with the leave-one-out baseline ([rl])")):
-        rl = sub.add_parser(name, parents=[common], help=text,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="options (set in the TOML file or with --set section.key=value):\n"
-                                   + describe(STAGE_CONFIGS[name]))
-        rl.add_argument("config", help=f"TOML config (configs/{name}-tweets.toml, configs/grpo-tiny.toml)")
-        add_run_arguments(rl)
-        rl.set_defaults(func=cmd_rl)
+        add_training_command(sub, common, name, text, describe(STAGE_CONFIGS[name]),
+                             f"TOML config (configs/{name}-tweets.toml, configs/grpo-tiny.toml)", cmd_rl)
     score = sub.add_parser("score", parents=[common],
                            help="rank candidate completions of a prompt with a reward model")
     score.add_argument("prompt", help='e.g. "what a lovely day sentiment:"')
