@@ -16,6 +16,7 @@ the attention mask. They agree while no real token is the pad id: the tweet pair
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,16 +31,12 @@ from ..models.base import CONFIG_NAME, WEIGHTS_NAME, CausalLM
 from ..models.config import read_json_object
 from .pairs import PairLoss, append_eos_for
 
-SEQUENCE_CLASSIFIERS = {"openai-gpt": "OpenAIGPTForSequenceClassification",
-                        "gpt2": "GPT2ForSequenceClassification"}
-
 
 def sequence_classifier(config) -> str:
-    """transformers' sequence-classification class of the family (``LlamaForCausalLM`` ->
+    """transformers' sequence-classification class of the family, named from its language model's
+    (``GPT2LMHeadModel`` -> ``GPT2ForSequenceClassification``, ``LlamaForCausalLM`` ->
     ``LlamaForSequenceClassification``)."""
-    if config.model_type in SEQUENCE_CLASSIFIERS:
-        return SEQUENCE_CLASSIFIERS[config.model_type]
-    return config.architecture.replace("ForCausalLM", "ForSequenceClassification")
+    return re.sub(r"(LMHeadModel|ForCausalLM)$", "ForSequenceClassification", config.architecture)
 
 
 class RewardModel(nn.Module):
